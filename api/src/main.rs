@@ -1,0 +1,17 @@
+//! The `vantage-sync` binary: the CLI's edge, where errors become exit codes.
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use vantage_sync::cli::Cli;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    Cli::parse().run().await?;
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! `vantage-sync migrate`: applies, reverts, reports and prints the schema.
+
+use std::io::Write;
+
+use clap::Subcommand;
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
+
+use crate::db;
+
+/// Key of the session advisory lock held while migrating, so that several
+/// server replicas starting at once apply each migration exactly once.
+const MIGRATION_LOCK_KEY: i64 = 0x5653_594e_435f_4d47; // "VSYNC_MG"
+
+/// What `vantage-sync migrate` should do.
+#[derive(Debug, Clone, Subcommand)]
+pub enum MigrateCommand {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the most recent migrations (their down SQL).
+    Down {
+        /// How many migrations to revert.
+        #[arg(short = 'n', long, default_value_t = 1)]
+        steps: u32,
+    },
+    /// List the migrations and whether each is applied.
+    Status,
+    /// Revert every applied migration, then apply them all again. Unlike
+    /// sea-orm's `fresh`, it touches nothing the migrations did not create.
+    Fresh,
+    /// Print the plain SQL of every migration, wrapped in one transaction,
+    /// for use without this tool (e.g. in `supabase/migrations`).
+    Sql {
+        /// Print the down (revert) SQL instead of the up SQL.
+        #[arg(long)]
+        down: bool,
+    },
+}
+
+/// Why a migrate command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The command needs a database and none was configured.
+    #[error("no database configured: set DATABASE_URL or pass --database-url")]
+    NoDatabase,
+    /// The database refused or failed.
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+    /// Writing the report failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+/// Runs `command`, writing its report to `out`.
+pub async fn run(
+    command: &MigrateCommand,
+    database_url: Option<&str>,
+    out: &mut impl Write,
+) -> Result<(), MigrateError> {
+    if let MigrateCommand::Sql { down } = command {
+        let sql = if *down {
+            migration::down_sql()
+        } else {
+            migration::up_sql()
+        };
+        out.write_all(sql.as_bytes())?;
+        return Ok(());
+    }
+    let database_url = database_url.ok_or(MigrateError::NoDatabase)?;
+    // One connection: the advisory lock belongs to the session that took it.
+    let db = db::connect(database_url, 1).await?;
+    let result = run_locked(&db, command, out).await;
+    db.close().await?;
+    result
+}
+
+/// Applies every pending migration while holding the migration lock; what
+/// `serve` does at start.
+pub async fn apply_pending(database_url: &str) -> Result<(), MigrateError> {
+    run(
+        &MigrateCommand::Up,
+        Some(database_url),
+        &mut std::io::sink(),
+    )
+    .await
+}
+
+async fn run_locked(
+    db: &DatabaseConnection,
+    command: &MigrateCommand,
+    out: &mut impl Write,
+) -> Result<(), MigrateError> {
+    db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+        .await?;
+    let result = run_command(db, command, out).await;
+    let unlock = db
+        .execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+        .await;
+    result?;
+    unlock?;
+    Ok(())
+}
+
+async fn run_command(
+    db: &DatabaseConnection,
+    command: &MigrateCommand,
+    out: &mut impl Write,
+) -> Result<(), MigrateError> {
+    let before = applied(db).await?;
+    match command {
+        MigrateCommand::Up => Migrator::up(db, None).await?,
+        MigrateCommand::Down { steps } => Migrator::down(db, Some(*steps)).await?,
+        MigrateCommand::Fresh => Migrator::refresh(db).await?,
+        MigrateCommand::Status => {
+            for migration in Migrator::get_migration_with_status_read_only(db).await? {
+                writeln!(out, "{}\t{}", migration.status(), migration.name())?;
+            }
+            return Ok(());
+        }
+        // Printed by `run` before any connection is made.
+        MigrateCommand::Sql { .. } => return Ok(()),
+    }
+    let after = applied(db).await?;
+    let (reverted, newly_applied): (Vec<&String>, Vec<&String>) = match command {
+        MigrateCommand::Fresh => (before.iter().rev().collect(), after.iter().collect()),
+        _ => (
+            before
+                .iter()
+                .rev()
+                .filter(|name| !after.contains(name))
+                .collect(),
+            after.iter().filter(|name| !before.contains(name)).collect(),
+        ),
+    };
+    for name in &reverted {
+        writeln!(out, "reverted\t{name}")?;
+    }
+    for name in &newly_applied {
+        writeln!(out, "applied\t{name}")?;
+    }
+    if reverted.is_empty() && newly_applied.is_empty() {
+        writeln!(out, "nothing to do")?;
+    }
+    Ok(())
+}
+
+async fn applied(db: &DatabaseConnection) -> Result<Vec<String>, DbErr> {
+    Ok(Migrator::get_applied_migrations_read_only(db)
+        .await?
+        .iter()
+        .map(|migration| migration.name().to_owned())
+        .collect())
+}

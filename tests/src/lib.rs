@@ -1,0 +1,354 @@
+//! Test harness: throwaway PostgreSQL clusters from the installed server
+//! binaries, and a fresh database per test cloned from a migrated template.
+//!
+//! One cluster is started per test binary, on first use. Every cluster has a
+//! detached watchdog process that stops it and removes its directory once
+//! the test process is gone, however it ended (normal exit, panic, kill).
+//! `TEST_DATABASE_URL` (a superuser URL) points the harness at an existing
+//! server instead.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use migration::{Migrator, MigratorTrait};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, PgPool, raw_sql};
+use tokio::sync::OnceCell;
+
+/// A PostgreSQL cluster started for the tests.
+pub struct Cluster {
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    /// Starts a new cluster in a fresh temporary directory.
+    pub fn start() -> Cluster {
+        let bin_dir = server_bin_dir();
+        let dir = std::env::temp_dir().join(format!(
+            "vantage-sync-pg-{}-{}",
+            std::process::id(),
+            NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if running_as_root() {
+            // initdb and postgres refuse to run as root.
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown of {} failed", dir.display());
+        }
+        spawn_watchdog(&dir);
+        let output = as_server_user(&bin_dir.join("initdb"))
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut cluster = Cluster {
+            dir,
+            bin_dir,
+            port: 0,
+        };
+        cluster.port = free_port();
+        cluster.run_server();
+        cluster
+    }
+
+    /// Superuser URL of the database `name` on this cluster.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Stops the server (fast shutdown), keeping its data.
+    pub fn stop(&self) {
+        let status = as_server_user(&self.bin_dir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg_ctl stop failed");
+    }
+
+    /// Starts the server again on the same port, after [`Cluster::stop`].
+    pub fn restart(&self) {
+        self.run_server();
+    }
+
+    fn run_server(&self) {
+        let log = self.dir.join("server.log");
+        let status = as_server_user(&self.bin_dir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(&log)
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+                 -c synchronous_commit=off -c full_page_writes=off \
+                 -c max_connections=400 -c shared_buffers=64MB",
+                self.port,
+                self.dir.display()
+            ))
+            .args(["-w", "-t", "60", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        // `-w` returns once the server accepts connections.
+        assert!(status.success(), "postgres did not start:\n{log_text}");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Immediate: the data is thrown away anyway.
+        let _ = as_server_user(&self.bin_dir.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(0);
+static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
+
+/// The server every test of this binary shares, and its migrated template.
+struct Shared {
+    /// Kept alive for the whole run; its watchdog cleans up after exit.
+    _cluster: Option<Cluster>,
+    admin_url: String,
+    template: String,
+}
+
+static SHARED: OnceCell<Shared> = OnceCell::const_new();
+
+async fn shared() -> &'static Shared {
+    SHARED
+        .get_or_init(|| async {
+            let (cluster, admin_url) = match std::env::var("TEST_DATABASE_URL") {
+                Ok(url) => (None, url),
+                Err(_) => {
+                    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+                    let url = cluster.url("postgres");
+                    (Some(cluster), url)
+                }
+            };
+            let template = format!("vantage_template_{}", std::process::id());
+            let mut admin = PgConnection::connect(&admin_url).await.unwrap();
+            admin
+                .execute(raw_sql(AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {template}"
+                ))))
+                .await
+                .unwrap();
+            admin
+                .execute(raw_sql(AssertSqlSafe(format!(
+                    "CREATE DATABASE {template}"
+                ))))
+                .await
+                .unwrap();
+            admin.close().await.unwrap();
+            let template_url = database_url(&admin_url, &template);
+            let db = sea_orm::Database::connect(&template_url).await.unwrap();
+            Migrator::up(&db, None).await.unwrap();
+            db.close().await.unwrap();
+            Shared {
+                _cluster: cluster,
+                admin_url,
+                template,
+            }
+        })
+        .await
+}
+
+/// A database of its own for one test.
+pub struct TestDb {
+    /// The database's name.
+    pub name: String,
+    /// Superuser URL of the database.
+    pub url: String,
+}
+
+impl TestDb {
+    /// A fresh database with every migration applied and the seed rows in.
+    pub async fn migrated() -> TestDb {
+        let shared = shared().await;
+        Self::create(shared, &format!("TEMPLATE {}", shared.template)).await
+    }
+
+    /// A fresh database with nothing in it, for migration tests.
+    pub async fn empty() -> TestDb {
+        Self::create(shared().await, "TEMPLATE template0").await
+    }
+
+    async fn create(shared: &Shared, clause: &str) -> TestDb {
+        let name = format!(
+            "vantage_test_{}_{}",
+            std::process::id(),
+            NEXT_DATABASE.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut admin = PgConnection::connect(&shared.admin_url).await.unwrap();
+        admin
+            .execute(raw_sql(AssertSqlSafe(format!(
+                "CREATE DATABASE {name} {clause}"
+            ))))
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        let url = database_url(&shared.admin_url, &name);
+        TestDb { name, url }
+    }
+
+    /// One new superuser connection.
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url).await.unwrap()
+    }
+
+    /// A pool of superuser connections.
+    pub async fn pool(&self, max_connections: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect(&self.url)
+            .await
+            .unwrap()
+    }
+}
+
+/// `admin_url` with its database replaced by `name`.
+fn database_url(admin_url: &str, name: &str) -> String {
+    let options: PgConnectOptions = admin_url.parse().unwrap();
+    options.database(name).to_url_lossy().to_string()
+}
+
+fn server_bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|bin| bin.join("initdb").exists())
+        .collect();
+    candidates.sort_by_key(|bin| {
+        bin.parent()
+            .and_then(|version| version.file_name())
+            .and_then(|version| version.to_str())
+            .and_then(|version| version.parse::<u32>().ok())
+    });
+    candidates.pop().expect(
+        "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin: \
+         install postgresql (see .ci/run), set PG_BIN_DIR, or set TEST_DATABASE_URL",
+    )
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|meta| meta.uid() == 0)
+        .unwrap_or(false)
+}
+
+fn as_server_user(program: &Path) -> Command {
+    if running_as_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A detached shell that outlives this process: once the process is gone it
+/// stops the cluster in `dir` and removes the directory.
+fn spawn_watchdog(dir: &Path) {
+    let script = r#"
+        while kill -0 "$1" 2>/dev/null; do sleep 0.5; done
+        pid=$(head -n 1 "$2/data/postmaster.pid" 2>/dev/null)
+        if [ -n "$pid" ]; then
+            kill -QUIT "$pid" 2>/dev/null
+            for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        fi
+        rm -rf "$2"
+    "#;
+    // `setsid -f` forks the watchdog into its own session and returns at
+    // once, so a Ctrl-C to the test's process group does not stop it.
+    let status = Command::new("setsid")
+        .args(["-f", "sh", "-c", script, "watchdog"])
+        .arg(std::process::id().to_string())
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("cannot start the cluster watchdog (setsid, sh)");
+    assert!(status.success(), "cannot start the cluster watchdog");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The SQLSTATE and constraint of a database error, for exact assertions.
+pub fn sql_error<T: std::fmt::Debug>(result: Result<T, sqlx::Error>) -> (String, Option<String>) {
+    match result {
+        Err(sqlx::Error::Database(error)) => (
+            error
+                .code()
+                .map(|code| code.into_owned())
+                .unwrap_or_default(),
+            error.constraint().map(str::to_owned),
+        ),
+        other => panic!("expected a database error, got {other:?}"),
+    }
+}
+
+/// Asserts two JSON objects are equal, reporting only the keys that differ
+/// (whole snapshots are too large to read in a failure message).
+#[track_caller]
+pub fn assert_same_json(actual: &serde_json::Value, expected: &serde_json::Value) {
+    if actual == expected {
+        return;
+    }
+    let (Some(actual_map), Some(expected_map)) = (actual.as_object(), expected.as_object()) else {
+        panic!("JSON differs:\n actual: {actual}\n expected: {expected}");
+    };
+    let mut report = String::new();
+    for key in expected_map.keys().chain(
+        actual_map
+            .keys()
+            .filter(|key| !expected_map.contains_key(*key)),
+    ) {
+        let (left, right) = (actual_map.get(key), expected_map.get(key));
+        if left != right {
+            report.push_str(&format!(
+                "\n[{key}]\n actual:   {left:?}\n expected: {right:?}"
+            ));
+        }
+    }
+    panic!("JSON differs in:{report}");
+}

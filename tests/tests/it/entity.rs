@@ -1,0 +1,81 @@
+//! The sea-orm entity matches the table and reads every row.
+
+use entity::vantage_sync_state::{self, Entity as SyncStateEntity};
+use entity::{SyncError, SyncStatus};
+use sea_orm::{EntityTrait, QueryOrder};
+use serde_json::json;
+use sqlx::Executor;
+use vantage_sync_tests::TestDb;
+
+#[tokio::test]
+async fn entity_reads_the_seed_rows() {
+    let db = TestDb::migrated().await;
+    let orm = sea_orm::Database::connect(&db.url).await.unwrap();
+    let rows = SyncStateEntity::find()
+        .order_by_asc(vantage_sync_state::Column::Resource)
+        .all(&orm)
+        .await
+        .unwrap();
+    let summary: Vec<(&str, SyncStatus, usize, i32)> = rows
+        .iter()
+        .map(|row| {
+            (
+                row.resource.as_str(),
+                row.last_sync_status,
+                row.errors.0.len(),
+                row.records_synced,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("accounts", SyncStatus::NeverRun, 0, 0),
+            ("cashflows", SyncStatus::NeverRun, 0, 0),
+            ("commitments", SyncStatus::NeverRun, 0, 0),
+            ("funds", SyncStatus::NeverRun, 0, 0),
+            ("investments", SyncStatus::NeverRun, 0, 0),
+            ("investors", SyncStatus::NeverRun, 0, 0),
+            ("valuations", SyncStatus::NeverRun, 0, 0),
+        ]
+    );
+}
+
+/// Errors written by plain SQL in any shape still read back.
+#[tokio::test]
+async fn entity_reads_errors_of_any_shape() {
+    let db = TestDb::migrated().await;
+    let mut conn = db.connect().await;
+    conn.execute(
+        r#"SELECT start_vantage_sync('funds');
+           SELECT fail_vantage_sync('funds', '[{"code": "HTTP_500", "message": "boom", "recordId": "f-1"}, "bare text"]');"#,
+    )
+    .await
+    .unwrap();
+    let orm = sea_orm::Database::connect(&db.url).await.unwrap();
+    let funds = SyncStateEntity::find_by_id("funds")
+        .one(&orm)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(funds.last_sync_status, SyncStatus::Failed);
+    assert_eq!(
+        funds.errors.0,
+        [
+            SyncError {
+                code: "HTTP_500".into(),
+                message: "boom".into(),
+                record_id: Some("f-1".into()),
+                ..SyncError::default()
+            },
+            SyncError {
+                message: "bare text".into(),
+                ..SyncError::default()
+            },
+        ]
+    );
+    assert_eq!(
+        serde_json::to_value(&funds.errors).unwrap(),
+        json!([{"code": "HTTP_500", "message": "boom", "recordId": "f-1"}, {"code": "", "message": "bare text"}])
+    );
+}

@@ -1,0 +1,12 @@
+//! Integration tests of the Vantage sync state service, against real
+//! PostgreSQL: one binary, a fresh database per test.
+// Test code throughout, helpers included: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod access;
+mod cli;
+mod entity;
+mod migration;
+mod notify;
+mod schema;
+mod transitions;
