@@ -1,0 +1,161 @@
+//! `vantage-sync serve` configuration: flags with environment fallbacks,
+//! checked once at start with messages that say what to fix.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::auth::TokenKeys;
+use crate::graphql::QueryLimits;
+
+/// Flags of `vantage-sync serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// PostgreSQL URL. Without it, a managed local PostgreSQL is run from
+    /// the installed server binaries, with its data under --data-dir.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// HS256 secret for bearer tokens, at least 32 bytes. Without it (and
+    /// without DATABASE_URL) one is generated and kept under --data-dir.
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Address to serve HTTP on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// Do not apply pending migrations at start.
+    #[arg(long)]
+    pub no_migrate: bool,
+
+    /// Where the managed local PostgreSQL and the generated secret live.
+    #[arg(long, env = "VANTAGE_SYNC_DATA_DIR", default_value = ".vantage-sync")]
+    pub data_dir: PathBuf,
+
+    /// Most database connections in the pool.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub max_connections: u32,
+
+    /// Longest a request may take, in seconds (also the statement timeout).
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Deepest selection nesting a query may have.
+    #[arg(long, env = "MAX_QUERY_DEPTH", default_value_t = 16)]
+    pub max_query_depth: usize,
+
+    /// Highest complexity (weighted field count) a query may have.
+    #[arg(long, env = "MAX_QUERY_COMPLEXITY", default_value_t = 2000)]
+    pub max_query_complexity: usize,
+}
+
+/// A configuration problem, said so the operator can fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The JWT secret is missing or too short.
+    #[error("JWT_SECRET: {0}")]
+    Secret(String),
+    /// A number is out of its useful range.
+    #[error("{flag} must be {rule}")]
+    OutOfRange {
+        /// The flag or variable.
+        flag: &'static str,
+        /// What it must be.
+        rule: &'static str,
+    },
+}
+
+/// The server's validated settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// PostgreSQL URL.
+    pub database_url: String,
+    /// Token keys made from the secret.
+    pub keys: TokenKeys,
+    /// Address to listen on (port 0: any free port).
+    pub listen_addr: SocketAddr,
+    /// Apply pending migrations at start.
+    pub migrate: bool,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Request and statement timeout.
+    pub request_timeout: Duration,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Query depth and complexity limits.
+    pub limits: QueryLimits,
+}
+
+impl ServerConfig {
+    /// Settings with defaults for everything but the database and secret.
+    pub fn new(database_url: String, jwt_secret: &[u8]) -> Result<Self, ConfigError> {
+        Ok(Self {
+            database_url,
+            keys: TokenKeys::new(jwt_secret).map_err(ConfigError::Secret)?,
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            migrate: true,
+            max_connections: 16,
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+            limits: QueryLimits::default(),
+        })
+    }
+
+    /// Settings from `args`, given the database URL and secret to use.
+    pub fn from_args(
+        args: &ServeArgs,
+        database_url: String,
+        jwt_secret: &[u8],
+    ) -> Result<Self, ConfigError> {
+        let range = |ok: bool, flag, rule| {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::OutOfRange { flag, rule })
+            }
+        };
+        range(
+            (1..=1000).contains(&args.max_connections),
+            "--max-connections (DATABASE_MAX_CONNECTIONS)",
+            "between 1 and 1000",
+        )?;
+        range(
+            (1..=3600).contains(&args.request_timeout_secs),
+            "--request-timeout-secs (REQUEST_TIMEOUT_SECS)",
+            "between 1 and 3600",
+        )?;
+        range(
+            (1024..=64 * 1024 * 1024).contains(&args.max_body_bytes),
+            "--max-body-bytes (MAX_BODY_BYTES)",
+            "between 1 KiB and 64 MiB",
+        )?;
+        range(
+            (13..=64).contains(&args.max_query_depth),
+            "--max-query-depth (MAX_QUERY_DEPTH)",
+            "between 13 (what introspection needs) and 64",
+        )?;
+        range(
+            (100..=100_000).contains(&args.max_query_complexity),
+            "--max-query-complexity (MAX_QUERY_COMPLEXITY)",
+            "between 100 and 100000",
+        )?;
+        let mut config = Self::new(database_url, jwt_secret)?;
+        config.listen_addr = args.listen_addr;
+        config.migrate = !args.no_migrate;
+        config.max_connections = args.max_connections;
+        config.request_timeout = Duration::from_secs(args.request_timeout_secs);
+        config.max_body_bytes = args.max_body_bytes;
+        config.limits = QueryLimits {
+            depth: args.max_query_depth,
+            complexity: args.max_query_complexity,
+        };
+        Ok(config)
+    }
+}

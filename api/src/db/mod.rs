@@ -1,0 +1,107 @@
+//! Connections to the service's PostgreSQL database, and the per-request
+//! transaction that runs as the caller's role.
+
+pub mod sync_states;
+
+use std::time::Duration;
+
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    DbErr, Statement, TransactionTrait,
+};
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+
+/// Opens a pool of at most `max_connections` connections to `database_url`.
+pub async fn connect(
+    database_url: &str,
+    max_connections: u32,
+) -> Result<DatabaseConnection, DbErr> {
+    let mut options = ConnectOptions::new(database_url);
+    options
+        .max_connections(max_connections)
+        .min_connections(0)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(10))
+        .sqlx_logging(false);
+    Database::connect(options).await
+}
+
+/// The database work of one request: a single transaction, begun on first
+/// use, that first becomes the caller's role (PostgREST's model) so that
+/// PostgreSQL's grants and RLS refuse whatever a guard might miss.
+pub struct RequestDb {
+    pool: DatabaseConnection,
+    role: &'static str,
+    claims: String,
+    read_only: bool,
+    statement_timeout: Duration,
+    txn: Mutex<Option<DatabaseTransaction>>,
+}
+
+impl RequestDb {
+    /// Work for `caller`; `read_only` for queries.
+    pub fn new(
+        pool: DatabaseConnection,
+        caller: &Caller,
+        read_only: bool,
+        statement_timeout: Duration,
+    ) -> Self {
+        Self {
+            pool,
+            role: caller.role.as_str(),
+            claims: serde_json::Value::Object(caller.claims.clone()).to_string(),
+            read_only,
+            statement_timeout,
+            txn: Mutex::new(None),
+        }
+    }
+
+    /// The request's transaction, begun (as the caller's role) if need be.
+    /// Resolvers hold it only while they talk to the database.
+    pub async fn txn(&self) -> ApiResult<MappedMutexGuard<'_, DatabaseTransaction>> {
+        let mut slot = self.txn.lock().await;
+        if slot.is_none() {
+            *slot = Some(self.begin().await?);
+        }
+        MutexGuard::try_map(slot, Option::as_mut)
+            .map_err(|_| ApiError::internal("request transaction vanished"))
+    }
+
+    async fn begin(&self) -> ApiResult<DatabaseTransaction> {
+        let txn = self
+            .pool
+            .begin()
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))?;
+        // One round trip: role, claims, statement timeout, access mode.
+        let statement = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT set_config('role', $1, true), set_config('request.jwt.claims', $2, true), \
+             set_config('statement_timeout', $3, true), set_config('transaction_read_only', $4, true)",
+            [
+                self.role.into(),
+                self.claims.clone().into(),
+                self.statement_timeout.as_millis().to_string().into(),
+                if self.read_only { "on" } else { "off" }.into(),
+            ],
+        );
+        txn.execute_raw(statement)
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))?;
+        Ok(txn)
+    }
+
+    /// Commits the transaction, if one was begun.
+    pub async fn commit(self) -> ApiResult<()> {
+        match self.txn.into_inner() {
+            Some(txn) => txn
+                .commit()
+                .await
+                .map_err(|error| ApiError::from_db(error, "")),
+            None => Ok(()),
+        }
+    }
+}

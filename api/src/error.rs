@@ -1,0 +1,260 @@
+//! The service's errors and their one mapping to GraphQL error codes and
+//! HTTP statuses. Database errors are translated here by SQLSTATE and
+//! constraint name; their text never reaches a client.
+
+use async_graphql::ErrorExtensions;
+use axum::http::StatusCode;
+use sea_orm::{DbErr, RuntimeErr};
+
+/// Machine-readable error codes (`errors[].extensions.code`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// No credentials, where credentials are needed.
+    Unauthenticated,
+    /// Valid credentials whose role may not do this.
+    Forbidden,
+    /// A malformed, expired, unsigned or wrongly signed token.
+    InvalidToken,
+    /// The request or an argument is invalid.
+    BadUserInput,
+    /// The resource does not exist.
+    NotFound,
+    /// The resource exists already.
+    AlreadyExists,
+    /// A sync of the resource is running already.
+    AlreadyRunning,
+    /// No sync of the resource is running.
+    NotRunning,
+    /// A subscription cursor is unknown or pruned.
+    CursorExpired,
+    /// Anything else; details are logged, never sent.
+    InternalServerError,
+}
+
+impl ErrorCode {
+    /// The code as sent to clients.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::Forbidden => "FORBIDDEN",
+            Self::InvalidToken => "INVALID_TOKEN",
+            Self::BadUserInput => "BAD_USER_INPUT",
+            Self::NotFound => "NOT_FOUND",
+            Self::AlreadyExists => "ALREADY_EXISTS",
+            Self::AlreadyRunning => "ALREADY_RUNNING",
+            Self::NotRunning => "NOT_RUNNING",
+            Self::CursorExpired => "CURSOR_EXPIRED",
+            Self::InternalServerError => "INTERNAL_SERVER_ERROR",
+        }
+    }
+}
+
+/// An error a request can end in. Deliberately not `Display`: async-graphql
+/// converts any `Display` type into an error without a code, so the one
+/// conversion (below) is the one that attaches the code.
+#[derive(Debug)]
+pub enum ApiError {
+    /// The operation needs an `authenticated` or `service_role` token.
+    Unauthenticated,
+    /// The caller's role may not do this.
+    Forbidden {
+        /// The caller's role.
+        role: &'static str,
+        /// What was refused, e.g. "run mutations".
+        action: &'static str,
+    },
+    /// The bearer token was refused.
+    InvalidToken(String),
+    /// Bad input, with a message that says what to fix.
+    BadUserInput {
+        /// What is wrong.
+        message: String,
+        /// The argument or input field at fault, when known.
+        field: Option<&'static str>,
+    },
+    /// No such resource.
+    NotFound(String),
+    /// The resource exists already.
+    AlreadyExists(String),
+    /// A sync is running already.
+    AlreadyRunning(String),
+    /// No sync is running.
+    NotRunning(String),
+    /// The cursor cannot be resumed from.
+    CursorExpired,
+    /// The request took longer than the server allows.
+    Timeout,
+    /// The database could not be reached.
+    Unavailable,
+    /// A failure the client cannot act on. The detail is logged only.
+    Internal(String),
+}
+
+impl ApiError {
+    /// A bad argument, naming the field.
+    pub fn bad_input(field: &'static str, message: impl Into<String>) -> Self {
+        Self::BadUserInput {
+            message: message.into(),
+            field: Some(field),
+        }
+    }
+
+    /// The message clients see: what went wrong and what to do.
+    pub fn message(&self) -> String {
+        match self {
+            Self::Unauthenticated => {
+                "authentication required: send an Authorization: Bearer token".into()
+            }
+            Self::Forbidden { role, action } => format!("the {role} role may not {action}"),
+            Self::InvalidToken(reason) => format!("invalid token: {reason}"),
+            Self::BadUserInput { message, .. } => message.clone(),
+            Self::NotFound(resource) => format!("resource \"{resource}\" is not registered"),
+            Self::AlreadyExists(resource) => {
+                format!("resource \"{resource}\" is already registered")
+            }
+            Self::AlreadyRunning(resource) => format!(
+                "a sync of resource \"{resource}\" is already running; pass force: true to restart it"
+            ),
+            Self::NotRunning(resource) => {
+                format!("no sync of resource \"{resource}\" is running; start one first")
+            }
+            Self::CursorExpired => {
+                "cursor is unknown or expired; resubscribe with initial: true".into()
+            }
+            Self::Timeout => "the request timed out".into(),
+            Self::Unavailable => "the database is unavailable; try again later".into(),
+            Self::Internal(_) => "internal server error".into(),
+        }
+    }
+
+    /// The code clients see.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Unauthenticated => ErrorCode::Unauthenticated,
+            Self::Forbidden { .. } => ErrorCode::Forbidden,
+            Self::InvalidToken(_) => ErrorCode::InvalidToken,
+            Self::BadUserInput { .. } => ErrorCode::BadUserInput,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
+            Self::AlreadyRunning(_) => ErrorCode::AlreadyRunning,
+            Self::NotRunning(_) => ErrorCode::NotRunning,
+            Self::CursorExpired => ErrorCode::CursorExpired,
+            Self::Timeout | Self::Unavailable | Self::Internal(_) => ErrorCode::InternalServerError,
+        }
+    }
+
+    /// The HTTP status for errors that end a request before GraphQL runs.
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Self::InvalidToken(_) | Self::Unauthenticated => StatusCode::UNAUTHORIZED,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Self::BadUserInput { .. } => StatusCode::BAD_REQUEST,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Translates a database error raised while working on `resource`.
+    pub fn from_db(error: DbErr, resource: &str) -> Self {
+        let Some((code, constraint)) = sqlstate(&error) else {
+            return match error {
+                DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable,
+                other => Self::internal(other),
+            };
+        };
+        match code.as_str() {
+            "VS001" => Self::AlreadyRunning(resource.to_owned()),
+            "VS002" => Self::NotRunning(resource.to_owned()),
+            "VS003" => Self::NotFound(resource.to_owned()),
+            "23505" => Self::AlreadyExists(resource.to_owned()),
+            "23514" => constraint_violation(constraint.as_deref()),
+            "23502" => Self::BadUserInput {
+                message: "a required value is missing".into(),
+                field: None,
+            },
+            // The database refused what the role may not do: the guards
+            // should have caught it first, so this is defence in depth.
+            "42501" => Self::Forbidden {
+                role: "caller's",
+                action: "do this",
+            },
+            "57014" => Self::Timeout,
+            "57P01" | "57P02" | "57P03" | "08000" | "08003" | "08006" => Self::Unavailable,
+            _ => Self::internal(error),
+        }
+    }
+
+    /// An internal error, logged with its detail.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        let detail = detail.to_string();
+        tracing::error!(%detail, "internal error");
+        Self::Internal(detail)
+    }
+}
+
+/// A database error's SQLSTATE and constraint name, when it has them.
+pub fn sqlstate(error: &DbErr) -> Option<(String, Option<String>)> {
+    let (DbErr::Exec(RuntimeErr::SqlxError(inner)) | DbErr::Query(RuntimeErr::SqlxError(inner))) =
+        error
+    else {
+        return None;
+    };
+    let sea_orm::sqlx::Error::Database(database) = inner.as_ref() else {
+        return None;
+    };
+    Some((
+        database.code()?.into_owned(),
+        database.constraint().map(str::to_owned),
+    ))
+}
+
+/// What each CHECK constraint of the table means to a client.
+fn constraint_violation(constraint: Option<&str>) -> ApiError {
+    let (field, message) = match constraint {
+        Some("resource_format") => (
+            "resource",
+            "resource must be lower snake case: a letter, then up to 62 letters, digits or underscores",
+        ),
+        Some("non_negative_records_synced") => {
+            ("recordsSynced", "recordsSynced must not be negative")
+        }
+        Some("non_negative_records_created") => {
+            ("recordsCreated", "recordsCreated must not be negative")
+        }
+        Some("non_negative_records_updated") => {
+            ("recordsUpdated", "recordsUpdated must not be negative")
+        }
+        Some("records_breakdown_consistent") => (
+            "recordsSynced",
+            "recordsCreated + recordsUpdated must not exceed recordsSynced",
+        ),
+        Some("errors_is_array") => ("errors", "errors must be a list"),
+        _ => {
+            return ApiError::BadUserInput {
+                message: "the values given are inconsistent with the sync state".into(),
+                field: None,
+            };
+        }
+    };
+    ApiError::bad_input(field, message)
+}
+
+impl From<ApiError> for async_graphql::Error {
+    fn from(error: ApiError) -> Self {
+        let code = error.code();
+        let field = match &error {
+            ApiError::BadUserInput { field, .. } => *field,
+            _ => None,
+        };
+        async_graphql::Error::new(error.message()).extend_with(|_, extensions| {
+            extensions.set("code", code.as_str());
+            if let Some(field) = field {
+                extensions.set("field", field);
+            }
+        })
+    }
+}
+
+/// Result of a resolver.
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,162 @@
+//! Read operations: the seed documentation's sample queries and alerts.
+
+use async_graphql::{Context, Object};
+use chrono::Duration;
+use entity::SyncStatus as Status;
+
+use super::RequestContext;
+use super::sync_state::SyncState;
+use super::types::{SyncHealth, SyncStats, SyncStatus};
+use super::validate;
+use crate::db::sync_states;
+use crate::error::ApiError;
+
+/// Read operations; they need an `authenticated` or `service_role` token.
+pub struct Query;
+
+impl RequestContext {
+    fn states(&self, rows: Vec<entity::vantage_sync_state::Model>) -> Vec<SyncState> {
+        rows.into_iter()
+            .map(|row| SyncState::new(row, self.now))
+            .collect()
+    }
+}
+
+fn status_rank(status: Status) -> u8 {
+    match status {
+        Status::Failed => 0,
+        Status::Running => 1,
+        Status::NeverRun => 2,
+        Status::Success => 3,
+    }
+}
+
+#[Object]
+impl Query {
+    /// One resource's sync state; null if the resource is not registered.
+    async fn sync_state(
+        &self,
+        ctx: &Context<'_>,
+        resource: String,
+    ) -> async_graphql::Result<Option<SyncState>> {
+        let request = RequestContext::reader(ctx)?;
+        validate::resource(&resource)?;
+        let row = sync_states::find(&*request.db.txn().await?, &resource)
+            .await
+            .map_err(|error| ApiError::from_db(error, &resource))?;
+        Ok(row.map(|row| SyncState::new(row, request.now)))
+    }
+
+    /// Every resource, optionally filtered by status and health: failed
+    /// first, then running, never run, successful; by resource within each.
+    async fn sync_states(
+        &self,
+        ctx: &Context<'_>,
+        status: Option<Vec<SyncStatus>>,
+        health: Option<Vec<SyncHealth>>,
+    ) -> async_graphql::Result<Vec<SyncState>> {
+        let request = RequestContext::reader(ctx)?;
+        let statuses: Option<Vec<Status>> =
+            status.map(|list| list.into_iter().map(Status::from).collect());
+        let rows = sync_states::list(&*request.db.txn().await?, statuses.as_deref())
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))?;
+        let mut states = request.states(rows);
+        if let Some(health) = health {
+            states.retain(|state| health.contains(&state.health()));
+        }
+        // Stable: the database already ordered each status by resource.
+        states.sort_by_key(|state| status_rank(state.row().last_sync_status));
+        Ok(states)
+    }
+
+    /// Resources whose last sync failed, most recent failure first.
+    async fn failed_syncs(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<SyncState>> {
+        let request = RequestContext::reader(ctx)?;
+        let rows = sync_states::failed(&*request.db.txn().await?)
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))?;
+        Ok(request.states(rows))
+    }
+
+    /// Resources with no successful sync in the last `olderThanHours`
+    /// hours: never-synced first, then oldest watermark first.
+    async fn stale_syncs(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 24.0)] older_than_hours: f64,
+    ) -> async_graphql::Result<Vec<SyncState>> {
+        let request = RequestContext::reader(ctx)?;
+        let hours = validate::within(
+            "olderThanHours",
+            older_than_hours,
+            0.0,
+            24.0 * 366.0 * 100.0,
+        )?;
+        let cutoff = request.now - Duration::milliseconds((hours * 3_600_000.0) as i64);
+        let rows = sync_states::stale(&*request.db.txn().await?, cutoff)
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))?;
+        Ok(request.states(rows))
+    }
+
+    /// The `limit` longest last syncs, longest first.
+    async fn slowest_syncs(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 5)] limit: i32,
+    ) -> async_graphql::Result<Vec<SyncState>> {
+        let request = RequestContext::reader(ctx)?;
+        let limit = validate::within("limit", limit, 1, 1000)?;
+        let rows = sync_states::slowest(&*request.db.txn().await?, limit.unsigned_abs().into())
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))?;
+        Ok(request.states(rows))
+    }
+
+    /// Syncs running for more than `runningLongerThanMinutes`, longest first.
+    async fn stuck_syncs(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 30)] running_longer_than_minutes: i32,
+    ) -> async_graphql::Result<Vec<SyncState>> {
+        let request = RequestContext::reader(ctx)?;
+        let minutes = validate::within(
+            "runningLongerThanMinutes",
+            running_longer_than_minutes,
+            0,
+            60 * 24 * 366,
+        )?;
+        let cutoff = request.now - Duration::minutes(minutes.into());
+        let rows = sync_states::stuck(&*request.db.txn().await?, cutoff)
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))?;
+        Ok(request.states(rows))
+    }
+
+    /// Totals over every resource.
+    async fn sync_stats(&self, ctx: &Context<'_>) -> async_graphql::Result<SyncStats> {
+        let request = RequestContext::reader(ctx)?;
+        let totals = sync_states::totals(&*request.db.txn().await?)
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))?;
+        let mut stats = SyncStats::default();
+        let (mut durations, mut duration_sum) = (0_i64, 0_i64);
+        for total in totals {
+            let count = i32::try_from(total.resources).unwrap_or(i32::MAX);
+            stats.total_resources = stats.total_resources.saturating_add(count);
+            match total.status {
+                Status::Success => stats.successful = count,
+                Status::Failed => stats.failed = count,
+                Status::Running => stats.running = count,
+                Status::NeverRun => stats.never_run = count,
+            }
+            stats.total_records_synced += total.records_synced;
+            durations += total.durations;
+            duration_sum += total.duration_sum_ms;
+            stats.max_duration_ms = stats.max_duration_ms.max(total.duration_max_ms);
+        }
+        stats.avg_duration_ms = (durations > 0).then(|| duration_sum as f64 / durations as f64);
+        Ok(stats)
+    }
+}

@@ -1,0 +1,130 @@
+//! Enums, errors and statistics of the schema.
+
+use async_graphql::{Enum, InputObject, Json, Object, SimpleObject};
+use chrono::{DateTime, FixedOffset, Utc};
+
+/// Status of a resource's last sync.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncStatus {
+    /// Registered, never synced.
+    NeverRun,
+    /// A sync is in progress.
+    Running,
+    /// The last sync completed.
+    Success,
+    /// The last sync failed.
+    Failed,
+}
+
+impl From<entity::SyncStatus> for SyncStatus {
+    fn from(status: entity::SyncStatus) -> Self {
+        match status {
+            entity::SyncStatus::NeverRun => Self::NeverRun,
+            entity::SyncStatus::Running => Self::Running,
+            entity::SyncStatus::Success => Self::Success,
+            entity::SyncStatus::Failed => Self::Failed,
+        }
+    }
+}
+
+impl From<SyncStatus> for entity::SyncStatus {
+    fn from(status: SyncStatus) -> Self {
+        match status {
+            SyncStatus::NeverRun => Self::NeverRun,
+            SyncStatus::Running => Self::Running,
+            SyncStatus::Success => Self::Success,
+            SyncStatus::Failed => Self::Failed,
+        }
+    }
+}
+
+/// Dashboard traffic light of a resource.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncHealth {
+    /// Failed, or running for more than 30 minutes (stuck).
+    Red,
+    /// Never run, or no successful sync in the last 24 hours.
+    Yellow,
+    /// Synced successfully within the last 24 hours.
+    Green,
+}
+
+/// One error reported by a failed sync.
+pub struct SyncError(pub entity::SyncError);
+
+/// One error reported by a failed sync.
+#[Object]
+impl SyncError {
+    /// Machine-readable error code, e.g. `HTTP_500`.
+    async fn code(&self) -> &str {
+        &self.0.code
+    }
+
+    /// Human-readable description.
+    async fn message(&self) -> &str {
+        &self.0.message
+    }
+
+    /// Identifier of the source record that failed, if any.
+    async fn record_id(&self) -> Option<&str> {
+        self.0.record_id.as_deref()
+    }
+
+    /// When the error happened.
+    async fn timestamp(&self) -> Option<DateTime<Utc>> {
+        self.0.timestamp.map(|at| at.with_timezone(&Utc))
+    }
+
+    /// Any further structured detail.
+    async fn details(&self) -> Option<Json<&serde_json::Value>> {
+        self.0.details.as_ref().map(Json)
+    }
+}
+
+/// One error to record with `failSync`.
+#[derive(InputObject, Debug, Clone)]
+pub struct SyncErrorInput {
+    /// Machine-readable error code, e.g. `HTTP_500`; not empty.
+    pub code: String,
+    /// Human-readable description.
+    pub message: String,
+    /// Identifier of the source record that failed, if any.
+    pub record_id: Option<String>,
+    /// When the error happened (RFC 3339).
+    pub timestamp: Option<DateTime<FixedOffset>>,
+    /// Any further structured detail.
+    pub details: Option<Json<serde_json::Value>>,
+}
+
+impl From<SyncErrorInput> for entity::SyncError {
+    fn from(input: SyncErrorInput) -> Self {
+        Self {
+            code: input.code,
+            message: input.message,
+            record_id: input.record_id,
+            timestamp: input.timestamp,
+            details: input.details.map(|Json(details)| details),
+        }
+    }
+}
+
+/// Totals over every resource.
+#[derive(SimpleObject, Debug, Clone, Default)]
+pub struct SyncStats {
+    /// Resources tracked.
+    pub total_resources: i32,
+    /// Resources whose last sync succeeded.
+    pub successful: i32,
+    /// Resources whose last sync failed.
+    pub failed: i32,
+    /// Resources syncing now.
+    pub running: i32,
+    /// Resources never synced.
+    pub never_run: i32,
+    /// Sum of `recordsSynced` over all resources (may exceed 32 bits).
+    pub total_records_synced: i64,
+    /// Mean duration of the last finished sync of each resource, in ms.
+    pub avg_duration_ms: Option<f64>,
+    /// Longest duration of the last finished sync of any resource, in ms.
+    pub max_duration_ms: Option<i32>,
+}

@@ -1,0 +1,104 @@
+//! Argument checks made before anything reaches the database, so bad input
+//! gets a precise message and never starts a transaction. The database
+//! enforces the same rules again (constraints), as the last word.
+
+use crate::error::{ApiError, ApiResult};
+
+/// Most errors one `failSync` may record.
+pub const MAX_ERRORS: usize = 1_000;
+/// Largest `errors` list one `failSync` may record, serialised as JSON.
+pub const MAX_ERRORS_BYTES: usize = 256 * 1024;
+
+/// Resource names are lower snake case, 1 to 63 characters, starting with
+/// a letter (the table's `resource_format` check).
+pub fn resource(name: &str) -> ApiResult<()> {
+    let mut chars = name.chars();
+    let valid = matches!(chars.next(), Some('a'..='z'))
+        && name.len() <= 63
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'));
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::bad_input(
+            "resource",
+            "resource must be lower snake case: a letter, then up to 62 letters, digits or underscores",
+        ))
+    }
+}
+
+/// Counts of a completed sync: none negative, and created + updated no
+/// more than synced.
+pub fn record_counts(synced: i32, created: i32, updated: i32) -> ApiResult<()> {
+    for (field, value) in [
+        ("recordsSynced", synced),
+        ("recordsCreated", created),
+        ("recordsUpdated", updated),
+    ] {
+        if value < 0 {
+            return Err(ApiError::bad_input(
+                field,
+                format!("{field} must not be negative"),
+            ));
+        }
+    }
+    if i64::from(created) + i64::from(updated) > i64::from(synced) {
+        return Err(ApiError::bad_input(
+            "recordsSynced",
+            "recordsCreated + recordsUpdated must not exceed recordsSynced",
+        ));
+    }
+    Ok(())
+}
+
+/// A number of something, within `range`.
+pub fn within<T: PartialOrd + std::fmt::Display + Copy>(
+    field: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> ApiResult<T> {
+    if value >= min && value <= max {
+        Ok(value)
+    } else {
+        Err(ApiError::bad_input(
+            field,
+            format!("{field} must be between {min} and {max}"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resource_names_follow_the_table_rule() {
+        for good in [
+            "a",
+            "accounts",
+            "capital_calls_2",
+            &format!("a{}", "b".repeat(62)),
+        ] {
+            assert!(resource(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "Accounts",
+            "1funds",
+            "cash-flows",
+            "_x",
+            "é",
+            &format!("a{}", "b".repeat(63)),
+        ] {
+            assert!(resource(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn counts_must_be_consistent() {
+        assert!(record_counts(10, 4, 6).is_ok());
+        assert!(record_counts(-1, 0, 0).is_err());
+        assert!(record_counts(10, 6, 5).is_err());
+        assert!(record_counts(i32::MAX, i32::MAX, i32::MAX).is_err());
+    }
+}

@@ -1,0 +1,272 @@
+//! HTTP routes: `/graphql` (POST, GET), GraphiQL at `/`, `/healthz`,
+//! `/readyz`, `/metrics`.
+//!
+//! The GraphQL handlers are written here rather than taken from
+//! async-graphql-axum, whose extractor ignores the body limit, runs
+//! mutations over GET and answers malformed JSON in plain text.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_graphql::parser::types::{DocumentOperations, OperationType};
+use axum::body::{Body, to_bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::Utc;
+use sea_orm::DatabaseConnection;
+use serde_json::json;
+
+use crate::auth::TokenKeys;
+use crate::db::RequestDb;
+use crate::error::{ApiError, ErrorCode};
+use crate::graphql::{AppSchema, RequestContext};
+use crate::metrics::{Metrics, Operation, Outcome};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The GraphQL schema.
+    pub schema: AppSchema,
+    /// The database pool.
+    pub pool: DatabaseConnection,
+    /// Token verification.
+    pub keys: TokenKeys,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Longest a request may run.
+    pub request_timeout: Duration,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+}
+
+/// The service's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(graphiql))
+        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// A GraphQL-shaped error body for requests refused before execution.
+fn refuse(status: StatusCode, error: ApiError) -> Response {
+    let body = json!({
+        "errors": [{
+            "message": error.message(),
+            "extensions": { "code": error.code().as_str() },
+        }]
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn graphql_post(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let started = Instant::now();
+    let bytes = match to_bytes(body, app.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            app.metrics
+                .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
+            let message = format!("the request body exceeds {} bytes", app.max_body_bytes);
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ApiError::BadUserInput {
+                    message,
+                    field: None,
+                },
+            );
+        }
+    };
+    let request = match serde_json::from_slice::<async_graphql::Request>(&bytes) {
+        Ok(request) => request,
+        Err(error) => {
+            app.metrics
+                .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
+            let message = format!(
+                "the body must be a JSON object with a \"query\" string (and optional \"variables\", \"operationName\"): {error}"
+            );
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                ApiError::BadUserInput {
+                    message,
+                    field: None,
+                },
+            );
+        }
+    };
+    execute(app, &headers, request, false, started).await
+}
+
+async fn graphql_get(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let started = Instant::now();
+    match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
+        Ok(request) => execute(app, &headers, request, true, started).await,
+        Err(error) => {
+            app.metrics
+                .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
+            let message = format!("bad query string: {error}");
+            refuse(
+                StatusCode::BAD_REQUEST,
+                ApiError::BadUserInput {
+                    message,
+                    field: None,
+                },
+            )
+        }
+    }
+}
+
+/// The type of the operation a request will run, if it parses.
+fn operation_type(request: &mut async_graphql::Request) -> Option<OperationType> {
+    let name = request.operation_name.clone();
+    let document = request.parsed_query().ok()?;
+    match &document.operations {
+        DocumentOperations::Single(operation) => Some(operation.node.ty),
+        DocumentOperations::Multiple(operations) => match name {
+            Some(name) => operations
+                .get(name.as_str())
+                .map(|operation| operation.node.ty),
+            None if operations.len() == 1 => operations.values().next().map(|op| op.node.ty),
+            None => None,
+        },
+    }
+}
+
+async fn execute(
+    app: AppState,
+    headers: &HeaderMap,
+    mut request: async_graphql::Request,
+    via_get: bool,
+    started: Instant,
+) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or("\u{0}"));
+    let caller = match app.keys.caller(authorization) {
+        Ok(caller) => caller,
+        Err(error) => {
+            app.metrics
+                .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
+            return refuse(StatusCode::UNAUTHORIZED, error);
+        }
+    };
+    let kind = operation_type(&mut request);
+    let operation = match kind {
+        Some(OperationType::Mutation) => Operation::Mutation,
+        Some(OperationType::Query) => Operation::Query,
+        _ => Operation::Unknown,
+    };
+    let refusal = match kind {
+        Some(OperationType::Mutation) if via_get => Some((
+            StatusCode::METHOD_NOT_ALLOWED,
+            "mutations must be sent with POST",
+        )),
+        Some(OperationType::Subscription) => Some((
+            StatusCode::BAD_REQUEST,
+            "subscriptions need a WebSocket connection to /graphql",
+        )),
+        _ => None,
+    };
+    if let Some((status, message)) = refusal {
+        app.metrics
+            .record_request(operation, Outcome::Rejected, 0.0);
+        let error = ApiError::BadUserInput {
+            message: message.into(),
+            field: None,
+        };
+        return refuse(status, error);
+    }
+
+    let db = Arc::new(RequestDb::new(
+        app.pool.clone(),
+        &caller,
+        kind != Some(OperationType::Mutation),
+        app.request_timeout,
+    ));
+    let context = RequestContext {
+        caller,
+        now: Utc::now(),
+        db: db.clone(),
+    };
+    let executed = tokio::time::timeout(
+        app.request_timeout,
+        app.schema.execute(request.data(context)),
+    )
+    .await;
+    let mut response = match executed {
+        Ok(response) => response,
+        Err(_) => {
+            app.metrics.record_request(
+                operation,
+                Outcome::Rejected,
+                started.elapsed().as_secs_f64(),
+            );
+            return refuse(StatusCode::GATEWAY_TIMEOUT, ApiError::Timeout);
+        }
+    };
+    // The schema has let go of its handle; commit what the request did.
+    let committed = match Arc::try_unwrap(db) {
+        Ok(db) => db.commit().await,
+        Err(_) => Err(ApiError::internal(
+            "request transaction still shared after execution",
+        )),
+    };
+    if let Err(error) = committed {
+        response = async_graphql::Response::from_errors(vec![
+            async_graphql::Error::from(error).into_server_error(Default::default()),
+        ]);
+    }
+    for error in &mut response.errors {
+        // Parse, validation and limit errors come from async-graphql
+        // without a code: they are all the client's to fix.
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", ErrorCode::BadUserInput.as_str());
+        }
+    }
+    let outcome = if response.errors.is_empty() {
+        Outcome::Ok
+    } else {
+        Outcome::Error
+    };
+    app.metrics
+        .record_request(operation, outcome, started.elapsed().as_secs_f64());
+    Json(response).into_response()
+}
+
+async fn graphiql() -> Html<&'static str> {
+    Html(include_str!("graphiql.html"))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    let ping = tokio::time::timeout(Duration::from_secs(2), app.pool.ping()).await;
+    match ping {
+        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response(),
+    }
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let pool = app.pool.get_postgres_connection_pool();
+    let text = app.metrics.render(pool.size(), pool.num_idle());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}

@@ -1,0 +1,122 @@
+//! Prometheus metrics, served as text on `/metrics`. Labels take only a
+//! few fixed values (never client-chosen names), so a client cannot grow
+//! the registry.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Kind of GraphQL operation.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Operation {
+    /// A query (including introspection).
+    Query,
+    /// A mutation.
+    Mutation,
+    /// Refused before it could be classified (bad JSON, bad token, ...).
+    Unknown,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    /// No errors.
+    Ok,
+    /// GraphQL errors in the response.
+    Error,
+    /// Refused at the HTTP layer (body, token, method, timeout).
+    Rejected,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    operation: Operation,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: Operation,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PoolLabels {
+    state: &'static str,
+}
+
+/// The service's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<OperationLabels, Histogram>,
+    pool: Family<PoolLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics(..)")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("vantage_sync");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "graphql_requests",
+            "GraphQL HTTP requests by operation and outcome",
+            requests.clone(),
+        );
+        let latency = Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+            // 0.5 ms to about 16 s.
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "graphql_request_duration_seconds",
+            "Time to answer a GraphQL HTTP request",
+            latency.clone(),
+        );
+        let pool = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "db_pool_connections",
+            "Database pool connections by state",
+            pool.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            pool,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one request and its duration.
+    pub fn record_request(&self, operation: Operation, outcome: Outcome, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels { operation, outcome })
+            .inc();
+        self.latency
+            .get_or_create(&OperationLabels { operation })
+            .observe(seconds);
+    }
+
+    /// The metrics as Prometheus text, with the pool's current state.
+    pub fn render(&self, pool_size: u32, pool_idle: usize) -> String {
+        let idle = i64::try_from(pool_idle).unwrap_or(i64::MAX);
+        self.pool
+            .get_or_create(&PoolLabels { state: "idle" })
+            .set(idle);
+        self.pool
+            .get_or_create(&PoolLabels { state: "in_use" })
+            .set(i64::from(pool_size) - idle);
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}

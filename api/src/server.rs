@@ -1,0 +1,99 @@
+//! The HTTP server: connects, migrates, binds, serves until told to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sea_orm::{DatabaseConnection, DbErr};
+use tokio::net::TcpListener;
+
+use crate::config::ServerConfig;
+use crate::http::{AppState, router};
+use crate::metrics::Metrics;
+use crate::migrate::{self, MigrateError};
+use crate::{db, graphql};
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The database could not be reached.
+    #[error("cannot connect to the database: {0}")]
+    Database(#[from] DbErr),
+    /// Pending migrations could not be applied.
+    #[error("cannot apply migrations: {0}")]
+    Migrate(#[from] MigrateError),
+    /// The listen address could not be bound, or serving failed.
+    #[error("cannot serve on {addr}: {source}")]
+    Io {
+        /// The address.
+        addr: SocketAddr,
+        /// The failure.
+        source: std::io::Error,
+    },
+}
+
+/// A bound, ready-to-run server.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Migrates (unless told not to), connects the pool and binds.
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServeError> {
+        if config.migrate {
+            migrate::apply_pending(&config.database_url).await?;
+        }
+        let pool = db::connect(&config.database_url, config.max_connections).await?;
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| ServeError::Io {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Io {
+            addr: config.listen_addr,
+            source,
+        })?;
+        let state = AppState {
+            schema: graphql::schema(config.limits),
+            pool,
+            keys: config.keys,
+            metrics: Arc::new(Metrics::default()),
+            request_timeout: config.request_timeout,
+            max_body_bytes: config.max_body_bytes,
+        };
+        Ok(Self {
+            listener,
+            state,
+            addr,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The database pool, e.g. to close it after shutdown.
+    pub fn pool(&self) -> DatabaseConnection {
+        self.state.pool.clone()
+    }
+
+    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let addr = self.addr;
+        tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, GraphiQL on http://{addr}/");
+        let pool = self.state.pool.clone();
+        axum::serve(self.listener, router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| ServeError::Io { addr, source })?;
+        let _ = pool.close().await;
+        Ok(())
+    }
+}
