@@ -19,6 +19,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, PgPool, raw_sql};
 use tokio::sync::OnceCell;
 
+mod app;
+pub use app::{SECRET, TestApp, base64url};
+
 /// A PostgreSQL cluster started for the tests.
 pub struct Cluster {
     dir: PathBuf,

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod access;
+mod api_queries;
 mod cli;
 mod entity;
 mod migration;
