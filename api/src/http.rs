@@ -81,7 +81,15 @@ async fn graphql_post(State(app): State<AppState>, headers: HeaderMap, body: Bod
             );
         }
     };
-    let request = match serde_json::from_slice::<async_graphql::Request>(&bytes) {
+    // async-graphql's Request would also accept an array; only an object is
+    // a GraphQL request (batches are not supported).
+    let is_object = bytes.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'{');
+    let parsed = if is_object {
+        serde_json::from_slice::<async_graphql::Request>(&bytes).map_err(|error| error.to_string())
+    } else {
+        Err("expected a JSON object".to_owned())
+    };
+    let request = match parsed {
         Ok(request) => request,
         Err(error) => {
             app.metrics
@@ -150,6 +158,12 @@ async fn execute(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or("\u{0}"));
+    if request.query.trim().is_empty() {
+        app.metrics
+            .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
+        let error = ApiError::bad_input("query", "the request has no \"query\"");
+        return refuse(StatusCode::BAD_REQUEST, error);
+    }
     let caller = match app.keys.caller(authorization) {
         Ok(caller) => caller,
         Err(error) => {

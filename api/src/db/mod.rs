@@ -23,8 +23,10 @@ pub async fn connect(
     options
         .max_connections(max_connections)
         .min_connections(0)
-        .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(10))
+        // Short waits: with the database down, a request should fail fast
+        // (and /readyz say so) rather than queue.
+        .connect_timeout(Duration::from_secs(3))
+        .acquire_timeout(Duration::from_secs(3))
         .sqlx_logging(false);
     Database::connect(options).await
 }

@@ -4,6 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod access;
+mod api_auth;
+mod api_http;
+mod api_mutations;
 mod api_queries;
 mod cli;
 mod entity;

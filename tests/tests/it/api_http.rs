@@ -1,0 +1,340 @@
+//! The HTTP surface: limits, malformed requests, methods, probes, metrics,
+//! GraphiQL, timeouts, readiness and graceful shutdown.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::{Connection, Executor};
+use vantage_sync_tests::{Cluster, TestApp, TestDb};
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_with_413_and_the_server_stays_up() {
+    let app = TestApp::spawn().await;
+    let padding = " ".repeat(1024 * 1024);
+    let body = format!("{{\"query\": \"{{ __typename }}\"{padding}}}");
+    let response = app
+        .client
+        .post(app.url("/graphql"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT");
+    let (status, body) = app.graphql(None, "{ __typename }", json!({})).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"data": {"__typename": "Query"}}))
+    );
+}
+
+#[tokio::test]
+async fn malformed_requests_get_json_errors() {
+    let app = TestApp::spawn().await;
+    for body in ["{not json", "[]", "{\"variables\": {}}", "\"query\""] {
+        let response = app
+            .client
+            .post(app.url("/graphql"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let json: Value = response.json().await.unwrap();
+        assert_eq!(
+            json["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+            "{body}"
+        );
+    }
+    // Syntax and validation errors are the client's to fix, and say so.
+    for query in [
+        "{ syncStates { ",
+        "{ noSuchField }",
+        "{ syncStates { resource nope } }",
+    ] {
+        let (status, body) = app.graphql(Some("authenticated"), query, json!({})).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(
+            body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+            "{query}: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn mutations_over_get_are_refused() {
+    let app = TestApp::spawn().await;
+    let response = app
+        .client
+        .get(app.url("/graphql"))
+        .query(&[(
+            "query",
+            "mutation { registerResource(resource: \"via_get\") { resource } }",
+        )])
+        .bearer_auth(app.token("service_role"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT");
+    let mut conn = app.db.connect().await;
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM vantage_sync_state WHERE resource = 'via_get'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(count, 0);
+}
+
+#[tokio::test]
+async fn depth_and_complexity_limits() {
+    let app = TestApp::spawn().await;
+    let mut deep = String::from("name");
+    for _ in 0..20 {
+        deep = format!("ofType {{ {deep} }}");
+    }
+    let (status, body) = app
+        .graphql(
+            None,
+            &format!("{{ __type(name: \"SyncState\") {{ {deep} }} }}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nested too deep"),
+        "{body}"
+    );
+
+    // Each alias costs two (the field and its selection); __typename is free.
+    let wide: String = (0..1200)
+        .map(|i| format!("a{i}: syncStats {{ totalResources }} "))
+        .collect();
+    let (status, body) = app
+        .graphql(Some("authenticated"), &format!("{{ {wide} }}"), json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too complex"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn probes_metrics_and_graphiql() {
+    let app = TestApp::spawn().await;
+    let get = |path: &'static str| {
+        let client = app.client.clone();
+        let url = app.url(path);
+        async move { client.get(url).send().await.unwrap() }
+    };
+    assert_eq!(get("/healthz").await.status(), StatusCode::OK);
+    assert_eq!(get("/readyz").await.status(), StatusCode::OK);
+    let page = get("/").await;
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert!(page.text().await.unwrap().contains("graphiql"));
+
+    app.query("authenticated", "{ syncStates { resource } }", json!({}))
+        .await;
+    app.graphql(
+        None,
+        "mutation { startSync(resource: \"accounts\") { resource } }",
+        json!({}),
+    )
+    .await;
+    app.post(Some("Bearer garbage"), &json!({"query": "{ __typename }"}))
+        .await;
+    let metrics = get("/metrics").await.text().await.unwrap();
+    for line in [
+        "vantage_sync_graphql_requests_total{operation=\"Query\",outcome=\"Ok\"} 1",
+        "vantage_sync_graphql_requests_total{operation=\"Mutation\",outcome=\"Error\"} 1",
+        "vantage_sync_graphql_requests_total{operation=\"Unknown\",outcome=\"Rejected\"} 1",
+        "vantage_sync_graphql_request_duration_seconds_count{operation=\"Query\"} 1",
+        "vantage_sync_db_pool_connections{state=\"idle\"}",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+}
+
+/// A request that outlives the timeout is answered with a coded error, and
+/// its transaction is rolled back (the statement timeout stops it too).
+#[tokio::test]
+async fn slow_requests_time_out_and_change_nothing() {
+    let db = TestDb::migrated().await;
+    let app =
+        TestApp::spawn_with(db, |config| config.request_timeout = Duration::from_secs(1)).await;
+    let mut locker = app.db.connect().await;
+    let mut lock = locker.begin().await.unwrap();
+    lock.execute("SELECT * FROM vantage_sync_state WHERE resource = 'accounts' FOR UPDATE")
+        .await
+        .unwrap();
+    let (status, body) = app
+        .graphql(
+            Some("service_role"),
+            "mutation { startSync(resource: \"accounts\") { resource } }",
+            json!({}),
+        )
+        .await;
+    // Whichever fires first, the statement timeout (a field error) or the
+    // request timeout (504), the client is told the request timed out.
+    assert!(
+        matches!(status, StatusCode::OK | StatusCode::GATEWAY_TIMEOUT),
+        "{status}: {body}"
+    );
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"],
+        "INTERNAL_SERVER_ERROR"
+    );
+    assert_eq!(body["errors"][0]["message"], "the request timed out");
+    lock.rollback().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut conn = app.db.connect().await;
+    let status: String = sqlx::query_scalar(
+        "SELECT last_sync_status FROM vantage_sync_state WHERE resource = 'accounts'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(status, "never_run");
+}
+
+/// Shutdown lets the request in flight finish and commit.
+#[tokio::test]
+async fn graceful_shutdown_finishes_in_flight_requests() {
+    let mut app = TestApp::spawn().await;
+    let mut locker = app.db.connect().await;
+    let mut lock = locker.begin().await.unwrap();
+    lock.execute("SELECT * FROM vantage_sync_state WHERE resource = 'funds' FOR UPDATE")
+        .await
+        .unwrap();
+    let client = app.client.clone();
+    let url = app.url("/graphql");
+    let token = app.token("service_role");
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .bearer_auth(token)
+            .json(
+                &json!({"query": "mutation { startSync(resource: \"funds\") { lastSyncStatus } }"}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = app.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !stopped.is_finished(),
+        "the server stopped with a request in flight"
+    );
+    lock.rollback().await.unwrap();
+    assert_eq!(
+        in_flight.await.unwrap(),
+        json!({"data": {"startSync": {"lastSyncStatus": "RUNNING"}}})
+    );
+    stopped.await.unwrap();
+    // New connections are refused once it has stopped.
+    assert!(app.client.get(app.url("/healthz")).send().await.is_err());
+}
+
+/// `/readyz` follows the database: 503 while it is down, 200 once back.
+#[tokio::test]
+async fn readiness_follows_the_database() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let url = cluster.url("postgres");
+    migration_up(&url).await;
+    let db = TestDb {
+        name: "postgres".into(),
+        url,
+    };
+    let app = TestApp::spawn_with(db, |_| {}).await;
+    let ready = |app: &TestApp| {
+        let request = app.client.get(app.url("/readyz"));
+        async move { request.send().await.unwrap().status() }
+    };
+    assert_eq!(ready(&app).await, StatusCode::OK);
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.stop();
+        cluster
+    })
+    .await
+    .unwrap();
+    assert_eq!(ready(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, body) = app
+        .graphql(
+            Some("authenticated"),
+            "{ syncStates { resource } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "INTERNAL_SERVER_ERROR",
+        "{body}"
+    );
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.restart();
+        cluster
+    })
+    .await
+    .unwrap();
+    let mut status = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..50 {
+        status = ready(&app).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, StatusCode::OK);
+    let body = app
+        .query(
+            "authenticated",
+            "{ syncState(resource: \"funds\") { resource } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(body, json!({"data": {"syncState": {"resource": "funds"}}}));
+    drop(cluster);
+}
+
+async fn migration_up(url: &str) {
+    use migration::MigratorTrait;
+    let db = sea_orm::Database::connect(url).await.unwrap();
+    migration::Migrator::up(&db, None).await.unwrap();
+    db.close().await.unwrap();
+}
+
+/// The committed schema.graphql is what the code generates.
+#[test]
+fn committed_schema_matches_the_code() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema.graphql");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == vantage_sync::graphql::sdl(),
+        "schema.graphql is out of date: run `cargo run -p vantage-sync -- schema > schema.graphql`"
+    );
+}

@@ -1,0 +1,338 @@
+//! GraphQL mutations: transitions through the database functions, every
+//! error code from a real request, and bad input changing nothing.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::{Executor, PgConnection};
+use vantage_sync::auth::{Caller, Role};
+use vantage_sync::db::{RequestDb, sync_states};
+use vantage_sync::error::ApiError;
+use vantage_sync_tests::TestApp;
+
+async fn table(conn: &mut PgConnection) -> Value {
+    sqlx::query_scalar(
+        "SELECT coalesce(jsonb_agg(to_jsonb(s) ORDER BY resource), '[]') FROM vantage_sync_state s",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+async fn row(conn: &mut PgConnection, resource: &str) -> Value {
+    sqlx::query_scalar("SELECT coalesce((SELECT to_jsonb(s) FROM vantage_sync_state s WHERE resource = $1), 'null')")
+        .bind(resource)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+const STATE: &str =
+    "resource lastSyncStatus recordsSynced recordsCreated recordsUpdated errorCount completedAt";
+
+#[tokio::test]
+async fn start_complete_fail_cycle_matches_the_database() {
+    let app = TestApp::spawn().await;
+    let mut conn = app.db.connect().await;
+    let start = app
+        .query(
+            "service_role",
+            &format!(
+                "mutation {{ startSync(resource: \"accounts\") {{ {STATE} runningSeconds }} }}"
+            ),
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        start,
+        json!({"data": {"startSync": {"resource": "accounts", "lastSyncStatus": "RUNNING", "recordsSynced": 0,
+            "recordsCreated": 0, "recordsUpdated": 0, "errorCount": 0, "completedAt": null, "runningSeconds": 0}}})
+    );
+    let complete = app
+        .query(
+            "service_role",
+            &format!("mutation {{ completeSync(resource: \"accounts\", recordsSynced: 100, recordsCreated: 10, recordsUpdated: 90) {{ {STATE} lastSyncTime durationMs }} }}"),
+            json!({}),
+        )
+        .await;
+    let state = &complete["data"]["completeSync"];
+    assert_eq!(state["lastSyncStatus"], "SUCCESS");
+    assert_eq!(
+        (
+            &state["recordsSynced"],
+            &state["recordsCreated"],
+            &state["recordsUpdated"]
+        ),
+        (&json!(100), &json!(10), &json!(90))
+    );
+    assert_eq!(state["lastSyncTime"], state["completedAt"]);
+    let db_row = row(&mut conn, "accounts").await;
+    assert_eq!(db_row["last_sync_status"], "success");
+    assert_eq!(db_row["duration_ms"], state["durationMs"]);
+
+    app.query(
+        "service_role",
+        "mutation { startSync(resource: \"accounts\") { resource } }",
+        json!({}),
+    )
+    .await;
+    let failed = app
+        .query(
+            "service_role",
+            "mutation($errors: [SyncErrorInput!]!) { failSync(resource: \"accounts\", errors: $errors) { lastSyncStatus lastSyncTime errorCount errors { code message recordId timestamp details } } }",
+            json!({"errors": [
+                {"code": "HTTP_500", "message": "upstream", "recordId": "acc-9", "timestamp": "2025-11-05T13:28:40Z", "details": {"status": 500}},
+                {"code": "VALIDATION", "message": "bad currency"}
+            ]}),
+        )
+        .await;
+    let state = &failed["data"]["failSync"];
+    assert_eq!(state["lastSyncStatus"], "FAILED");
+    assert_eq!(state["errorCount"], 2);
+    assert_eq!(
+        state["lastSyncTime"], complete["data"]["completeSync"]["lastSyncTime"],
+        "a failure must not move the watermark"
+    );
+    // Stored in the column in its canonical camelCase shape.
+    assert_eq!(
+        row(&mut conn, "accounts").await["errors"],
+        json!([
+            {"code": "HTTP_500", "message": "upstream", "recordId": "acc-9", "timestamp": "2025-11-05T13:28:40Z", "details": {"status": 500}},
+            {"code": "VALIDATION", "message": "bad currency"}
+        ])
+    );
+}
+
+/// A transition made over GraphQL and one made by SQL meet the same state
+/// machine: GraphQL sees what SQL did, and vice versa.
+#[tokio::test]
+async fn graphql_and_sql_share_one_state_machine() {
+    let app = TestApp::spawn().await;
+    let mut conn = app.db.connect().await;
+    conn.execute("SELECT start_vantage_sync('funds')")
+        .await
+        .unwrap();
+    let body = app
+        .query(
+            "service_role",
+            "mutation { startSync(resource: \"funds\") { resource } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "ALREADY_RUNNING");
+    app.query(
+        "service_role",
+        "mutation { completeSync(resource: \"funds\", recordsSynced: 1, recordsCreated: 1, recordsUpdated: 0) { resource } }",
+        json!({}),
+    )
+    .await;
+    let refused = sqlx::query("SELECT complete_vantage_sync('funds', 1, 0, 0)")
+        .execute(&mut conn)
+        .await;
+    assert_eq!(vantage_sync_tests::sql_error(refused).0, "VS002");
+}
+
+#[tokio::test]
+async fn register_and_remove_resources() {
+    let app = TestApp::spawn().await;
+    let mut conn = app.db.connect().await;
+    let body = app
+        .query("service_role", "mutation { registerResource(resource: \"distributions\") { resource lastSyncStatus health } }", json!({}))
+        .await;
+    assert_eq!(
+        body,
+        json!({"data": {"registerResource": {"resource": "distributions", "lastSyncStatus": "NEVER_RUN", "health": "YELLOW"}}})
+    );
+    assert_eq!(
+        row(&mut conn, "distributions").await["last_sync_status"],
+        "never_run"
+    );
+    let body = app
+        .query(
+            "service_role",
+            "mutation { removeResource(resource: \"distributions\") { resource lastSyncStatus } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        body,
+        json!({"data": {"removeResource": {"resource": "distributions", "lastSyncStatus": "NEVER_RUN"}}})
+    );
+    assert_eq!(row(&mut conn, "distributions").await, Value::Null);
+}
+
+/// Every refusal: the code the spec names, from a real request, and the
+/// table exactly as it was.
+#[tokio::test]
+async fn every_error_code_and_nothing_changes() {
+    let app = TestApp::spawn().await;
+    let mut conn = app.db.connect().await;
+    conn.execute("SELECT start_vantage_sync('cashflows')")
+        .await
+        .unwrap();
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"code": "E", "message": format!("error {i}")}))
+        .collect();
+    let too_big: Vec<Value> = (0..300)
+        .map(|_| json!({"code": "E", "message": "x".repeat(1000)}))
+        .collect();
+    let fail = "mutation($errors: [SyncErrorInput!]!) { failSync(resource: \"cashflows\", errors: $errors) { resource } }";
+    let complete = |synced: i32, created: i32, updated: i32| {
+        format!(
+            "mutation {{ completeSync(resource: \"cashflows\", recordsSynced: {synced}, recordsCreated: {created}, recordsUpdated: {updated}) {{ resource }} }}"
+        )
+    };
+    let cases: Vec<(Option<&str>, String, Value, Value)> = vec![
+        (Some("service_role"), "mutation { startSync(resource: \"cashflows\") { resource } }".into(), json!({}), json!({"code": "ALREADY_RUNNING"})),
+        (Some("service_role"), "mutation { completeSync(resource: \"accounts\", recordsSynced: 1, recordsCreated: 0, recordsUpdated: 0) { resource } }".into(), json!({}), json!({"code": "NOT_RUNNING"})),
+        (Some("service_role"), "mutation { failSync(resource: \"accounts\", errors: []) { resource } }".into(), json!({}), json!({"code": "NOT_RUNNING"})),
+        (Some("service_role"), "mutation { completeSync(resource: \"ghost\", recordsSynced: 1, recordsCreated: 0, recordsUpdated: 0) { resource } }".into(), json!({}), json!({"code": "NOT_FOUND"})),
+        (Some("service_role"), "mutation { failSync(resource: \"ghost\", errors: []) { resource } }".into(), json!({}), json!({"code": "NOT_FOUND"})),
+        (Some("service_role"), "mutation { removeResource(resource: \"ghost\") { resource } }".into(), json!({}), json!({"code": "NOT_FOUND"})),
+        (Some("service_role"), "mutation { registerResource(resource: \"accounts\") { resource } }".into(), json!({}), json!({"code": "ALREADY_EXISTS"})),
+        (Some("service_role"), "mutation { startSync(resource: \"Bad-Name\") { resource } }".into(), json!({}), json!({"code": "BAD_USER_INPUT", "field": "resource"})),
+        (Some("service_role"), "mutation { registerResource(resource: \"\") { resource } }".into(), json!({}), json!({"code": "BAD_USER_INPUT", "field": "resource"})),
+        (Some("service_role"), complete(-1, 0, 0), json!({}), json!({"code": "BAD_USER_INPUT", "field": "recordsSynced"})),
+        (Some("service_role"), complete(5, -1, 0), json!({}), json!({"code": "BAD_USER_INPUT", "field": "recordsCreated"})),
+        (Some("service_role"), complete(5, 0, -1), json!({}), json!({"code": "BAD_USER_INPUT", "field": "recordsUpdated"})),
+        (Some("service_role"), complete(10, 6, 5), json!({}), json!({"code": "BAD_USER_INPUT", "field": "recordsSynced"})),
+        (Some("service_role"), fail.into(), json!({"errors": too_many}), json!({"code": "BAD_USER_INPUT", "field": "errors"})),
+        (Some("service_role"), fail.into(), json!({"errors": too_big}), json!({"code": "BAD_USER_INPUT", "field": "errors"})),
+        (Some("service_role"), fail.into(), json!({"errors": [{"code": " ", "message": "m"}]}), json!({"code": "BAD_USER_INPUT", "field": "errors"})),
+        (Some("service_role"), fail.into(), json!({"errors": [{"code": "E", "message": "m", "timestamp": "yesterday"}]}), json!({"code": "BAD_USER_INPUT"})),
+        // Beyond GraphQL's 32-bit Int.
+        (Some("service_role"), complete(0, 0, 0).replace("recordsSynced: 0", "recordsSynced: 3000000000"), json!({}), json!({"code": "BAD_USER_INPUT"})),
+        (Some("authenticated"), "mutation { startSync(resource: \"accounts\") { resource } }".into(), json!({}), json!({"code": "FORBIDDEN"})),
+        (Some("authenticated"), "mutation { removeResource(resource: \"accounts\") { resource } }".into(), json!({}), json!({"code": "FORBIDDEN"})),
+        (None, "mutation { registerResource(resource: \"new_one\") { resource } }".into(), json!({}), json!({"code": "UNAUTHENTICATED"})),
+        // The role check comes before argument checks.
+        (None, complete(-1, 0, 0), json!({}), json!({"code": "UNAUTHENTICATED"})),
+        (Some("authenticated"), complete(-1, 0, 0), json!({}), json!({"code": "FORBIDDEN"})),
+    ];
+    let before = table(&mut conn).await;
+    for (role, query, variables, extensions) in cases {
+        let (status, body) = app.graphql(role, &query, variables).await;
+        assert_eq!(status, StatusCode::OK, "{query}");
+        let errors = body["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{query}: no errors in {body}"));
+        assert_eq!(errors.len(), 1, "{query}: {body}");
+        assert_eq!(errors[0]["extensions"], extensions, "{query}: {body}");
+        let message = errors[0]["message"].as_str().unwrap();
+        for leak in [
+            "SQL",
+            "sqlx",
+            "sea_orm",
+            "violates",
+            "constraint",
+            "pg_",
+            "Execution Error",
+            "Query Error",
+        ] {
+            assert!(
+                !message.contains(leak),
+                "{query}: message leaks internals: {message}"
+            );
+        }
+        assert_eq!(table(&mut conn).await, before, "{query} changed the table");
+    }
+}
+
+/// Mutations run in order, each in a savepoint: a refused one neither
+/// undoes nor blocks the ones around it.
+#[tokio::test]
+async fn one_refused_mutation_does_not_undo_the_others() {
+    let app = TestApp::spawn().await;
+    let mut conn = app.db.connect().await;
+    let body = app
+        .query(
+            "service_role",
+            "mutation { a: startSync(resource: \"accounts\") { lastSyncStatus }
+                        b: startSync(resource: \"accounts\") { lastSyncStatus }
+                        c: completeSync(resource: \"accounts\", recordsSynced: 5, recordsCreated: 5, recordsUpdated: 0) { lastSyncStatus } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(body["data"]["a"], json!({"lastSyncStatus": "RUNNING"}));
+    assert_eq!(body["data"]["c"], json!({"lastSyncStatus": "SUCCESS"}));
+    assert_eq!(body["errors"][0]["path"], json!(["b"]));
+    assert_eq!(body["errors"][0]["extensions"]["code"], "ALREADY_RUNNING");
+    assert_eq!(row(&mut conn, "accounts").await["records_synced"], 5);
+}
+
+#[tokio::test]
+async fn force_restarts_a_running_sync() {
+    let app = TestApp::spawn().await;
+    app.query(
+        "service_role",
+        "mutation { startSync(resource: \"funds\") { resource } }",
+        json!({}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let body = app
+        .query(
+            "service_role",
+            "mutation { startSync(resource: \"funds\", force: true) { lastSyncStatus } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        body,
+        json!({"data": {"startSync": {"lastSyncStatus": "RUNNING"}}})
+    );
+}
+
+/// Defence in depth: with the GraphQL guard bypassed, a write attempted in
+/// a request transaction running as `authenticated` is refused by
+/// PostgreSQL itself (grants and RLS), and changes nothing.
+#[tokio::test]
+async fn the_database_refuses_writes_when_the_guard_is_bypassed() {
+    let app = TestApp::spawn().await;
+    let mut conn = app.db.connect().await;
+    let before = table(&mut conn).await;
+    let pool = vantage_sync::db::connect(&app.db.url, 2).await.unwrap();
+    let caller = Caller {
+        role: Role::Authenticated,
+        claims: serde_json::Map::from_iter([("role".to_owned(), json!("authenticated"))]),
+        expires_at: None,
+    };
+    for attempt in 0..3 {
+        let db = RequestDb::new(pool.clone(), &caller, false, Duration::from_secs(5));
+        let result = {
+            let txn = db.txn().await.unwrap();
+            match attempt {
+                0 => sync_states::start(&*txn, "accounts", false).await,
+                1 => sync_states::register(&*txn, "sneaky").await,
+                _ => sync_states::remove(&*txn, "accounts")
+                    .await
+                    .map(|row| row.unwrap()),
+            }
+        };
+        let error = result.expect_err("the database let authenticated write");
+        assert!(
+            matches!(
+                ApiError::from_db(error, "accounts"),
+                ApiError::Forbidden { .. }
+            ),
+            "attempt {attempt}"
+        );
+        drop(db);
+    }
+    // And reads in such a transaction really run as that role.
+    let db = RequestDb::new(pool.clone(), &caller, true, Duration::from_secs(5));
+    let role: Option<String> = {
+        use sea_orm::{ConnectionTrait, DbBackend, Statement};
+        let txn = db.txn().await.unwrap();
+        txn.query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT current_user::text AS r, current_setting('request.jwt.claims') AS c",
+        ))
+        .await
+        .unwrap()
+        .map(|row| row.try_get::<String>("", "r").unwrap())
+    };
+    assert_eq!(role.as_deref(), Some("authenticated"));
+    assert_eq!(table(&mut conn).await, before);
+}
