@@ -1,5 +1,7 @@
 //! The `vantage-sync` binary: the CLI's edge, where errors become exit codes.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vantage_sync::cli::Cli;
@@ -12,6 +14,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm_migration=warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     Cli::parse().run().await?;
     Ok(())

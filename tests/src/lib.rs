@@ -27,11 +27,22 @@ pub struct Cluster {
     dir: PathBuf,
     bin_dir: PathBuf,
     port: u16,
+    tls: bool,
 }
 
 impl Cluster {
     /// Starts a new cluster in a fresh temporary directory.
     pub fn start() -> Cluster {
+        Self::start_with(false)
+    }
+
+    /// Starts a new cluster that accepts TLS (self-signed certificate),
+    /// like a hosted PostgreSQL such as Supabase.
+    pub fn start_tls() -> Cluster {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Cluster {
         let bin_dir = server_bin_dir();
         let dir = std::env::temp_dir().join(format!(
             "vantage-sync-pg-{}-{}",
@@ -61,10 +72,34 @@ impl Cluster {
             "initdb failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
+        if tls {
+            let status = as_server_user(Path::new("openssl"))
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=localhost",
+                ])
+                .arg("-keyout")
+                .arg(dir.join("data/server.key"))
+                .arg("-out")
+                .arg(dir.join("data/server.crt"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl is needed for the TLS test cluster");
+            assert!(status.success(), "openssl could not make a certificate");
+        }
         let mut cluster = Cluster {
             dir,
             bin_dir,
             port: 0,
+            tls,
         };
         cluster.port = free_port();
         cluster.run_server();
@@ -104,9 +139,10 @@ impl Cluster {
             .arg(format!(
                 "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
                  -c synchronous_commit=off -c full_page_writes=off \
-                 -c max_connections=400 -c shared_buffers=64MB",
+                 -c max_connections=400 -c shared_buffers=64MB{}",
                 self.port,
-                self.dir.display()
+                self.dir.display(),
+                if self.tls { " -c ssl=on" } else { "" }
             ))
             .args(["-w", "-t", "60", "start"])
             .stdout(Stdio::null())

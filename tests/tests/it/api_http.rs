@@ -338,3 +338,44 @@ fn committed_schema_matches_the_code() {
         "schema.graphql is out of date: run `cargo run -p vantage-sync -- schema > schema.graphql`"
     );
 }
+
+/// A hosted PostgreSQL (Supabase) wants TLS: the server connects with
+/// `sslmode=require`, and its connections really are encrypted.
+#[tokio::test]
+async fn connects_to_a_tls_database() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start_tls)
+        .await
+        .unwrap();
+    let url = format!("{}?sslmode=require", cluster.url("postgres"));
+    migration_up(&url).await;
+    let db = TestDb {
+        name: "postgres".into(),
+        url: url.clone(),
+    };
+    let app = TestApp::spawn_with(db, |_| {}).await;
+    let body = app
+        .query(
+            "authenticated",
+            "{ syncStats { totalResources } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(body, json!({"data": {"syncStats": {"totalResources": 7}}}));
+    let mut conn = sqlx::PgConnection::connect(&cluster.url("postgres"))
+        .await
+        .unwrap();
+    let (total, encrypted): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+         WHERE a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(total > 0);
+    assert_eq!(
+        encrypted, total,
+        "the server opened unencrypted connections"
+    );
+    drop(app);
+    drop(cluster);
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use sqlx::{Executor, PgConnection};
+use sqlx::{Connection, Executor, PgConnection};
 use vantage_sync::auth::{Caller, Role};
 use vantage_sync::db::{RequestDb, sync_states};
 use vantage_sync::error::ApiError;
@@ -335,4 +335,49 @@ async fn the_database_refuses_writes_when_the_guard_is_bypassed() {
     };
     assert_eq!(role.as_deref(), Some("authenticated"));
     assert_eq!(table(&mut conn).await, before);
+}
+
+/// The README's setup for a hosted database: a plain login role, granted
+/// the three API roles and nothing else, is all the server needs.
+#[tokio::test]
+async fn a_non_superuser_login_role_granted_the_api_roles_suffices() {
+    let db = vantage_sync_tests::TestDb::migrated().await;
+    let login = format!("login_{}", db.name);
+    let mut conn = db.connect().await;
+    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {login} LOGIN NOSUPERUSER NOCREATEROLE NOINHERIT; GRANT anon, authenticated, service_role TO {login};"
+    ))))
+    .await
+    .unwrap();
+    let options: sqlx::postgres::PgConnectOptions = db.url.parse().unwrap();
+    let url = sqlx::ConnectOptions::to_url_lossy(&options.username(&login)).to_string();
+    let app_db = vantage_sync_tests::TestDb {
+        name: db.name.clone(),
+        url,
+    };
+    let app = TestApp::spawn_with(app_db, |_| {}).await;
+    let body = app
+        .query("service_role", "mutation { startSync(resource: \"funds\") { lastSyncStatus } registerResource(resource: \"fx_rates\") { resource } }", json!({}))
+        .await;
+    assert_eq!(
+        body,
+        json!({"data": {"startSync": {"lastSyncStatus": "RUNNING"}, "registerResource": {"resource": "fx_rates"}}})
+    );
+    let body = app
+        .query(
+            "authenticated",
+            "{ syncStats { totalResources running } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        body,
+        json!({"data": {"syncStats": {"totalResources": 8, "running": 1}}})
+    );
+    // The login role itself may not touch the table: only the API roles can.
+    let mut as_login = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    let direct = sqlx::query("SELECT * FROM vantage_sync_state")
+        .fetch_all(&mut as_login)
+        .await;
+    assert_eq!(vantage_sync_tests::sql_error(direct).0, "42501");
 }

@@ -1,0 +1,308 @@
+//! The `vantage-sync` binary as an operator runs it: zero-configuration
+//! first run on a managed PostgreSQL, configuration errors, tokens.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vantage-sync");
+
+fn vantage_sync() -> Command {
+    let mut command = Command::new(BIN);
+    for variable in [
+        "DATABASE_URL",
+        "JWT_SECRET",
+        "LISTEN_ADDR",
+        "VANTAGE_SYNC_DATA_DIR",
+    ] {
+        command.env_remove(variable);
+    }
+    command.env("RUST_LOG", "info");
+    command
+}
+
+/// A data directory the `postgres` OS user can reach (not under /root).
+fn data_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vantage-sync-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+struct Serving {
+    child: Child,
+    addr: String,
+    log: mpsc::Receiver<String>,
+    lines: Vec<String>,
+}
+
+/// Starts `serve` and waits for the line announcing its address.
+fn serve(dir: &Path) -> Serving {
+    let mut child = vantage_sync()
+        .args(["serve", "--listen-addr", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (send, log) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!("serve did not announce its address:\n{}", lines.join("\n"))
+            });
+        lines.push(line.clone());
+        if let Some(rest) = line.split("serving GraphQL on http://").nth(1) {
+            let addr = rest.split('/').next().unwrap().to_owned();
+            return Serving {
+                child,
+                addr,
+                log,
+                lines,
+            };
+        }
+    }
+}
+
+impl Serving {
+    /// SIGTERM, then the exit status and every log line.
+    fn stop(mut self) -> (bool, Vec<String>) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let exit = self.child.wait().unwrap();
+        while let Ok(line) = self.log.recv_timeout(Duration::from_secs(5)) {
+            self.lines.push(line);
+        }
+        (exit.success(), self.lines)
+    }
+}
+
+fn token(dir: &Path, role: &str) -> String {
+    let output = vantage_sync()
+        .args(["token", "--role", role, "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+async fn graphql(addr: &str, token: &str, query: &str) -> Value {
+    reqwest::Client::new()
+        .post(format!("http://{addr}/graphql"))
+        .bearer_auth(token)
+        .json(&json!({"query": query}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn managed_postgres_running(dir: &Path) -> bool {
+    dir.join("pgdata/postmaster.pid").exists()
+}
+
+/// With no DATABASE_URL: a managed PostgreSQL is created, serves, stops
+/// with the server, and a second start reuses its data and secret.
+#[tokio::test]
+async fn zero_config_first_run_and_second_run() {
+    let dir = data_dir("first-run");
+    let first = serve(&dir);
+    assert!(
+        first
+            .lines
+            .iter()
+            .any(|line| line.contains("creating the managed PostgreSQL cluster"))
+    );
+    assert!(
+        first
+            .lines
+            .iter()
+            .any(|line| line.contains("vantage-sync token --role authenticated"))
+    );
+    assert!(managed_postgres_running(&dir));
+    let reader = token(&dir, "authenticated");
+    let writer = token(&dir, "service_role");
+    let body = graphql(
+        &first.addr,
+        &reader,
+        "{ syncStats { totalResources neverRun } }",
+    )
+    .await;
+    assert_eq!(
+        body,
+        json!({"data": {"syncStats": {"totalResources": 7, "neverRun": 7}}})
+    );
+    let body = graphql(
+        &first.addr,
+        &writer,
+        "mutation { startSync(resource: \"accounts\") { lastSyncStatus } }",
+    )
+    .await;
+    assert_eq!(
+        body,
+        json!({"data": {"startSync": {"lastSyncStatus": "RUNNING"}}})
+    );
+    let (clean, lines) = first.stop();
+    assert!(clean, "serve exited with an error:\n{}", lines.join("\n"));
+    assert!(
+        lines
+            .iter()
+            .any(|line| line.contains("stopped the managed PostgreSQL"))
+    );
+    assert!(
+        !managed_postgres_running(&dir),
+        "the managed PostgreSQL outlived the server"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.join("jwt_secret"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    let second = serve(&dir);
+    assert!(
+        !second
+            .lines
+            .iter()
+            .any(|line| line.contains("creating the managed"))
+    );
+    // Same secret: the first run's token still works; same data.
+    let body = graphql(
+        &second.addr,
+        &reader,
+        "{ syncState(resource: \"accounts\") { lastSyncStatus } }",
+    )
+    .await;
+    assert_eq!(
+        body,
+        json!({"data": {"syncState": {"lastSyncStatus": "RUNNING"}}})
+    );
+    let (clean, _) = second.stop();
+    assert!(clean);
+    assert!(!managed_postgres_running(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn fails_with(args: &[&str], env: &[(&str, &str)], expected: &str) {
+    let output = vantage_sync()
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: expected {expected:?} in:\n{stderr}"
+    );
+}
+
+#[test]
+fn configuration_errors_say_what_to_fix() {
+    let url = ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none");
+    fails_with(&["serve"], &[url], "JWT_SECRET");
+    fails_with(&["serve"], &[url, ("JWT_SECRET", "short")], "at least 32");
+    fails_with(
+        &["serve", "--max-query-depth", "5"],
+        &[url, ("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        "--max-query-depth",
+    );
+    fails_with(
+        &["serve", "--listen-addr", "nowhere"],
+        &[],
+        "invalid socket address",
+    );
+    fails_with(
+        &["token", "--role", "postgres"],
+        &[("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        "anon, authenticated or service_role",
+    );
+    fails_with(
+        &["token", "--role", "anon", "--ttl", "5y"],
+        &[("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        "unknown unit",
+    );
+    fails_with(&["migrate", "up"], &[], "DATABASE_URL");
+}
+
+#[test]
+fn token_and_schema_commands() {
+    let output = vantage_sync()
+        .args([
+            "token",
+            "--role",
+            "service_role",
+            "--ttl",
+            "90s",
+            "--sub",
+            "etl-1",
+        ])
+        .env("JWT_SECRET", "0123456789abcdef0123456789abcdef")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let token = String::from_utf8(output.stdout).unwrap();
+    let payload = token.trim().split('.').nth(1).unwrap();
+    let claims = decode_base64url(payload);
+    let claims: Value = serde_json::from_slice(&claims).unwrap();
+    assert_eq!(claims["role"], "service_role");
+    assert_eq!(claims["sub"], "etl-1");
+    assert_eq!(
+        claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(),
+        90
+    );
+
+    let output = vantage_sync().arg("schema").output().unwrap();
+    let committed =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema.graphql"))
+            .unwrap();
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), committed);
+}
+
+fn decode_base64url(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'-' => 62,
+        _ => 63,
+    };
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for c in text.bytes() {
+        bits = (bits << 6) | u32::from(value(c));
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    out
+}
