@@ -50,7 +50,11 @@ fn serve(dir: &Path) -> Serving {
         .spawn()
         .unwrap();
     let (send, log) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
+    let Some(stderr) = child.stderr.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("no stderr pipe");
+    };
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
@@ -68,7 +72,7 @@ fn serve(dir: &Path) -> Serving {
             });
         lines.push(line.clone());
         if let Some(rest) = line.split("serving GraphQL on http://").nth(1) {
-            let addr = rest.split('/').next().unwrap().to_owned();
+            let addr = rest.split('/').next().unwrap_or_default().to_owned();
             return Serving {
                 child,
                 addr,
