@@ -50,6 +50,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        // One span per request (method, path) with status and latency
+        // events, filtered by RUST_LOG (e.g. `tower_http=debug`).
+        .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
 
