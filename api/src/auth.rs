@@ -64,9 +64,14 @@ pub struct Caller {
 impl Caller {
     /// The caller without a token.
     pub fn anon() -> Self {
+        Self::for_role(Role::Anon)
+    }
+
+    /// The server itself acting as `role` (e.g. the feed reading the log).
+    pub fn for_role(role: Role) -> Self {
         Self {
-            role: Role::Anon,
-            claims: Map::from_iter([("role".to_owned(), Value::from("anon"))]),
+            role,
+            claims: Map::from_iter([("role".to_owned(), Value::from(role.as_str()))]),
             expires_at: None,
         }
     }

@@ -54,6 +54,43 @@ pub struct ServeArgs {
     /// Highest complexity (weighted field count) a query may have.
     #[arg(long, env = "MAX_QUERY_COMPLEXITY", default_value_t = 2000)]
     pub max_query_complexity: usize,
+
+    /// Days of sync events to keep (0: keep everything).
+    #[arg(long, env = "EVENT_RETENTION_DAYS", default_value_t = 30)]
+    pub event_retention_days: u32,
+
+    /// Most subscriptions one WebSocket connection may hold.
+    #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_CONNECTION", default_value_t = 100)]
+    pub max_subscriptions_per_connection: usize,
+
+    /// Seconds a WebSocket client has to send `connection_init`.
+    #[arg(long, env = "WS_INIT_TIMEOUT_SECS", default_value_t = 10)]
+    pub ws_init_timeout_secs: u64,
+
+    /// Seconds between server keep-alive pings on WebSocket connections.
+    #[arg(long, env = "WS_PING_INTERVAL_SECS", default_value_t = 15)]
+    pub ws_ping_interval_secs: u64,
+}
+
+/// WebSocket transport settings.
+#[derive(Debug, Clone, Copy)]
+pub struct WebSocketConfig {
+    /// Most subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Time allowed for `connection_init`.
+    pub init_timeout: Duration,
+    /// Interval of server pings.
+    pub ping_interval: Duration,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            max_subscriptions: 100,
+            init_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(15),
+        }
+    }
 }
 
 /// A configuration problem, said so the operator can fix it.
@@ -91,6 +128,10 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Query depth and complexity limits.
     pub limits: QueryLimits,
+    /// Days of events to keep; `None` keeps everything.
+    pub event_retention_days: Option<u32>,
+    /// WebSocket transport settings.
+    pub websocket: WebSocketConfig,
 }
 
 impl ServerConfig {
@@ -105,6 +146,8 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
             limits: QueryLimits::default(),
+            event_retention_days: Some(30),
+            websocket: WebSocketConfig::default(),
         })
     }
 
@@ -146,7 +189,29 @@ impl ServerConfig {
             "--max-query-complexity (MAX_QUERY_COMPLEXITY)",
             "between 100 and 100000",
         )?;
+        range(
+            (1..=10_000).contains(&args.max_subscriptions_per_connection),
+            "--max-subscriptions-per-connection (MAX_SUBSCRIPTIONS_PER_CONNECTION)",
+            "between 1 and 10000",
+        )?;
+        range(
+            (1..=300).contains(&args.ws_init_timeout_secs),
+            "--ws-init-timeout-secs (WS_INIT_TIMEOUT_SECS)",
+            "between 1 and 300",
+        )?;
+        range(
+            (1..=3600).contains(&args.ws_ping_interval_secs),
+            "--ws-ping-interval-secs (WS_PING_INTERVAL_SECS)",
+            "between 1 and 3600",
+        )?;
         let mut config = Self::new(database_url, jwt_secret)?;
+        config.event_retention_days =
+            (args.event_retention_days > 0).then_some(args.event_retention_days);
+        config.websocket = WebSocketConfig {
+            max_subscriptions: args.max_subscriptions_per_connection,
+            init_timeout: Duration::from_secs(args.ws_init_timeout_secs),
+            ping_interval: Duration::from_secs(args.ws_ping_interval_secs),
+        };
         config.listen_addr = args.listen_addr;
         config.migrate = !args.no_migrate;
         config.max_connections = args.max_connections;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_graphql::parser::types::{DocumentOperations, OperationType};
 use axum::body::{Body, to_bytes};
-use axum::extract::{RawQuery, State};
+use axum::extract::{FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -20,8 +20,10 @@ use sea_orm::DatabaseConnection;
 use serde_json::json;
 
 use crate::auth::TokenKeys;
+use crate::config::WebSocketConfig;
 use crate::db::RequestDb;
 use crate::error::{ApiError, ErrorCode};
+use crate::feed::Feed;
 use crate::graphql::{AppSchema, RequestContext};
 use crate::metrics::{Metrics, Operation, Outcome};
 
@@ -36,6 +38,10 @@ pub struct AppState {
     pub keys: TokenKeys,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// The live feed.
+    pub feed: Arc<Feed>,
+    /// WebSocket transport settings.
+    pub websocket: WebSocketConfig,
     /// Longest a request may run.
     pub request_timeout: Duration,
     /// Largest accepted body.
@@ -46,7 +52,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(graphiql))
-        .route("/graphql", get(graphql_get).post(graphql_post))
+        .route("/graphql", get(graphql_get_or_websocket).post(graphql_post))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -112,13 +118,25 @@ async fn graphql_post(State(app): State<AppState>, headers: HeaderMap, body: Bod
     execute(app, &headers, request, false, started).await
 }
 
-async fn graphql_get(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-) -> Response {
+async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let wants_websocket = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
+    if wants_websocket {
+        return match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(upgrade) => crate::ws::upgrade(app, &parts.headers, upgrade),
+            Err(rejection) => rejection.into_response(),
+        };
+    }
+    graphql_get(app, parts.headers, parts.uri.query()).await
+}
+
+async fn graphql_get(app: AppState, headers: HeaderMap, query: Option<&str>) -> Response {
     let started = Instant::now();
-    match async_graphql::http::parse_query_string(query.as_deref().unwrap_or_default()) {
+    match async_graphql::http::parse_query_string(query.unwrap_or_default()) {
         Ok(request) => execute(app, &headers, request, true, started).await,
         Err(error) => {
             app.metrics
@@ -212,6 +230,7 @@ async fn execute(
         caller,
         now: Utc::now(),
         db: db.clone(),
+        failures: Default::default(),
     };
     let executed = tokio::time::timeout(
         app.request_timeout,
@@ -270,7 +289,8 @@ async fn healthz() -> &'static str {
 async fn readyz(State(app): State<AppState>) -> Response {
     let ping = tokio::time::timeout(Duration::from_secs(2), app.pool.ping()).await;
     match ping {
-        Ok(Ok(())) => (StatusCode::OK, "ready").into_response(),
+        Ok(Ok(())) if app.feed.is_live() => (StatusCode::OK, "ready").into_response(),
+        Ok(Ok(())) => (StatusCode::SERVICE_UNAVAILABLE, "live feed reconnecting").into_response(),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response(),
     }
 }

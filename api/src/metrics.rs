@@ -53,6 +53,10 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<OperationLabels, Histogram>,
     pool: Family<PoolLabels, Gauge>,
+    subscriptions: Gauge,
+    delivered: Counter,
+    reconnects: Counter,
+    delay: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,11 +89,39 @@ impl Default for Metrics {
             "Database pool connections by state",
             pool.clone(),
         );
+        let subscriptions = Gauge::default();
+        registry.register(
+            "subscriptions_active",
+            "Subscriptions currently open",
+            subscriptions.clone(),
+        );
+        let delivered = Counter::default();
+        registry.register(
+            "subscription_events_delivered",
+            "Changes sent to subscribers (one per subscriber and change)",
+            delivered.clone(),
+        );
+        let reconnects = Counter::default();
+        registry.register(
+            "feed_listener_reconnects",
+            "Times the live feed's LISTEN connection was rebuilt",
+            reconnects.clone(),
+        );
+        let delay = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "subscription_delivery_delay_seconds",
+            "Delay from a change to its sending to a subscriber",
+            delay.clone(),
+        );
         Self {
             registry,
             requests,
             latency,
             pool,
+            subscriptions,
+            delivered,
+            reconnects,
+            delay,
         }
     }
 }
@@ -105,6 +137,23 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// A subscription opened; closes when the guard drops.
+    pub fn subscription_opened(self: &std::sync::Arc<Self>) -> SubscriptionGuard {
+        self.subscriptions.inc();
+        SubscriptionGuard(self.clone())
+    }
+
+    /// One change sent to one subscriber, `delay_seconds` after it happened.
+    pub fn event_delivered(&self, delay_seconds: f64) {
+        self.delivered.inc();
+        self.delay.observe(delay_seconds.max(0.0));
+    }
+
+    /// The feed's listener connection was rebuilt.
+    pub fn listener_reconnected(&self) {
+        self.reconnects.inc();
+    }
+
     /// The metrics as Prometheus text, with the pool's current state.
     pub fn render(&self, pool_size: u32, pool_idle: usize) -> String {
         let idle = i64::try_from(pool_idle).unwrap_or(i64::MAX);
@@ -118,5 +167,15 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+}
+
+/// Counts an open subscription until dropped.
+#[derive(Debug)]
+pub struct SubscriptionGuard(std::sync::Arc<Metrics>);
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        self.0.subscriptions.dec();
     }
 }

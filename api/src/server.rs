@@ -7,7 +7,10 @@ use std::sync::Arc;
 use sea_orm::{DatabaseConnection, DbErr};
 use tokio::net::TcpListener;
 
+use crate::auth::{Caller, Role};
 use crate::config::ServerConfig;
+use crate::db::{RequestDb, events};
+use crate::feed::Feed;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
 use crate::migrate::{self, MigrateError};
@@ -56,14 +59,25 @@ impl Server {
             addr: config.listen_addr,
             source,
         })?;
+        let metrics = Arc::new(Metrics::default());
+        let feed = Feed::start(config.database_url.clone(), pool.clone(), metrics.clone());
         let state = AppState {
-            schema: graphql::schema(config.limits),
+            schema: graphql::builder(config.limits).data(feed.clone()).finish(),
             pool,
             keys: config.keys,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
+            feed,
             request_timeout: config.request_timeout,
             max_body_bytes: config.max_body_bytes,
+            websocket: config.websocket,
         };
+        if let Some(days) = config.event_retention_days {
+            tokio::spawn(prune_events(
+                state.pool.clone(),
+                days,
+                Arc::downgrade(&state.feed),
+            ));
+        }
         Ok(Self {
             listener,
             state,
@@ -95,5 +109,36 @@ impl Server {
             .map_err(|source| ServeError::Io { addr, source })?;
         let _ = pool.close().await;
         Ok(())
+    }
+}
+
+/// Deletes events older than `days` days, at start and then hourly.
+async fn prune_events(pool: DatabaseConnection, days: u32, feed: std::sync::Weak<Feed>) {
+    let mut every_hour = tokio::time::interval(std::time::Duration::from_secs(3600));
+    let caller = Caller::for_role(Role::ServiceRole);
+    loop {
+        every_hour.tick().await;
+        // Ends with the server.
+        if feed.strong_count() == 0 {
+            return;
+        }
+        let db = RequestDb::new(
+            pool.clone(),
+            &caller,
+            false,
+            std::time::Duration::from_secs(300),
+        );
+        let pruned = match db.txn().await {
+            Ok(txn) => events::prune(&*txn, days)
+                .await
+                .map_err(|error| error.to_string()),
+            Err(error) => Err(error.message()),
+        };
+        let committed = db.commit().await.map_err(|error| error.message());
+        match pruned.and_then(|deleted| committed.map(|()| deleted)) {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, days, "pruned old sync events"),
+            Err(error) => tracing::warn!(%error, "could not prune sync events"),
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! state machine is in the database functions of the `migration` crate.
 
 pub mod sync_error;
+pub mod vantage_sync_event;
 pub mod vantage_sync_state;
 
 pub use sync_error::{SyncError, SyncErrors};

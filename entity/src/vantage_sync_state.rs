@@ -2,12 +2,16 @@
 //! Vantage IR API. Column names are defined here and nowhere else in Rust.
 
 use sea_orm::entity::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::SyncErrors;
 
 /// Status of a resource's last sync, stored as lower-case text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, Serialize, Deserialize,
+)]
 #[sea_orm(rs_type = "String", db_type = "Text")]
+#[serde(rename_all = "snake_case")]
 pub enum SyncStatus {
     /// Registered, never synced.
     #[sea_orm(string_value = "never_run")]
@@ -23,8 +27,9 @@ pub enum SyncStatus {
     Failed,
 }
 
-/// One row of `public.vantage_sync_state`.
-#[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+/// One row of `public.vantage_sync_state`. Serde reads and writes the
+/// row's own column names, as `to_jsonb(row)` does in the event log.
+#[derive(Clone, Debug, PartialEq, DeriveEntityModel, Serialize, Deserialize)]
 #[sea_orm(schema_name = "public", table_name = "vantage_sync_state")]
 pub struct Model {
     /// Resource name in lower snake case; primary key.

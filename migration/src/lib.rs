@@ -23,11 +23,18 @@ pub struct SqlScript {
 }
 
 /// Every migration, oldest first.
-pub const SCRIPTS: &[SqlScript] = &[SqlScript {
-    name: "m20251105_132840_vantage_sync_state",
-    up: include_str!("m20251105_132840_vantage_sync_state/up.sql"),
-    down: include_str!("m20251105_132840_vantage_sync_state/down.sql"),
-}];
+pub const SCRIPTS: &[SqlScript] = &[
+    SqlScript {
+        name: "m20251105_132840_vantage_sync_state",
+        up: include_str!("m20251105_132840_vantage_sync_state/up.sql"),
+        down: include_str!("m20251105_132840_vantage_sync_state/down.sql"),
+    },
+    SqlScript {
+        name: "m20251106_000000_vantage_sync_events",
+        up: include_str!("m20251106_000000_vantage_sync_events/up.sql"),
+        down: include_str!("m20251106_000000_vantage_sync_events/down.sql"),
+    },
+];
 
 /// The whole up migration as one plain SQL script in a single transaction.
 pub fn up_sql() -> String {

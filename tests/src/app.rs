@@ -53,10 +53,20 @@ impl TestApp {
                 .await
                 .unwrap();
         });
+        let client = reqwest::Client::new();
+        // Ready means the database answers and the live feed listens.
+        let ready = format!("http://{addr}/readyz");
+        for attempt in 0.. {
+            match client.get(&ready).send().await {
+                Ok(response) if response.status() == StatusCode::OK => break,
+                _ if attempt < 200 => tokio::time::sleep(Duration::from_millis(25)).await,
+                other => panic!("server not ready after 5 s: {other:?}"),
+            }
+        }
         TestApp {
             addr,
             db,
-            client: reqwest::Client::new(),
+            client,
             keys: TokenKeys::new(SECRET.as_bytes()).unwrap(),
             shutdown: Some(shutdown),
             handle: Some(handle),

@@ -20,7 +20,9 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, Pg
 use tokio::sync::OnceCell;
 
 mod app;
+mod ws;
 pub use app::{SECRET, TestApp, base64url};
+pub use ws::WsClient;
 
 /// A PostgreSQL cluster started for the tests.
 pub struct Cluster {

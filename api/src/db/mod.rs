@@ -1,13 +1,14 @@
 //! Connections to the service's PostgreSQL database, and the per-request
 //! transaction that runs as the caller's role.
 
+pub mod events;
 pub mod sync_states;
 
 use std::time::Duration;
 
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    DbErr, Statement, TransactionTrait,
+    AccessMode, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction,
+    DbBackend, DbErr, IsolationLevel, Statement, TransactionTrait,
 };
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
@@ -39,6 +40,7 @@ pub struct RequestDb {
     role: &'static str,
     claims: String,
     read_only: bool,
+    repeatable_read: bool,
     statement_timeout: Duration,
     txn: Mutex<Option<DatabaseTransaction>>,
 }
@@ -56,8 +58,22 @@ impl RequestDb {
             role: caller.role.as_str(),
             claims: serde_json::Value::Object(caller.claims.clone()).to_string(),
             read_only,
+            repeatable_read: false,
             statement_timeout,
             txn: Mutex::new(None),
+        }
+    }
+
+    /// Read-only work for `caller` that must see one snapshot throughout
+    /// (REPEATABLE READ).
+    pub fn snapshot(
+        pool: DatabaseConnection,
+        caller: &Caller,
+        statement_timeout: Duration,
+    ) -> Self {
+        Self {
+            repeatable_read: true,
+            ..Self::new(pool, caller, true, statement_timeout)
         }
     }
 
@@ -73,11 +89,17 @@ impl RequestDb {
     }
 
     async fn begin(&self) -> ApiResult<DatabaseTransaction> {
-        let txn = self
-            .pool
-            .begin()
-            .await
-            .map_err(|error| ApiError::from_db(error, ""))?;
+        let txn = if self.repeatable_read {
+            self.pool
+                .begin_with_config(
+                    Some(IsolationLevel::RepeatableRead),
+                    Some(AccessMode::ReadOnly),
+                )
+                .await
+        } else {
+            self.pool.begin().await
+        }
+        .map_err(|error| ApiError::from_db(error, ""))?;
         // One round trip: role, claims, statement timeout, access mode.
         let statement = Statement::from_sql_and_values(
             DbBackend::Postgres,

@@ -1,14 +1,16 @@
 //! The GraphQL schema of SPEC section 3, by domain.
 
+pub mod history;
 pub mod mutation;
 pub mod query;
+pub mod subscription;
 pub mod sync_state;
 pub mod types;
 pub mod validate;
 
 use std::sync::Arc;
 
-use async_graphql::{Context, EmptySubscription, Schema};
+use async_graphql::{Context, Schema, SchemaBuilder};
 use chrono::{DateTime, Utc};
 
 use crate::auth::{Caller, Role};
@@ -17,9 +19,10 @@ use crate::error::ApiError;
 
 pub use mutation::Mutation;
 pub use query::Query;
+pub use subscription::Subscription;
 
 /// The service's schema.
-pub type AppSchema = Schema<Query, Mutation, EmptySubscription>;
+pub type AppSchema = Schema<Query, Mutation, Subscription>;
 
 /// Limits on what one operation may ask for.
 #[derive(Debug, Clone, Copy)]
@@ -39,19 +42,18 @@ impl Default for QueryLimits {
     }
 }
 
-/// Builds the schema with `limits`.
-pub fn schema(limits: QueryLimits) -> AppSchema {
-    Schema::build(Query, Mutation, EmptySubscription)
+/// The schema, with `limits`, ready for data (e.g. the live feed).
+pub fn builder(limits: QueryLimits) -> SchemaBuilder<Query, Mutation, Subscription> {
+    Schema::build(Query, Mutation, Subscription)
         .limit_depth(limits.depth)
         .limit_complexity(limits.complexity)
         .limit_recursive_depth(32)
         .limit_directives(8)
-        .finish()
 }
 
 /// The schema in SDL, as committed in `schema.graphql`.
 pub fn sdl() -> String {
-    schema(QueryLimits::default()).sdl()
+    builder(QueryLimits::default()).finish().sdl()
 }
 
 /// What a resolver knows about its request.
@@ -62,6 +64,8 @@ pub struct RequestContext {
     pub now: DateTime<Utc>,
     /// The request's database work.
     pub db: Arc<RequestDb>,
+    /// Failure streaks from the event log, read once per request if asked.
+    pub failures: tokio::sync::OnceCell<history::FailureCounts>,
 }
 
 impl RequestContext {
@@ -85,6 +89,18 @@ impl RequestContext {
             }),
             Role::ServiceRole => Ok(request),
         }
+    }
+
+    /// Failed completions since the last success, per resource.
+    pub async fn failures(&self) -> Result<&history::FailureCounts, ApiError> {
+        self.failures
+            .get_or_try_init(|| async {
+                let txn = self.db.txn().await?;
+                crate::db::events::consecutive_failures(&*txn)
+                    .await
+                    .map_err(|error| ApiError::from_db(error, ""))
+            })
+            .await
     }
 
     fn of<'a>(ctx: &Context<'a>) -> Result<&'a RequestContext, ApiError> {

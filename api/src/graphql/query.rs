@@ -5,11 +5,13 @@ use chrono::Duration;
 use entity::SyncStatus as Status;
 
 use super::RequestContext;
+use super::history::SyncEventConnection;
 use super::sync_state::SyncState;
 use super::types::{SyncHealth, SyncStats, SyncStatus};
 use super::validate;
-use crate::db::sync_states;
+use crate::db::{events, sync_states};
 use crate::error::ApiError;
+use crate::feed::cursor::Cursor;
 
 /// Read operations; they need an `authenticated` or `service_role` token.
 pub struct Query;
@@ -132,6 +134,73 @@ impl Query {
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
         Ok(request.states(rows))
+    }
+
+    /// Resources whose last `minConsecutive` or more completed syncs all
+    /// failed (counted from the event log), most failures first.
+    async fn repeated_failures(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 3)] min_consecutive: i32,
+    ) -> async_graphql::Result<Vec<SyncState>> {
+        let request = RequestContext::reader(ctx)?;
+        let min = validate::within("minConsecutive", min_consecutive, 1, 1_000_000)?;
+        let failures = request.failures().await?;
+        let rows = sync_states::list(&*request.db.txn().await?, None)
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))?;
+        let count = |resource: &str| failures.get(resource).copied().unwrap_or(0);
+        let mut rows: Vec<_> = rows
+            .into_iter()
+            .filter(|row| count(&row.resource) >= min)
+            .collect();
+        rows.sort_by_key(|row| std::cmp::Reverse(count(&row.resource)));
+        Ok(request.states(rows))
+    }
+
+    /// The event log, oldest first, a page at a time: of one resource, or
+    /// of all. Only final events are listed, so an event that commits later
+    /// never appears before a cursor already handed out.
+    async fn sync_history(
+        &self,
+        ctx: &Context<'_>,
+        resource: Option<String>,
+        #[graphql(default = 50)] first: i32,
+        after: Option<String>,
+    ) -> async_graphql::Result<SyncEventConnection> {
+        let request = RequestContext::reader(ctx)?;
+        if let Some(resource) = &resource {
+            validate::resource(resource)?;
+        }
+        let first = validate::within("first", first, 1, 500)?;
+        let txn = request.db.txn().await?;
+        let position = match after {
+            None => 0,
+            Some(after) => {
+                let cursor = Cursor::decode(&after).ok_or(ApiError::CursorExpired)?;
+                let pruned = events::pruned_through(&*txn)
+                    .await
+                    .map_err(|error| ApiError::from_db(error, ""))?;
+                if cursor.position < pruned {
+                    return Err(ApiError::CursorExpired.into());
+                }
+                cursor.position
+            }
+        };
+        // One more than asked: tells whether a next page exists.
+        let rows = events::history(
+            &*txn,
+            resource.as_deref(),
+            position,
+            u64::from(first.unsigned_abs()) + 1,
+        )
+        .await
+        .map_err(|error| ApiError::from_db(error, ""))?;
+        Ok(SyncEventConnection::page(
+            rows,
+            first.unsigned_abs() as usize,
+            request.now,
+        ))
     }
 
     /// Totals over every resource.

@@ -154,6 +154,38 @@ impl SyncState {
             .then(|| f64::from(self.row.records_synced) * 1000.0 / f64::from(ms))
     }
 
+    /// Failed completions since the last success, from the event log (the
+    /// "failed 3+ times in a row" alert). Counts only events still in the
+    /// log (see event retention).
+    async fn consecutive_failures(
+        &self,
+        ctx: &async_graphql::Context<'_>,
+    ) -> async_graphql::Result<i32> {
+        let counts = match ctx.data_opt::<super::RequestContext>() {
+            Some(request) => request.failures().await?.get(&self.row.resource).copied(),
+            // Inside a subscription: read as the subscriber.
+            None => {
+                let caller = ctx.data::<crate::auth::Caller>()?;
+                let feed = ctx.data::<std::sync::Arc<crate::feed::Feed>>()?;
+                let db = crate::db::RequestDb::new(
+                    feed.pool().clone(),
+                    caller,
+                    true,
+                    std::time::Duration::from_secs(30),
+                );
+                let counts = {
+                    let txn = db.txn().await?;
+                    crate::db::events::consecutive_failures(&*txn)
+                        .await
+                        .map_err(|error| crate::error::ApiError::from_db(error, ""))?
+                };
+                db.commit().await?;
+                counts.get(&self.row.resource).copied()
+            }
+        };
+        Ok(counts.unwrap_or(0))
+    }
+
     /// Dashboard traffic light: RED failed or stuck over 30 min, YELLOW never
     /// run or no success in 24 h, GREEN otherwise.
     #[graphql(name = "health")]

@@ -301,7 +301,9 @@ async fn functions_pin_search_path_and_only_service_role_executes_them() {
         ("calculate_vantage_sync_duration", false, false),
         ("complete_vantage_sync", true, true),
         ("fail_vantage_sync", true, true),
-        ("notify_vantage_sync_state_change", false, false),
+        // Writes the event log, which no caller role may write.
+        ("notify_vantage_sync_state_change", true, false),
+        ("prune_vantage_sync_events", true, true),
         ("start_vantage_sync", true, true),
         ("update_vantage_sync_state_updated_at", false, false),
     ]
@@ -349,4 +351,46 @@ async fn a_hostile_search_path_cannot_hijack_the_functions() {
         year > 2020.0,
         "the function used the caller's now(): year {year}"
     );
+}
+
+/// The event log is read-only for the API roles and invisible to anon.
+#[tokio::test]
+async fn the_event_log_is_written_only_by_its_trigger() {
+    let db = TestDb::migrated().await;
+    let mut conn = db.connect().await;
+    conn.execute("SELECT start_vantage_sync('accounts')")
+        .await
+        .unwrap();
+    for role in ["authenticated", "service_role"] {
+        let rows = as_role(
+            &mut conn,
+            role,
+            "SELECT resource, operation FROM vantage_sync_events",
+        )
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 1, "{role}");
+        for sql in [
+            "INSERT INTO vantage_sync_events (resource, operation, state, safe_after) VALUES ('x', 'INSERT', '{}', 0)",
+            "UPDATE vantage_sync_events SET resource = 'x'",
+            "DELETE FROM vantage_sync_events",
+            "UPDATE vantage_sync_events_pruned SET through = 99",
+        ] {
+            assert_eq!(
+                sql_error(as_role(&mut conn, role, sql).await).0,
+                INSUFFICIENT_PRIVILEGE,
+                "{role}: {sql}"
+            );
+        }
+    }
+    let read = as_role(&mut conn, "anon", "SELECT * FROM vantage_sync_events").await;
+    assert_eq!(sql_error(read).0, INSUFFICIENT_PRIVILEGE);
+    // The trigger writes it for every role allowed to change the state.
+    let rows = as_role(
+        &mut conn,
+        "service_role",
+        "SELECT * FROM start_vantage_sync('funds')",
+    )
+    .await;
+    assert!(rows.is_ok());
 }

@@ -9,43 +9,57 @@ async fn run(command: MigrateCommand, url: Option<&str>) -> Result<String, Migra
     Ok(String::from_utf8(out).unwrap())
 }
 
-const NAME: &str = "m20251105_132840_vantage_sync_state";
+const STATE: &str = "m20251105_132840_vantage_sync_state";
+const EVENTS: &str = "m20251106_000000_vantage_sync_events";
+
+fn lines(prefix: &str, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|name| format!("{prefix}\t{name}\n"))
+        .collect()
+}
 
 #[tokio::test]
 async fn migrate_status_up_down_fresh() {
     let db = TestDb::empty().await;
     let url = Some(db.url.as_str());
+    let run = |command| run(command, url);
     assert_eq!(
-        run(MigrateCommand::Status, url).await.unwrap(),
-        format!("Pending\t{NAME}\n")
+        run(MigrateCommand::Status).await.unwrap(),
+        lines("Pending", &[STATE, EVENTS])
     );
     assert_eq!(
-        run(MigrateCommand::Up, url).await.unwrap(),
-        format!("applied\t{NAME}\n")
+        run(MigrateCommand::Up).await.unwrap(),
+        lines("applied", &[STATE, EVENTS])
     );
     assert_eq!(
-        run(MigrateCommand::Status, url).await.unwrap(),
-        format!("Applied\t{NAME}\n")
+        run(MigrateCommand::Status).await.unwrap(),
+        lines("Applied", &[STATE, EVENTS])
+    );
+    assert_eq!(run(MigrateCommand::Up).await.unwrap(), "nothing to do\n");
+    assert_eq!(
+        run(MigrateCommand::Fresh).await.unwrap(),
+        lines("reverted", &[EVENTS, STATE]) + &lines("applied", &[STATE, EVENTS])
     );
     assert_eq!(
-        run(MigrateCommand::Up, url).await.unwrap(),
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        lines("reverted", &[EVENTS])
+    );
+    assert_eq!(
+        run(MigrateCommand::Status).await.unwrap(),
+        lines("Applied", &[STATE]) + &lines("Pending", &[EVENTS])
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        lines("reverted", &[STATE])
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
         "nothing to do\n"
     );
     assert_eq!(
-        run(MigrateCommand::Fresh, url).await.unwrap(),
-        format!("reverted\t{NAME}\napplied\t{NAME}\n")
-    );
-    assert_eq!(
-        run(MigrateCommand::Down { steps: 1 }, url).await.unwrap(),
-        format!("reverted\t{NAME}\n")
-    );
-    assert_eq!(
-        run(MigrateCommand::Down { steps: 1 }, url).await.unwrap(),
-        "nothing to do\n"
-    );
-    assert_eq!(
-        run(MigrateCommand::Status, url).await.unwrap(),
-        format!("Pending\t{NAME}\n")
+        run(MigrateCommand::Status).await.unwrap(),
+        lines("Pending", &[STATE, EVENTS])
     );
 }
 
@@ -89,7 +103,7 @@ async fn concurrent_migrate_up_applies_once() {
     assert_eq!(
         outputs,
         [
-            format!("applied\t{NAME}\n"),
+            lines("applied", &[STATE, EVENTS]),
             "nothing to do\n".to_owned(),
             "nothing to do\n".to_owned(),
             "nothing to do\n".to_owned()

@@ -46,9 +46,31 @@ async fn one_payload_per_committed_change_and_none_for_a_rollback() {
         .unwrap();
 
     let mut received = Vec::new();
+    let mut ids = Vec::new();
     for _ in 0..5 {
-        received.push(next_payload(&mut listener).await);
+        let mut payload = next_payload(&mut listener).await;
+        // Each payload names its event in the log.
+        ids.push(
+            payload
+                .as_object_mut()
+                .unwrap()
+                .remove("id")
+                .unwrap()
+                .as_i64()
+                .unwrap(),
+        );
+        received.push(payload);
     }
+    let logged: Vec<i64> = sqlx::query_scalar("SELECT id FROM vantage_sync_events ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted, logged,
+        "one event per committed change, none for the rollback"
+    );
     received[3..].sort_by_key(|payload| payload["resource"].as_str().map(str::to_owned));
     assert_eq!(
         received,
@@ -84,7 +106,15 @@ async fn payload_is_small_whatever_the_errors() {
         .await
         .unwrap();
     let _started = next_payload(&mut listener).await;
-    let failed = next_payload(&mut listener).await;
+    let mut failed = next_payload(&mut listener).await;
+    assert!(
+        failed
+            .as_object_mut()
+            .unwrap()
+            .remove("id")
+            .unwrap()
+            .is_i64()
+    );
     assert_eq!(failed, json!({"operation": "UPDATE", "resource": resource}));
     assert!(failed.to_string().len() < 200);
 }

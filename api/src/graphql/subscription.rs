@@ -1,0 +1,309 @@
+//! `syncStateChanged`: every committed change, in per-resource commit
+//! order, none skipped, resumable by cursor.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_graphql::futures_util::Stream;
+use async_graphql::futures_util::stream;
+use async_graphql::{Context, Enum, Object, Subscription as SubscriptionRoot};
+use chrono::{DateTime, Utc};
+use tokio::sync::broadcast::Receiver;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::sync_state::SyncState;
+use super::validate;
+use crate::auth::{Caller, Role};
+use crate::db::{RequestDb, events};
+use crate::error::{ApiError, ApiResult};
+use crate::feed::cursor::Cursor;
+use crate::feed::{BATCH, Feed, FeedEvent};
+use crate::metrics::SubscriptionGuard;
+
+/// Longest a subscription's own database read may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a new subscription waits for the listener to be live.
+const LIVE_WAIT: Duration = Duration::from_secs(10);
+
+/// What happened to a resource.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeOperation {
+    /// The resource's state when the subscription started (`initial: true`).
+    Snapshot,
+    /// The resource was registered.
+    Insert,
+    /// The resource's state changed.
+    Update,
+    /// The resource was removed.
+    Delete,
+}
+
+impl ChangeOperation {
+    /// From the log's `operation` column.
+    pub fn from_log(operation: &str) -> Self {
+        match operation {
+            "INSERT" => Self::Insert,
+            "DELETE" => Self::Delete,
+            _ => Self::Update,
+        }
+    }
+}
+
+/// One change delivered to a subscriber.
+pub struct SyncStateChange {
+    operation: ChangeOperation,
+    resource: String,
+    state: Option<SyncState>,
+    at: DateTime<Utc>,
+    cursor: String,
+}
+
+/// One change delivered to a subscriber.
+#[Object]
+impl SyncStateChange {
+    /// SNAPSHOT, INSERT, UPDATE or DELETE.
+    async fn operation(&self) -> ChangeOperation {
+        self.operation
+    }
+
+    /// The resource that changed.
+    async fn resource(&self) -> &str {
+        &self.resource
+    }
+
+    /// The state after the change; null on DELETE.
+    async fn state(&self) -> Option<&SyncState> {
+        self.state.as_ref()
+    }
+
+    /// When the change was made (for SNAPSHOT: when the snapshot was taken).
+    async fn at(&self) -> DateTime<Utc> {
+        self.at
+    }
+
+    /// Resume point: subscribe again with `after: cursor` to receive every
+    /// change after this one, with no gap and no duplicate.
+    async fn cursor(&self) -> &str {
+        &self.cursor
+    }
+}
+
+/// Live operations; they need an `authenticated` or `service_role` token
+/// (sent in `connection_init`).
+pub struct Subscription;
+
+#[SubscriptionRoot]
+impl Subscription {
+    /// Every committed change to the sync state of `resources` (all when
+    /// omitted), whoever made it, in per-resource commit order. With
+    /// `initial: true`, first one SNAPSHOT per matching resource. With
+    /// `after: <cursor>`, first every change after that cursor. A cursor
+    /// that is unknown or pruned is refused with CURSOR_EXPIRED.
+    async fn sync_state_changed(
+        &self,
+        ctx: &Context<'_>,
+        resources: Option<Vec<String>>,
+        #[graphql(default = false)] initial: bool,
+        after: Option<String>,
+    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<SyncStateChange>> + use<>>
+    {
+        let caller = ctx
+            .data::<Caller>()
+            .map_err(|_| ApiError::Unauthenticated)?
+            .clone();
+        if caller.role == Role::Anon {
+            return Err(ApiError::Unauthenticated.into());
+        }
+        for resource in resources.iter().flatten() {
+            validate::resource(resource)?;
+        }
+        if initial && after.is_some() {
+            return Err(ApiError::bad_input(
+                "after",
+                "pass either initial: true or after, not both",
+            )
+            .into());
+        }
+        let feed = ctx
+            .data::<Arc<Feed>>()
+            .map_err(|_| ApiError::internal("live feed missing"))?
+            .clone();
+        if !feed.wait_live(LIVE_WAIT).await {
+            return Err(ApiError::Unavailable.into());
+        }
+        // Receiving first, then reading: nothing falls in between.
+        let rx = feed.subscribe();
+        let mut subscriber = Subscriber {
+            guard: feed.metrics_handle().subscription_opened(),
+            cursor: Cursor::at(feed.position()),
+            feed,
+            caller,
+            resources,
+            rx,
+            pending: VecDeque::new(),
+            needs_log: false,
+            done: false,
+        };
+        if initial {
+            subscriber.snapshot().await?;
+        } else if let Some(after) = after {
+            subscriber.resume(&after).await?;
+        }
+        Ok(stream::unfold(subscriber, Subscriber::next))
+    }
+}
+
+/// One subscription's state.
+struct Subscriber {
+    feed: Arc<Feed>,
+    caller: Caller,
+    resources: Option<Vec<String>>,
+    rx: Receiver<Arc<FeedEvent>>,
+    cursor: Cursor,
+    pending: VecDeque<SyncStateChange>,
+    /// Read the log from the cursor before taking from `rx` again.
+    needs_log: bool,
+    done: bool,
+    #[allow(dead_code)]
+    guard: SubscriptionGuard,
+}
+
+impl Subscriber {
+    fn wants(&self, resource: &str) -> bool {
+        self.resources
+            .as_ref()
+            .is_none_or(|resources| resources.iter().any(|wanted| wanted == resource))
+    }
+
+    fn db(&self, snapshot: bool) -> RequestDb {
+        let pool = self.feed.pool().clone();
+        if snapshot {
+            RequestDb::snapshot(pool, &self.caller, READ_TIMEOUT)
+        } else {
+            RequestDb::new(pool, &self.caller, true, READ_TIMEOUT)
+        }
+    }
+
+    /// The current rows and the log position they reflect, as SNAPSHOTs.
+    async fn snapshot(&mut self) -> ApiResult<()> {
+        let db = self.db(true);
+        let snapshot = {
+            let txn = db.txn().await?;
+            events::state_snapshot(&*txn, self.resources.as_deref())
+                .await
+                .map_err(|error| ApiError::from_db(error, ""))?
+        };
+        db.commit().await?;
+        let mut cursor = Cursor {
+            position: snapshot.position,
+            snapshot: Some((snapshot.newest, snapshot.snapshot)),
+        };
+        cursor.advance(snapshot.position);
+        let now = Utc::now();
+        let encoded = cursor.encode();
+        for row in snapshot.rows {
+            self.pending.push_back(SyncStateChange {
+                operation: ChangeOperation::Snapshot,
+                resource: row.resource.clone(),
+                state: Some(SyncState::new(row, now)),
+                at: now,
+                cursor: encoded.clone(),
+            });
+        }
+        self.cursor = cursor;
+        self.needs_log = true;
+        Ok(())
+    }
+
+    /// Starts after a cursor the client had, if it can still be honoured.
+    async fn resume(&mut self, after: &str) -> ApiResult<()> {
+        let cursor = Cursor::decode(after).ok_or(ApiError::CursorExpired)?;
+        let db = self.db(false);
+        let (pruned, newest) = {
+            let txn = db.txn().await?;
+            let pruned = events::pruned_through(&*txn).await;
+            let newest = events::newest(&*txn).await;
+            (
+                pruned.map_err(|error| ApiError::from_db(error, ""))?,
+                newest.map_err(|error| ApiError::from_db(error, ""))?,
+            )
+        };
+        db.commit().await?;
+        if cursor.position < pruned || cursor.position > newest {
+            return Err(ApiError::CursorExpired);
+        }
+        self.cursor = cursor;
+        self.needs_log = true;
+        Ok(())
+    }
+
+    /// Queues `event` if it is new to this subscriber and wanted.
+    fn offer(&mut self, event: &FeedEvent) {
+        let id = event.event.id;
+        if id <= self.cursor.position {
+            return;
+        }
+        let covered = self.cursor.covers(id, event.event.xid);
+        self.cursor.advance(id);
+        if covered || !self.wants(&event.event.resource) {
+            return;
+        }
+        let now = Utc::now();
+        let at = event.event.occurred_at.with_timezone(&Utc);
+        self.feed
+            .metrics()
+            .event_delivered((now - at).num_microseconds().unwrap_or(0) as f64 / 1e6);
+        self.pending.push_back(SyncStateChange {
+            operation: ChangeOperation::from_log(&event.event.operation),
+            resource: event.event.resource.clone(),
+            state: event.state.clone().map(|row| SyncState::new(row, now)),
+            at,
+            cursor: self.cursor.encode(),
+        });
+    }
+
+    /// Reads one batch of the log after the cursor.
+    async fn read_log(&mut self) -> ApiResult<()> {
+        let db = self.db(false);
+        let batch = {
+            let txn = db.txn().await?;
+            events::read_final(&*txn, self.cursor.position, BATCH, None)
+                .await
+                .map_err(|error| ApiError::from_db(error, ""))?
+        };
+        db.commit().await?;
+        self.needs_log = batch.len() as u64 == BATCH;
+        for event in batch {
+            self.offer(&FeedEvent::new(event));
+        }
+        Ok(())
+    }
+
+    async fn next(mut self) -> Option<(async_graphql::Result<SyncStateChange>, Self)> {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                return Some((Ok(change), self));
+            }
+            if self.done {
+                return None;
+            }
+            if self.needs_log {
+                if let Err(error) = self.read_log().await {
+                    // Ends the subscription; the client resumes from its
+                    // last cursor and loses nothing.
+                    tracing::warn!(error = ?error, "subscription could not read the log");
+                    self.done = true;
+                    return Some((Err(ApiError::Unavailable.into()), self));
+                }
+                continue;
+            }
+            match self.rx.recv().await {
+                Ok(event) => self.offer(&event),
+                // Fell behind the shared buffer: read the log instead.
+                Err(RecvError::Lagged(_)) => self.needs_log = true,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! GraphQL over WebSocket on `/graphql`: `graphql-transport-ws` and the
+//! legacy `graphql-ws` (subscriptions-transport-ws) subprotocol.
+//!
+//! async-graphql's protocol state machine does the GraphQL part; this
+//! module wraps it with what it lacks: the subprotocol chosen once and used
+//! for both the handshake and the messages, the spec's close codes (4403
+//! for a refused `connection_init` or an expired token, 4408 when none
+//! arrives in time, 4409 for a duplicate id), server keep-alive pings, and
+//! a cap on subscriptions per connection.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_graphql::Data;
+use async_graphql::futures_util::{SinkExt, StreamExt, future};
+use async_graphql::http::{ClientMessage, WebSocket, WebSocketProtocols as Protocols, WsMessage};
+use axum::extract::ws::{CloseFrame, Message, WebSocket as Socket, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ErrorCode};
+use crate::http::AppState;
+
+/// How long `connection_init` waits for the live feed before refusing.
+const LIVE_WAIT: Duration = Duration::from_secs(10);
+
+const INIT_PENDING: u8 = 0;
+const INIT_REFUSED: u8 = 1;
+const INIT_UNAVAILABLE: u8 = 2;
+
+/// Answers a WebSocket upgrade on `/graphql`.
+pub fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+    let offered: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|protocol| protocol.trim().to_owned())
+        .collect();
+    let offers = |name: &str| offered.iter().any(|protocol| protocol == name);
+    let protocol = if offers("graphql-transport-ws") || offered.is_empty() {
+        Protocols::GraphQLWS
+    } else if offers("graphql-ws") {
+        Protocols::SubscriptionsTransportWS
+    } else {
+        let error = ApiError::bad_input(
+            "Sec-WebSocket-Protocol",
+            "use the graphql-transport-ws (or legacy graphql-ws) subprotocol",
+        );
+        return refuse(StatusCode::BAD_REQUEST, error);
+    };
+    // A token may come with the upgrade request; connection_init may
+    // override it. A bad one is refused before upgrading.
+    let header_caller = match headers.get(header::AUTHORIZATION) {
+        None => None,
+        Some(value) => match app.keys.caller(Some(value.to_str().unwrap_or("\u{0}"))) {
+            Ok(caller) => Some(caller),
+            Err(error) => return refuse(StatusCode::UNAUTHORIZED, error),
+        },
+    };
+    let upgrade = if offered.is_empty() {
+        upgrade
+    } else {
+        upgrade.protocols([protocol.sec_websocket_protocol()])
+    };
+    upgrade.on_upgrade(move |socket| serve(socket, app, protocol, header_caller))
+}
+
+fn refuse(status: StatusCode, error: ApiError) -> Response {
+    let body = json!({"errors": [{"message": error.message(), "extensions": {"code": error.code().as_str()}}]});
+    (status, axum::Json(body)).into_response()
+}
+
+/// The `Authorization` value in a `connection_init` payload:
+/// `{"Authorization": ...}` or `{"headers": {"Authorization": ...}}`, any case.
+fn authorization(payload: &Value) -> Option<String> {
+    let find = |object: &serde_json::Map<String, Value>| {
+        object
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case("authorization"))
+            .and_then(|(_, value)| value.as_str().map(str::to_owned))
+    };
+    let object = payload.as_object()?;
+    find(object).or_else(|| {
+        object
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case("headers"))
+            .and_then(|(_, headers)| headers.as_object())
+            .and_then(find)
+    })
+}
+
+fn error_message(protocol: Protocols, id: &str, message: &str) -> String {
+    let error =
+        json!({"message": message, "extensions": {"code": ErrorCode::BadUserInput.as_str()}});
+    match protocol {
+        Protocols::GraphQLWS => json!({"type": "error", "id": id, "payload": [error]}),
+        Protocols::SubscriptionsTransportWS => json!({"type": "error", "id": id, "payload": error}),
+    }
+    .to_string()
+}
+
+async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller: Option<Caller>) {
+    let (mut sink, stream) = socket.split();
+    let active: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let (control, mut controls) = mpsc::channel::<Message>(16);
+    let init_state = Arc::new(AtomicU8::new(INIT_PENDING));
+    let (accepted, mut accepted_caller) = oneshot::channel::<Caller>();
+    let settings = app.websocket;
+
+    // Incoming: client messages, less what this layer answers itself.
+    let incoming = {
+        let active = active.clone();
+        let control = control.clone();
+        stream
+            .take_while(|message| {
+                future::ready(
+                    matches!(message, Ok(message) if !matches!(message, Message::Close(_))),
+                )
+            })
+            .filter_map(move |message| {
+                let active = active.clone();
+                let control = control.clone();
+                async move {
+                    let parsed = match message.ok()? {
+                        Message::Text(text) => ClientMessage::from_bytes(text.as_str().as_bytes()),
+                        Message::Binary(bytes) => ClientMessage::from_bytes(&bytes),
+                        _ => return None,
+                    };
+                    match &parsed {
+                        Ok(ClientMessage::Start { id, .. }) => {
+                            let refusal = {
+                                let mut active =
+                                    active.lock().unwrap_or_else(|poison| poison.into_inner());
+                                if active.contains(id) {
+                                    Some(Message::Close(Some(CloseFrame {
+                                        code: 4409,
+                                        reason: format!("Subscriber for {id} already exists")
+                                            .into(),
+                                    })))
+                                } else if active.len() >= settings.max_subscriptions {
+                                    let text = error_message(
+                                        protocol,
+                                        id,
+                                        &format!(
+                                            "at most {} subscriptions per connection",
+                                            settings.max_subscriptions
+                                        ),
+                                    );
+                                    Some(Message::Text(text.into()))
+                                } else {
+                                    active.insert(id.clone());
+                                    None
+                                }
+                            };
+                            if let Some(refusal) = refusal {
+                                let _ = control.send(refusal).await;
+                                return None;
+                            }
+                        }
+                        Ok(ClientMessage::Stop { id }) => {
+                            active
+                                .lock()
+                                .unwrap_or_else(|poison| poison.into_inner())
+                                .remove(id);
+                        }
+                        _ => {}
+                    }
+                    Some(parsed)
+                }
+            })
+    };
+
+    let on_init = {
+        let keys = app.keys.clone();
+        let feed = app.feed.clone();
+        let init_state = init_state.clone();
+        move |payload: Value| async move {
+            let caller = match authorization(&payload) {
+                Some(value) => keys.caller(Some(&value)),
+                None => Ok(header_caller.unwrap_or_else(Caller::anon)),
+            };
+            let caller = match caller {
+                Ok(caller) => caller,
+                Err(error) => {
+                    init_state.store(INIT_REFUSED, Ordering::Release);
+                    return Err(async_graphql::Error::new(error.message()));
+                }
+            };
+            // Acknowledge only once changes can be delivered.
+            if !feed.wait_live(LIVE_WAIT).await {
+                init_state.store(INIT_UNAVAILABLE, Ordering::Release);
+                return Err(async_graphql::Error::new(
+                    "the live feed is reconnecting; try again shortly",
+                ));
+            }
+            let _ = accepted.send(caller.clone());
+            let mut data = Data::default();
+            data.insert(caller);
+            Ok(data)
+        }
+    };
+
+    let machine = WebSocket::from_message_stream(app.schema.clone(), incoming, protocol)
+        .on_connection_init(on_init);
+    let mut machine = std::pin::pin!(machine);
+    let init_deadline = tokio::time::sleep(settings.init_timeout);
+    tokio::pin!(init_deadline);
+    let mut ping = tokio::time::interval(settings.ping_interval);
+    ping.tick().await;
+    let mut expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut acked = false;
+
+    let close = |code: u16, reason: String| {
+        Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    };
+    loop {
+        let outgoing = tokio::select! {
+            message = machine.next() => match message {
+                None => break,
+                Some(WsMessage::Text(text)) => {
+                    if !acked && text.starts_with(r#"{"type":"connection_ack""#) {
+                        acked = true;
+                        if let Ok(caller) = accepted_caller.try_recv() {
+                            expiry = caller.expires_at.map(|exp| Box::pin(tokio::time::sleep(until(exp))));
+                        }
+                    }
+                    if text.starts_with(r#"{"type":"complete""#)
+                        && let Some(id) = serde_json::from_str::<Value>(&text).ok().and_then(|value| value["id"].as_str().map(str::to_owned))
+                    {
+                        active.lock().unwrap_or_else(|poison| poison.into_inner()).remove(&id);
+                    }
+                    Message::Text(text.into())
+                }
+                Some(WsMessage::Close(code, reason)) => {
+                    let code = match (code, init_state.load(Ordering::Acquire)) {
+                        (1002, INIT_REFUSED) => 4403,
+                        (1002, INIT_UNAVAILABLE) => 1013,
+                        // Anything else the machine closes with 1002 is a
+                        // message it could not parse.
+                        (1002, _) => 4400,
+                        (other, _) => other,
+                    };
+                    let _ = sink.send(close(code, reason)).await;
+                    break;
+                }
+            },
+            Some(message) = controls.recv() => {
+                let closing = matches!(message, Message::Close(_));
+                if sink.send(message).await.is_err() || closing {
+                    break;
+                }
+                continue;
+            }
+            () = &mut init_deadline, if !acked => {
+                let _ = sink.send(close(4408, "Connection initialisation timeout".into())).await;
+                break;
+            }
+            _ = ping.tick(), if acked => {
+                let text = match protocol {
+                    Protocols::GraphQLWS => r#"{"type":"ping"}"#,
+                    Protocols::SubscriptionsTransportWS => r#"{"type":"ka"}"#,
+                };
+                Message::Text(text.into())
+            }
+            () = async { if let Some(expiry) = expiry.as_mut() { expiry.await } else { std::future::pending().await } } => {
+                let _ = sink.send(close(4403, "token expired".into())).await;
+                break;
+            }
+        };
+        if sink.send(outgoing).await.is_err() {
+            break;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Time left until `exp` (seconds since the epoch); zero if past.
+fn until(exp: u64) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(exp).saturating_sub(now)
+}

@@ -1,0 +1,28 @@
+-- Reverts the event log: the change trigger goes back to notifying only
+-- (as the first migration defined it), then the log and its functions go.
+
+CREATE OR REPLACE FUNCTION public.notify_vantage_sync_state_change()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY INVOKER
+SET search_path = ''
+AS $$
+BEGIN
+    -- Only the operation and the resource name (at most 63 bytes): far below
+    -- NOTIFY's 8000-byte limit whatever the size of the row's errors.
+    PERFORM pg_catalog.pg_notify(
+        'vantage_sync_state_changes',
+        pg_catalog.json_build_object(
+            'operation', TG_OP,
+            'resource', CASE WHEN TG_OP = 'DELETE' THEN OLD.resource ELSE NEW.resource END
+        )::text
+    );
+    RETURN NULL;
+END
+$$;
+REVOKE ALL ON FUNCTION public.notify_vantage_sync_state_change()
+FROM PUBLIC, anon, authenticated, service_role;
+
+DROP FUNCTION IF EXISTS public.prune_vantage_sync_events(interval);
+DROP TABLE IF EXISTS public.vantage_sync_events_pruned;
+DROP TABLE IF EXISTS public.vantage_sync_events;
