@@ -9,7 +9,7 @@ use crate::SyncStatus;
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(schema_name = "public", table_name = "vantage_sync_events")]
 pub struct Model {
-    /// Event id: sequence order, which is commit order per resource.
+    /// Event id: taken at commit under a lock, so id order is commit order.
     #[sea_orm(primary_key)]
     pub id: i64,
     /// The resource that changed.
@@ -27,8 +27,6 @@ pub struct Model {
     pub occurred_at: DateTimeWithTimeZone,
     /// The writing transaction (an xid8).
     pub xid: i64,
-    /// The event is final once every transaction below this xid8 has finished.
-    pub safe_after: i64,
 }
 
 /// The table has no relations.

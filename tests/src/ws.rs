@@ -135,6 +135,7 @@ impl WsClient {
     pub async fn next_data(&mut self) -> (String, Value) {
         let message = self.recv().await;
         assert_eq!(message["type"], "next", "{message}");
+        assert!(message["payload"].get("errors").is_none(), "{message}");
         (
             message["id"].as_str().unwrap().to_owned(),
             message["payload"]["data"].clone(),

@@ -1,59 +1,31 @@
 //! Reads of the event log `vantage_sync_events`.
 //!
-//! Only the *final prefix* of the log is ever handed out: the events up to
-//! the newest one whose `safe_after` the reader's snapshot has passed (see
-//! the migration). Such an event proves that every event before it is
-//! final, so a reader that moves forward through the prefix by id never
-//! misses an event that commits late with a smaller id.
+//! Ids are taken at commit under a lock (see the migration), so the events a
+//! snapshot sees are always a gap-free prefix of the log: a reader that
+//! moves forward by id never misses an event that commits later.
 
 use std::collections::HashMap;
 
-use entity::vantage_sync_event::{Entity, Model};
+use entity::vantage_sync_event::{Column, Entity, Model};
 use entity::vantage_sync_state::Model as StateRow;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter,
-    QueryOrder, Statement,
+    QueryOrder, QuerySelect, Statement,
 };
 
-/// The newest final event id as seen by the current statement's snapshot;
-/// 0 when there is none. Scans back from the tail past the unsafe events.
-const HEAD: &str = "(SELECT coalesce((SELECT h.id FROM public.vantage_sync_events h \
-     WHERE h.safe_after <= pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint \
-     ORDER BY h.id DESC LIMIT 1), 0))";
-
-/// Final events after `after`, oldest first, at most `limit`; only those
-/// of `resources` when given.
-pub async fn read_final(
+/// Events after `after`, oldest first, at most `limit`; only those of
+/// `resources` when given.
+pub async fn read_after(
     db: &impl ConnectionTrait,
     after: i64,
     limit: u64,
     resources: Option<&[String]>,
 ) -> Result<Vec<Model>, DbErr> {
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let statement = match resources {
-        None => Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!(
-                "SELECT e.* FROM public.vantage_sync_events e \
-                 WHERE e.id > $1 AND e.id <= {HEAD} ORDER BY e.id LIMIT $2"
-            ),
-            [after.into(), limit.into()],
-        ),
-        Some(resources) => Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!(
-                "SELECT e.* FROM public.vantage_sync_events e \
-                 WHERE e.id > $1 AND e.id <= {HEAD} AND e.resource = ANY($3) ORDER BY e.id LIMIT $2"
-            ),
-            [after.into(), limit.into(), resources.to_vec().into()],
-        ),
-    };
-    Entity::find().from_raw_sql(statement).all(db).await
-}
-
-/// The newest final event id (0 for an empty log).
-pub async fn head(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
-    scalar(db, &format!("SELECT {HEAD} AS value")).await
+    let mut query = Entity::find().filter(Column::Id.gt(after));
+    if let Some(resources) = resources {
+        query = query.filter(Column::Resource.is_in(resources.iter().cloned()));
+    }
+    query.order_by_asc(Column::Id).limit(limit).all(db).await
 }
 
 /// Everything up to this id has been pruned.
@@ -77,85 +49,22 @@ async fn scalar(db: &impl ConnectionTrait, sql: &str) -> Result<i64, DbErr> {
     Ok(row.map_or(0, |row| row.value))
 }
 
-/// A transaction snapshot, as PostgreSQL reports it (`xmin:xmax:xip,...`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Every transaction below this had finished.
-    pub xmin: i64,
-    /// No transaction at or above this had started.
-    pub xmax: i64,
-    /// Transactions in between that were still running.
-    pub running: Vec<i64>,
-}
-
-impl Snapshot {
-    /// Parses `pg_current_snapshot()::text`.
-    pub fn parse(text: &str) -> Option<Self> {
-        let mut parts = text.split(':');
-        let xmin = parts.next()?.parse().ok()?;
-        let xmax = parts.next()?.parse().ok()?;
-        let running = match parts.next()? {
-            "" => Vec::new(),
-            list => list
-                .split(',')
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-                .ok()?,
-        };
-        Some(Self {
-            xmin,
-            xmax,
-            running,
-        })
-    }
-
-    /// Whether changes of transaction `xid` are visible in this snapshot
-    /// (assuming it committed).
-    pub fn sees(&self, xid: i64) -> bool {
-        xid < self.xmin || (xid < self.xmax && !self.running.contains(&xid))
-    }
-}
-
 /// A consistent picture of the current state and where the log stands.
 #[derive(Debug)]
 pub struct StateSnapshot {
     /// The rows, by resource.
     pub rows: Vec<StateRow>,
-    /// Every event up to here is reflected in `rows`.
+    /// The newest event the rows reflect; later events are not in them.
     pub position: i64,
-    /// Events up to here may be reflected in `rows` too: those whose
-    /// writer `snapshot` sees.
-    pub newest: i64,
-    /// The snapshot the rows were read in.
-    pub snapshot: Snapshot,
 }
 
-#[derive(FromQueryResult)]
-struct SnapshotMarks {
-    position: i64,
-    newest: i64,
-    snapshot: String,
-}
-
-/// Reads the rows of `resources` (all when `None`) and the log's marks in
+/// Reads the rows of `resources` (all when `None`) and the newest event in
 /// one snapshot. Run it in a REPEATABLE READ transaction.
 pub async fn state_snapshot(
     db: &impl ConnectionTrait,
     resources: Option<&[String]>,
 ) -> Result<StateSnapshot, DbErr> {
-    let marks = SnapshotMarks::find_by_statement(Statement::from_string(
-        DbBackend::Postgres,
-        format!(
-            "SELECT {HEAD} AS position, \
-             coalesce((SELECT max(id) FROM public.vantage_sync_events), 0) AS newest, \
-             pg_catalog.pg_current_snapshot()::text AS snapshot"
-        ),
-    ))
-    .one(db)
-    .await?
-    .ok_or_else(|| DbErr::RecordNotFound("snapshot marks".into()))?;
-    let snapshot = Snapshot::parse(&marks.snapshot)
-        .ok_or_else(|| DbErr::Custom(format!("unreadable snapshot {}", marks.snapshot)))?;
+    let position = newest(db).await?;
     let mut query = entity::vantage_sync_state::Entity::find();
     if let Some(resources) = resources {
         query = query
@@ -165,15 +74,10 @@ pub async fn state_snapshot(
         .order_by_asc(entity::vantage_sync_state::Column::Resource)
         .all(db)
         .await?;
-    Ok(StateSnapshot {
-        rows,
-        position: marks.position,
-        newest: marks.newest,
-        snapshot,
-    })
+    Ok(StateSnapshot { rows, position })
 }
 
-/// Final events, oldest first, for history pages: of one resource or all.
+/// Events, oldest first, for history pages: of one resource or all.
 pub async fn history(
     db: &impl ConnectionTrait,
     resource: Option<&str>,
@@ -181,7 +85,7 @@ pub async fn history(
     limit: u64,
 ) -> Result<Vec<Model>, DbErr> {
     let resources = resource.map(|resource| vec![resource.to_owned()]);
-    read_final(db, after, limit, resources.as_deref()).await
+    read_after(db, after, limit, resources.as_deref()).await
 }
 
 /// Failed completions since the last success, per resource that has any.
@@ -214,7 +118,7 @@ pub async fn consecutive_failures(
         .collect())
 }
 
-/// The newest event id of the log (final or not), 0 when empty.
+/// The newest event id of the log, 0 when empty.
 pub async fn newest(db: &impl ConnectionTrait) -> Result<i64, DbErr> {
     scalar(
         db,

@@ -2,8 +2,8 @@
 //! out to every subscriber of this process.
 //!
 //! On each notification (and on a timer, and after every reconnect) the
-//! listener reads the log's final prefix forward from its position and
-//! broadcasts each event once. Notifications only say "look"; the log is
+//! listener reads the log forward from its position and broadcasts each
+//! event once. Notifications only say "look"; the log is
 //! the truth, so a notification lost while disconnected costs nothing: the
 //! reconnect reads what was missed. The broadcast channel is bounded; a
 //! subscriber that falls behind reads the log itself from its cursor.
@@ -127,7 +127,7 @@ impl Feed {
         self.metrics.clone()
     }
 
-    /// Reads and broadcasts every final event after the position.
+    /// Reads and broadcasts every event after the position.
     async fn catch_up(&self) -> Result<(), String> {
         let reader = Caller::for_role(Role::Authenticated);
         loop {
@@ -137,13 +137,13 @@ impl Feed {
                 let txn = db.txn().await.map_err(|error| error.message())?;
                 if after < 0 {
                     // First connection: live subscribers start from now.
-                    let head = events::head(&*txn)
+                    let head = events::newest(&*txn)
                         .await
                         .map_err(|error| error.to_string())?;
                     self.position.store(head, Ordering::Release);
                     continue;
                 }
-                events::read_final(&*txn, after, BATCH, None)
+                events::read_after(&*txn, after, BATCH, None)
                     .await
                     .map_err(|error| error.to_string())?
             };

@@ -55,13 +55,13 @@ impl Mutation {
         &self,
         ctx: &Context<'_>,
         resource: String,
-        #[graphql(default = false)] force: bool,
+        #[graphql(default_with = "Some(false)")] force: Option<bool>,
     ) -> async_graphql::Result<SyncState> {
         let request = RequestContext::writer(ctx)?;
         validate::resource(&resource)?;
         let row = request
             .in_savepoint(&resource, async |txn| {
-                sync_states::start(txn, &resource, force).await
+                sync_states::start(txn, &resource, force.unwrap_or(false)).await
             })
             .await?;
         Ok(SyncState::new(row, request.now))

@@ -86,12 +86,12 @@ impl Query {
     async fn stale_syncs(
         &self,
         ctx: &Context<'_>,
-        #[graphql(default = 24.0)] older_than_hours: f64,
+        #[graphql(default_with = "Some(24.0)")] older_than_hours: Option<f64>,
     ) -> async_graphql::Result<Vec<SyncState>> {
         let request = RequestContext::reader(ctx)?;
         let hours = validate::within(
             "olderThanHours",
-            older_than_hours,
+            older_than_hours.unwrap_or(24.0),
             0.0,
             24.0 * 366.0 * 100.0,
         )?;
@@ -106,10 +106,10 @@ impl Query {
     async fn slowest_syncs(
         &self,
         ctx: &Context<'_>,
-        #[graphql(default = 5)] limit: i32,
+        #[graphql(default_with = "Some(5)")] limit: Option<i32>,
     ) -> async_graphql::Result<Vec<SyncState>> {
         let request = RequestContext::reader(ctx)?;
-        let limit = validate::within("limit", limit, 1, 1000)?;
+        let limit = validate::within("limit", limit.unwrap_or(5), 1, 1000)?;
         let rows = sync_states::slowest(&*request.db.txn().await?, limit.unsigned_abs().into())
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
@@ -120,12 +120,12 @@ impl Query {
     async fn stuck_syncs(
         &self,
         ctx: &Context<'_>,
-        #[graphql(default = 30)] running_longer_than_minutes: i32,
+        #[graphql(default_with = "Some(30)")] running_longer_than_minutes: Option<i32>,
     ) -> async_graphql::Result<Vec<SyncState>> {
         let request = RequestContext::reader(ctx)?;
         let minutes = validate::within(
             "runningLongerThanMinutes",
-            running_longer_than_minutes,
+            running_longer_than_minutes.unwrap_or(30),
             0,
             60 * 24 * 366,
         )?;
@@ -141,10 +141,10 @@ impl Query {
     async fn repeated_failures(
         &self,
         ctx: &Context<'_>,
-        #[graphql(default = 3)] min_consecutive: i32,
+        #[graphql(default_with = "Some(3)")] min_consecutive: Option<i32>,
     ) -> async_graphql::Result<Vec<SyncState>> {
         let request = RequestContext::reader(ctx)?;
-        let min = validate::within("minConsecutive", min_consecutive, 1, 1_000_000)?;
+        let min = validate::within("minConsecutive", min_consecutive.unwrap_or(3), 1, 1_000_000)?;
         let failures = request.failures().await?;
         let rows = sync_states::list(&*request.db.txn().await?, None)
             .await
@@ -165,14 +165,14 @@ impl Query {
         &self,
         ctx: &Context<'_>,
         resource: Option<String>,
-        #[graphql(default = 50)] first: i32,
+        #[graphql(default_with = "Some(50)")] first: Option<i32>,
         after: Option<String>,
     ) -> async_graphql::Result<SyncEventConnection> {
         let request = RequestContext::reader(ctx)?;
         if let Some(resource) = &resource {
             validate::resource(resource)?;
         }
-        let first = validate::within("first", first, 1, 500)?;
+        let first = validate::within("first", first.unwrap_or(50), 1, 500)?;
         let txn = request.db.txn().await?;
         let position = match after {
             None => 0,

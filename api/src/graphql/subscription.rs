@@ -104,10 +104,11 @@ impl Subscription {
         &self,
         ctx: &Context<'_>,
         resources: Option<Vec<String>>,
-        #[graphql(default = false)] initial: bool,
+        #[graphql(default_with = "Some(false)")] initial: Option<bool>,
         after: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<SyncStateChange>> + use<>>
     {
+        let initial = initial.unwrap_or(false);
         let caller = ctx
             .data::<Caller>()
             .map_err(|_| ApiError::Unauthenticated)?
@@ -195,11 +196,7 @@ impl Subscriber {
                 .map_err(|error| ApiError::from_db(error, ""))?
         };
         db.commit().await?;
-        let mut cursor = Cursor {
-            position: snapshot.position,
-            snapshot: Some((snapshot.newest, snapshot.snapshot)),
-        };
-        cursor.advance(snapshot.position);
+        let cursor = Cursor::at(snapshot.position);
         let now = Utc::now();
         let encoded = cursor.encode();
         for row in snapshot.rows {
@@ -244,9 +241,8 @@ impl Subscriber {
         if id <= self.cursor.position {
             return;
         }
-        let covered = self.cursor.covers(id, event.event.xid);
-        self.cursor.advance(id);
-        if covered || !self.wants(&event.event.resource) {
+        self.cursor = Cursor::at(id);
+        if !self.wants(&event.event.resource) {
             return;
         }
         let now = Utc::now();
@@ -268,7 +264,7 @@ impl Subscriber {
         let db = self.db(false);
         let batch = {
             let txn = db.txn().await?;
-            events::read_final(&*txn, self.cursor.position, BATCH, None)
+            events::read_after(&*txn, self.cursor.position, BATCH, None)
                 .await
                 .map_err(|error| ApiError::from_db(error, ""))?
         };

@@ -213,9 +213,19 @@ CREATE OR REPLACE TRIGGER trigger_vantage_sync_state_updated_at
 CREATE OR REPLACE TRIGGER trigger_calculate_vantage_sync_duration
     BEFORE INSERT OR UPDATE ON public.vantage_sync_state
     FOR EACH ROW EXECUTE FUNCTION public.calculate_vantage_sync_duration();
-CREATE OR REPLACE TRIGGER trigger_vantage_sync_state_notify
-    AFTER INSERT OR UPDATE OR DELETE ON public.vantage_sync_state
-    FOR EACH ROW EXECUTE FUNCTION public.notify_vantage_sync_state_change();
+-- Created only if missing: the event log migration turns it into a
+-- constraint trigger of the same name, which OR REPLACE cannot touch.
+DO $notify$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger
+                   WHERE tgrelid = 'public.vantage_sync_state'::regclass
+                     AND tgname = 'trigger_vantage_sync_state_notify') THEN
+        CREATE TRIGGER trigger_vantage_sync_state_notify
+            AFTER INSERT OR UPDATE OR DELETE ON public.vantage_sync_state
+            FOR EACH ROW EXECUTE FUNCTION public.notify_vantage_sync_state_change();
+    END IF;
+END
+$notify$;
 
 -- Transition functions. They are the only place the state machine lives:
 --   start:    any status but running (running too with p_force) -> running

@@ -1,5 +1,8 @@
--- Reverts the event log: the change trigger goes back to notifying only
--- (as the first migration defined it), then the log and its functions go.
+-- Reverts the event log: the change trigger goes back to a plain AFTER
+-- trigger that only notifies (as the first migration defined it), then the
+-- log and its functions go.
+
+DROP TRIGGER IF EXISTS trigger_vantage_sync_state_notify ON public.vantage_sync_state;
 
 CREATE OR REPLACE FUNCTION public.notify_vantage_sync_state_change()
 RETURNS trigger
@@ -22,6 +25,9 @@ END
 $$;
 REVOKE ALL ON FUNCTION public.notify_vantage_sync_state_change()
 FROM PUBLIC, anon, authenticated, service_role;
+CREATE OR REPLACE TRIGGER trigger_vantage_sync_state_notify
+    AFTER INSERT OR UPDATE OR DELETE ON public.vantage_sync_state
+    FOR EACH ROW EXECUTE FUNCTION public.notify_vantage_sync_state_change();
 
 DROP FUNCTION IF EXISTS public.prune_vantage_sync_events(interval);
 DROP TABLE IF EXISTS public.vantage_sync_events_pruned;

@@ -1,17 +1,16 @@
--- Event log of vantage_sync_state: one row per committed change, written by
--- the table's AFTER trigger in the changing transaction. The backbone of the
--- live feed and of sync history (the seed report's "future consideration").
+-- Event log of vantage_sync_state: one row per committed change, written in
+-- the changing transaction. The backbone of the live feed and of sync
+-- history (the seed report's "future consideration").
 --
--- Ordering. Ids come from a sequence, and sequence order is not commit
--- order: a transaction may hold id 5 uncommitted while id 6 commits. So each
--- event records `safe_after`, the first transaction id not yet assigned when
--- its id was taken (pg_snapshot_xmax of a snapshot taken just after
--- nextval; an xid8 stored as bigint). Every transaction that could still write a smaller id was
--- already running then, so once a reader's snapshot has
--- pg_snapshot_xmin >= safe_after, this event and every event before it are
--- final. Readers deliver only that final prefix, in id order. Per resource,
--- id order is commit order: the row lock orders the writers. `xid` (the
--- writer) lets a snapshot reader skip events its snapshot already shows.
+-- Ordering. A sequence alone does not give commit order: a transaction may
+-- hold id 5 uncommitted while id 6 commits, and a reader that moved past 6
+-- would never see 5. So events are written at commit, by a deferred
+-- constraint trigger that first takes a transaction-level advisory lock:
+-- ids are then taken in commit order, and an id exists only once every
+-- transaction that took a smaller one has committed or aborted. The visible
+-- events are therefore always a gap-free prefix (gaps are only rolled-back
+-- ids), and a reader that moves forward by id misses nothing. The lock is
+-- held only from the trigger to the end of the commit.
 --
 -- Idempotent, no BEGIN/COMMIT (see the first migration).
 
@@ -23,10 +22,8 @@ CREATE TABLE IF NOT EXISTS public.vantage_sync_events (
     previous_status  text,
     state            jsonb       NOT NULL,
     occurred_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
-    -- xid8 values, stored as bigint (they are 64-bit and never negative)
-    -- so that every client library can read them.
+    -- The writing transaction's xid8, as bigint so every client can read it.
     xid              bigint      NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
-    safe_after       bigint      NOT NULL,
     CONSTRAINT vantage_sync_events_pkey PRIMARY KEY (id),
     CONSTRAINT valid_event_operation CHECK (operation IN ('INSERT', 'UPDATE', 'DELETE'))
 );
@@ -50,16 +47,14 @@ ON CONFLICT (singleton) DO NOTHING;
 COMMENT ON TABLE public.vantage_sync_events IS
     'One row per committed change to vantage_sync_state, written by its trigger in the same transaction.';
 COMMENT ON COLUMN public.vantage_sync_events.id IS
-    'Event id (sequence order, not commit order: see safe_after).';
+    'Event id, taken at commit under a lock: id order is commit order.';
 COMMENT ON COLUMN public.vantage_sync_events.resource IS 'The resource that changed.';
 COMMENT ON COLUMN public.vantage_sync_events.operation IS 'INSERT, UPDATE or DELETE.';
 COMMENT ON COLUMN public.vantage_sync_events.status IS 'Status after the change; NULL on DELETE.';
 COMMENT ON COLUMN public.vantage_sync_events.previous_status IS 'Status before the change; NULL on INSERT.';
 COMMENT ON COLUMN public.vantage_sync_events.state IS 'The row as the change left it (the old row on DELETE).';
-COMMENT ON COLUMN public.vantage_sync_events.occurred_at IS 'When the change was made (clock time in the writing transaction).';
-COMMENT ON COLUMN public.vantage_sync_events.xid IS 'The writing transaction.';
-COMMENT ON COLUMN public.vantage_sync_events.safe_after IS
-    'First unassigned transaction id when this id was taken: the event and all before it are final once pg_snapshot_xmin reaches it.';
+COMMENT ON COLUMN public.vantage_sync_events.occurred_at IS 'When the change was committed (clock time at commit).';
+COMMENT ON COLUMN public.vantage_sync_events.xid IS 'The writing transaction (xid8).';
 COMMENT ON TABLE public.vantage_sync_events_pruned IS
     'Highest event id removed by prune_vantage_sync_events: cursors below it have expired.';
 
@@ -94,21 +89,20 @@ DECLARE
     v_id bigint;
     v_row public.vantage_sync_state;
 BEGIN
+    -- Commit order (see the top of this file). Released when the
+    -- transaction ends, after its commit is visible.
+    PERFORM pg_catalog.pg_advisory_xact_lock(6220413703001425238); -- "VSYNC_EV"
     v_row := CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
-    -- The id first, then the snapshot: safe_after must cover every
-    -- transaction that took a smaller id.
-    v_id := pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('public.vantage_sync_events', 'id'));
     INSERT INTO public.vantage_sync_events
-        (id, resource, operation, status, previous_status, state, safe_after)
+        (resource, operation, status, previous_status, state)
     VALUES (
-        v_id,
         v_row.resource,
         TG_OP,
         CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE NEW.last_sync_status END,
         CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE OLD.last_sync_status END,
-        pg_catalog.to_jsonb(v_row),
-        pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::bigint
-    );
+        pg_catalog.to_jsonb(v_row)
+    )
+    RETURNING id INTO v_id;
     PERFORM pg_catalog.pg_notify(
         'vantage_sync_state_changes',
         pg_catalog.json_build_object('id', v_id, 'operation', TG_OP, 'resource', v_row.resource)::text
@@ -116,6 +110,27 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- The first migration's trigger fires at each statement; the log's must
+-- fire at commit. Constraint triggers cannot be created OR REPLACE, so the
+-- plain one is replaced once (a trigger, no data); a second run finds the
+-- constraint trigger and leaves it.
+DO $trigger$
+BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_trigger
+        WHERE tgrelid = 'public.vantage_sync_state'::regclass
+          AND tgname = 'trigger_vantage_sync_state_notify'
+          AND tgconstraint <> 0
+    ) THEN
+        DROP TRIGGER IF EXISTS trigger_vantage_sync_state_notify ON public.vantage_sync_state;
+        CREATE CONSTRAINT TRIGGER trigger_vantage_sync_state_notify
+            AFTER INSERT OR UPDATE OR DELETE ON public.vantage_sync_state
+            DEFERRABLE INITIALLY DEFERRED
+            FOR EACH ROW EXECUTE FUNCTION public.notify_vantage_sync_state_change();
+    END IF;
+END
+$trigger$;
 
 -- Deletes events older than p_older_than, as a prefix of the log (up to the
 -- newest old event), so that every id above the recorded mark still exists.

@@ -371,7 +371,7 @@ async fn the_event_log_is_written_only_by_its_trigger() {
         .unwrap();
         assert_eq!(rows.len(), 1, "{role}");
         for sql in [
-            "INSERT INTO vantage_sync_events (resource, operation, state, safe_after) VALUES ('x', 'INSERT', '{}', 0)",
+            "INSERT INTO vantage_sync_events (resource, operation, state) VALUES ('x', 'INSERT', '{}')",
             "UPDATE vantage_sync_events SET resource = 'x'",
             "DELETE FROM vantage_sync_events",
             "UPDATE vantage_sync_events_pruned SET through = 99",

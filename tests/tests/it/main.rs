@@ -10,6 +10,7 @@ mod api_mutations;
 mod api_queries;
 mod cli;
 mod entity;
+mod live;
 mod migration;
 mod notify;
 mod schema;

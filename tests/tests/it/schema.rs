@@ -72,7 +72,7 @@ async fn named_constraints_exist_with_their_definitions() {
     let mut conn = db.connect().await;
     let rows = sqlx::query(
         "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint
-         WHERE conrelid = 'public.vantage_sync_state'::regclass ORDER BY conname",
+         WHERE conrelid = 'public.vantage_sync_state'::regclass AND contype <> 't' ORDER BY conname",
     )
     .fetch_all(&mut conn)
     .await
@@ -438,7 +438,8 @@ async fn triggers_have_the_contract_names_timing_and_functions() {
         triggers,
         [
             "CREATE TRIGGER trigger_calculate_vantage_sync_duration BEFORE INSERT OR UPDATE ON public.vantage_sync_state FOR EACH ROW EXECUTE FUNCTION calculate_vantage_sync_duration()",
-            "CREATE TRIGGER trigger_vantage_sync_state_notify AFTER INSERT OR DELETE OR UPDATE ON public.vantage_sync_state FOR EACH ROW EXECUTE FUNCTION notify_vantage_sync_state_change()",
+            // Fires at commit, where the event log takes ids in commit order.
+            "CREATE CONSTRAINT TRIGGER trigger_vantage_sync_state_notify AFTER INSERT OR DELETE OR UPDATE ON public.vantage_sync_state DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION notify_vantage_sync_state_change()",
             "CREATE TRIGGER trigger_vantage_sync_state_updated_at BEFORE UPDATE ON public.vantage_sync_state FOR EACH ROW EXECUTE FUNCTION update_vantage_sync_state_updated_at()",
         ]
     );
