@@ -99,6 +99,22 @@ impl WsClient {
         }
     }
 
+    /// The next text message as sent, keep-alives included.
+    pub async fn raw(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.socket.next())
+                .await
+                .expect("no message within 10 s");
+            if let Some(Ok(Message::Text(text))) = message {
+                return serde_json::from_str(&text).unwrap();
+            }
+            assert!(
+                matches!(message, Some(Ok(_))),
+                "connection ended: {message:?}"
+            );
+        }
+    }
+
     /// Expects the server to close, returning code and reason.
     pub async fn closed(&mut self) -> (u16, String) {
         match self.next().await {

@@ -61,6 +61,22 @@ async fn graphql_transport_ws_delivers_changes() {
     let got = change(&mut client).await;
     assert_eq!(short(&got), ("UPDATE", "accounts", Some("RUNNING")));
     assert!(got.3.starts_with("1:"));
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "vantage_sync_subscriptions_active 1",
+        "vantage_sync_subscription_events_delivered_total 1",
+        "vantage_sync_subscription_delivery_delay_seconds_count 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
     client.send(json!({"id": "1", "type": "complete"})).await;
     client.close().await;
 }
@@ -595,4 +611,24 @@ async fn a_slow_subscriber_catches_up_from_the_log() {
         assert_ne!(previous.as_ref(), Some(&cursor));
         previous = Some(cursor);
     }
+}
+
+/// The server pings idle connections (graphql-transport-ws `ping`,
+/// legacy `ka`), so proxies keep them open and dead peers are noticed.
+#[tokio::test]
+async fn the_server_sends_keep_alive_pings() {
+    let db = vantage_sync_tests::TestDb::migrated().await;
+    let app = TestApp::spawn_with(db, |config| {
+        config.websocket.ping_interval = Duration::from_millis(300)
+    })
+    .await;
+    let mut modern = WsClient::ready(&app, "authenticated").await;
+    assert_eq!(modern.raw().await, json!({"type": "ping"}));
+    let mut legacy = WsClient::connect(&app, "graphql-ws").await;
+    let ack = legacy
+        .init(json!({"Authorization": format!("Bearer {}", app.token("authenticated"))}))
+        .await
+        .unwrap();
+    assert_eq!(ack["type"], "connection_ack");
+    assert_eq!(legacy.raw().await, json!({"type": "ka"}));
 }
