@@ -53,7 +53,10 @@ async fn consecutive_and_repeated_failures() {
     );
 }
 
-fn page(body: &Value) -> (Vec<(String, String, Option<String>)>, bool, Option<String>) {
+/// (operation, resource, status) of one history node.
+type Node = (String, String, Option<String>);
+
+fn page(body: &Value) -> (Vec<Node>, bool, Option<String>) {
     let connection = &body["data"]["syncHistory"];
     let edges = connection["edges"]
         .as_array()
@@ -100,7 +103,7 @@ async fn history_pages_forward_by_cursor() {
         )
         .await;
     let (edges, more, end) = page(&body);
-    let expected = |items: &[(&str, &str, Option<&str>)]| -> Vec<(String, String, Option<String>)> {
+    let expected = |items: &[(&str, &str, Option<&str>)]| -> Vec<Node> {
         items
             .iter()
             .map(|(op, resource, status)| {
