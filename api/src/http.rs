@@ -42,6 +42,8 @@ pub struct AppState {
     pub feed: Arc<Feed>,
     /// WebSocket transport settings.
     pub websocket: WebSocketConfig,
+    /// Becomes true when the server starts shutting down.
+    pub shutting_down: tokio::sync::watch::Receiver<bool>,
     /// Longest a request may run.
     pub request_timeout: Duration,
     /// Largest accepted body.

@@ -40,6 +40,7 @@ pub struct Server {
     listener: TcpListener,
     state: AppState,
     addr: SocketAddr,
+    shutting_down: tokio::sync::watch::Sender<bool>,
 }
 
 impl Server {
@@ -60,6 +61,7 @@ impl Server {
             source,
         })?;
         let metrics = Arc::new(Metrics::default());
+        let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
         let feed = Feed::start(config.database_url.clone(), pool.clone(), metrics.clone());
         let state = AppState {
             schema: graphql::builder(config.limits).data(feed.clone()).finish(),
@@ -70,6 +72,7 @@ impl Server {
             request_timeout: config.request_timeout,
             max_body_bytes: config.max_body_bytes,
             websocket: config.websocket,
+            shutting_down: shutdown_seen,
         };
         if let Some(days) = config.event_retention_days {
             tokio::spawn(prune_events(
@@ -82,6 +85,7 @@ impl Server {
             listener,
             state,
             addr,
+            shutting_down,
         })
     }
 
@@ -103,8 +107,14 @@ impl Server {
         let addr = self.addr;
         tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, GraphiQL on http://{addr}/");
         let pool = self.state.pool.clone();
+        let shutting_down = self.shutting_down;
         axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                // WebSocket connections are not HTTP requests in flight:
+                // tell them to go away (1001) so clients resume elsewhere.
+                shutting_down.send_replace(true);
+            })
             .await
             .map_err(|source| ServeError::Io { addr, source })?;
         let _ = pool.close().await;

@@ -215,6 +215,7 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
     ping.tick().await;
     let mut expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut acked = false;
+    let mut shutting_down = app.shutting_down.clone();
 
     let close = |code: u16, reason: String| {
         Message::Close(Some(CloseFrame {
@@ -270,6 +271,10 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
                     Protocols::SubscriptionsTransportWS => r#"{"type":"ka"}"#,
                 };
                 Message::Text(text.into())
+            }
+            () = async { drop(shutting_down.wait_for(|down| *down).await) } => {
+                let _ = sink.send(close(1001, "server shutting down; resume with your last cursor".into())).await;
+                break;
             }
             () = async { if let Some(expiry) = expiry.as_mut() { expiry.await } else { std::future::pending().await } } => {
                 let _ = sink.send(close(4403, "token expired".into())).await;

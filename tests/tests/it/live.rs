@@ -632,3 +632,19 @@ async fn the_server_sends_keep_alive_pings() {
     assert_eq!(ack["type"], "connection_ack");
     assert_eq!(legacy.raw().await, json!({"type": "ka"}));
 }
+
+/// Shutting down tells subscribers to go away (1001) rather than cutting
+/// them off, so they resume elsewhere with their cursor.
+#[tokio::test]
+async fn shutdown_closes_subscriptions_with_going_away() {
+    let mut app = TestApp::spawn().await;
+    let mut client = WsClient::ready(&app, "authenticated").await;
+    client.subscribe("1", CHANGES, json!({})).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = app.begin_shutdown();
+    assert_eq!(client.closed().await.0, 1001);
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .unwrap()
+        .unwrap();
+}
