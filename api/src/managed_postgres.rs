@@ -326,7 +326,8 @@ fn touch(path: &Path) -> Result<(), ManagedError> {
         })
 }
 
-fn running_as_root() -> bool {
+/// Whether this process runs as root (PostgreSQL then runs as `postgres`).
+pub fn running_as_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|meta| meta.uid() == 0)
         .unwrap_or(false)

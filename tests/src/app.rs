@@ -53,23 +53,40 @@ impl TestApp {
                 .await
                 .unwrap();
         });
-        let client = reqwest::Client::new();
-        // Ready means the database answers and the live feed listens.
-        let ready = format!("http://{addr}/readyz");
-        for attempt in 0.. {
-            match client.get(&ready).send().await {
-                Ok(response) if response.status() == StatusCode::OK => break,
-                _ if attempt < 200 => tokio::time::sleep(Duration::from_millis(25)).await,
-                other => panic!("server not ready after 5 s: {other:?}"),
-            }
-        }
-        TestApp {
+        let app = TestApp {
             addr,
             db,
-            client,
+            client: reqwest::Client::new(),
             keys: TokenKeys::new(SECRET.as_bytes()).unwrap(),
             shutdown: Some(shutdown),
             handle: Some(handle),
+        };
+        // Ready means the database answers and the live feed listens.
+        assert_eq!(
+            app.ready_within(Duration::from_secs(5)).await,
+            StatusCode::OK,
+            "server not ready"
+        );
+        app
+    }
+
+    /// `/readyz`, polled until it is 200 or `timeout` passes; the last status.
+    pub async fn ready_within(&self, timeout: Duration) -> StatusCode {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.readiness().await;
+            if status == StatusCode::OK || tokio::time::Instant::now() >= deadline {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `/readyz` once.
+    pub async fn readiness(&self) -> StatusCode {
+        match self.client.get(self.url("/readyz")).send().await {
+            Ok(response) => response.status(),
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

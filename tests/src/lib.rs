@@ -9,7 +9,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::net::TcpListener;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -237,6 +236,18 @@ impl TestDb {
         Self::create(shared, &format!("TEMPLATE {}", shared.template)).await
     }
 
+    /// The `postgres` database of a private cluster, migrated.
+    pub async fn migrated_on(cluster: &Cluster) -> TestDb {
+        let url = cluster.url("postgres");
+        let db = sea_orm::Database::connect(&url).await.unwrap();
+        Migrator::up(&db, None).await.unwrap();
+        db.close().await.unwrap();
+        TestDb {
+            name: "postgres".into(),
+            url,
+        }
+    }
+
     /// A fresh database with nothing in it, for migration tests.
     pub async fn empty() -> TestDb {
         Self::create(shared().await, "TEMPLATE template0").await
@@ -282,32 +293,14 @@ fn database_url(admin_url: &str, name: &str) -> String {
 }
 
 fn server_bin_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("PG_BIN_DIR") {
-        return PathBuf::from(dir);
-    }
-    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.path().join("bin"))
-        .filter(|bin| bin.join("initdb").exists())
-        .collect();
-    candidates.sort_by_key(|bin| {
-        bin.parent()
-            .and_then(|version| version.file_name())
-            .and_then(|version| version.to_str())
-            .and_then(|version| version.parse::<u32>().ok())
-    });
-    candidates.pop().expect(
+    vantage_sync::managed_postgres::server_bin_dir().expect(
         "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin: \
          install postgresql (see .ci/run), set PG_BIN_DIR, or set TEST_DATABASE_URL",
     )
 }
 
 fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|meta| meta.uid() == 0)
-        .unwrap_or(false)
+    vantage_sync::managed_postgres::running_as_root()
 }
 
 fn as_server_user(program: &Path) -> Command {

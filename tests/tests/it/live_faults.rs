@@ -84,34 +84,17 @@ async fn a_killed_listener_loses_nothing() {
 async fn a_database_restart_loses_nothing() {
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
     let url = cluster.url("postgres");
-    {
-        use migration::MigratorTrait;
-        let db = sea_orm::Database::connect(&url).await.unwrap();
-        migration::Migrator::up(&db, None).await.unwrap();
-        db.close().await.unwrap();
-    }
-    let app = TestApp::spawn_with(
-        TestDb {
-            name: "postgres".into(),
-            url: url.clone(),
-        },
-        |_| {},
-    )
-    .await;
+    let app = TestApp::spawn_with(TestDb::migrated_on(&cluster).await, |_| {}).await;
     let mut client = WsClient::ready(&app, "authenticated").await;
     client.subscribe("1", CHANGES, json!({})).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let ready = |app: &TestApp| {
-        let request = app.client.get(app.url("/readyz"));
-        async move { request.send().await.unwrap().status() }
-    };
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.stop();
         cluster
     })
     .await
     .unwrap();
-    assert_eq!(ready(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.readiness().await, StatusCode::SERVICE_UNAVAILABLE);
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.restart();
         cluster
@@ -133,14 +116,9 @@ async fn a_database_restart_loses_nothing() {
         next_change(&mut client).await,
         ("investors".into(), "RUNNING".into())
     );
-    let mut status = StatusCode::SERVICE_UNAVAILABLE;
-    for _ in 0..100 {
-        status = ready(&app).await;
-        if status == StatusCode::OK {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        app.ready_within(Duration::from_secs(10)).await,
+        StatusCode::OK
+    );
     drop(cluster);
 }
