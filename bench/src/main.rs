@@ -1,0 +1,255 @@
+//! `vantage-sync-bench`: drives a Vantage sync state server and prints what
+//! it measured. Without `--url` it starts one itself (the `vantage-sync`
+//! binary next to this one, zero-config: its own throwaway PostgreSQL), in a
+//! separate process so the server's memory can be read on its own.
+//!
+//! Figures are meant to be compared side by side within one run (query
+//! against floor, memory before and after): absolute times on a shared
+//! machine move from run to run, ratios much less.
+
+mod fanout;
+mod load;
+mod mutate;
+mod stats;
+mod target;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::target::Target;
+
+/// Load tool of the Vantage sync state service.
+#[derive(Debug, Parser)]
+#[command(name = "vantage-sync-bench", version, about)]
+struct Args {
+    /// Scenarios to run (all when none is given).
+    #[arg(value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Small sizes that check correctness (no errors, nothing missed or
+    /// lost), never timings: what CI runs.
+    #[arg(long)]
+    smoke: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// A running server (e.g. http://127.0.0.1:8080); needs --database-url
+    /// and --jwt-secret. Without it one is started.
+    #[arg(long, requires_all = ["database_url", "jwt_secret"])]
+    url: Option<String>,
+    /// Superuser URL of the server's database (for floor, writes, checks).
+    #[arg(long, env = "BENCH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// The server's JWT secret.
+    #[arg(long, env = "BENCH_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
+    /// The `vantage-sync` binary to start (default: next to this one).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Concurrent clients for query, floor and mutate.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Seconds each of query, floor and mutate runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// WebSocket subscribers for fanout.
+    #[arg(long, default_value_t = 10_000)]
+    subscribers: usize,
+    /// Changes made during fanout.
+    #[arg(long, default_value_t = 20)]
+    changes: usize,
+    /// Milliseconds between fanout changes.
+    #[arg(long, default_value_t = 200)]
+    interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// The dashboard query over HTTP as an authenticated user.
+    Query,
+    /// The same rows straight from PostgreSQL, same role-switching transaction.
+    Floor,
+    /// start + complete cycles as service_role.
+    Mutate,
+    /// Many WebSocket subscribers, changes made in the database.
+    Fanout,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.scenarios.is_empty() {
+        args.scenarios = vec![
+            Scenario::Query,
+            Scenario::Floor,
+            Scenario::Mutate,
+            Scenario::Fanout,
+        ];
+    }
+    if args.smoke {
+        args.concurrency = args.concurrency.min(4);
+        args.seconds = 1;
+        args.subscribers = args.subscribers.min(25);
+        args.changes = args.changes.min(3);
+    }
+    target::raise_file_limit();
+    let target = match &args.url {
+        Some(url) => Target::external(
+            url,
+            args.database_url.clone().context("--database-url")?,
+            args.jwt_secret.as_deref().context("--jwt-secret")?,
+        )?,
+        None => Target::spawn(args.server_bin.clone(), args.concurrency).await?,
+    };
+    let result = run(&args, &target).await;
+    target.stop();
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&args, &report);
+    }
+    let failures = failures(&report);
+    if !failures.is_empty() {
+        bail!("correctness failed: {}", failures.join("; "));
+    }
+    Ok(())
+}
+
+async fn run(args: &Args, target: &Target) -> anyhow::Result<Value> {
+    let duration = Duration::from_secs(args.seconds);
+    let mut report = json!({
+        "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
+        "smoke": args.smoke,
+    });
+    load::prepare(target).await?;
+    for scenario in &args.scenarios {
+        let value = match scenario {
+            Scenario::Query => load::query(target, args.concurrency, duration).await?,
+            Scenario::Floor => load::floor(target, args.concurrency, duration).await?,
+            Scenario::Mutate => mutate::run(target, args.concurrency, duration).await?,
+            Scenario::Fanout => {
+                fanout::run(
+                    target,
+                    args.subscribers,
+                    args.changes,
+                    Duration::from_millis(args.interval_ms),
+                )
+                .await?
+            }
+        };
+        report[scenario_name(*scenario)] = value;
+    }
+    if let (Some(query), Some(floor)) = (
+        report["query"]["requests_per_second"].as_f64(),
+        report["floor"]["requests_per_second"].as_f64(),
+    ) {
+        report["query_to_floor_throughput"] = json!(query / floor);
+    }
+    Ok(report)
+}
+
+fn scenario_name(scenario: Scenario) -> &'static str {
+    match scenario {
+        Scenario::Query => "query",
+        Scenario::Floor => "floor",
+        Scenario::Mutate => "mutate",
+        Scenario::Fanout => "fanout",
+    }
+}
+
+/// Everything that must be zero, whatever the timings.
+fn failures(report: &Value) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (scenario, field) in [
+        ("query", "errors"),
+        ("floor", "errors"),
+        ("mutate", "errors"),
+        ("mutate", "lost"),
+        ("fanout", "missed"),
+        ("fanout", "errors"),
+    ] {
+        if let Some(count) = report[scenario][field].as_u64()
+            && count > 0
+        {
+            failures.push(format!("{scenario}: {count} {field}"));
+        }
+    }
+    failures
+}
+
+fn ms(value: &Value) -> String {
+    value.as_f64().map_or("-".into(), |ms| format!("{ms:.2}"))
+}
+
+fn print_table(args: &Args, report: &Value) {
+    println!(
+        "vantage-sync-bench on {} cores{}",
+        report["machine"]["cores"],
+        if args.smoke {
+            " (smoke sizes: correctness only)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8}  notes",
+        "scenario", "size", "per second", "p50 ms", "p99 ms", "max ms", "errors"
+    );
+    for (name, size) in [
+        (
+            "query",
+            format!("C={} T={}s", args.concurrency, args.seconds),
+        ),
+        (
+            "floor",
+            format!("C={} T={}s", args.concurrency, args.seconds),
+        ),
+        (
+            "mutate",
+            format!("C={} T={}s", args.concurrency, args.seconds),
+        ),
+    ] {
+        let row = &report[name];
+        if row.is_null() {
+            continue;
+        }
+        let notes = match name {
+            "mutate" => format!("transitions/s, lost {}", row["lost"]),
+            _ => "requests/s".into(),
+        };
+        println!(
+            "{:<8} {:>14} {:>12.0} {:>10} {:>10} {:>10} {:>8}  {notes}",
+            name,
+            size,
+            row["requests_per_second"].as_f64().unwrap_or(0.0),
+            ms(&row["latency_ms"]["p50"]),
+            ms(&row["latency_ms"]["p99"]),
+            ms(&row["latency_ms"]["max"]),
+            row["errors"],
+        );
+    }
+    let fanout = &report["fanout"];
+    if !fanout.is_null() {
+        println!(
+            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8}  commit-to-receipt; missed {}, server RSS {} -> {} KiB = {:.1} KiB per subscriber",
+            "fanout",
+            format!("S={} K={}", args.subscribers, args.changes),
+            "-",
+            ms(&fanout["delay_ms"]["p50"]),
+            ms(&fanout["delay_ms"]["p99"]),
+            ms(&fanout["delay_ms"]["max"]),
+            fanout["errors"],
+            fanout["missed"],
+            fanout["rss_kib_before"],
+            fanout["rss_kib_after"],
+            fanout["rss_kib_per_subscriber"].as_f64().unwrap_or(0.0),
+        );
+    }
+    if let Some(ratio) = report["query_to_floor_throughput"].as_f64() {
+        println!("query/floor throughput: {ratio:.2}");
+    }
+}

@@ -1,0 +1,143 @@
+//! The server under test: one started here, or one already running.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use vantage_sync::auth::{Role, TokenKeys};
+
+/// Where the server is and how to talk to it.
+pub struct Target {
+    /// `http://host:port`.
+    pub base: String,
+    /// Superuser URL of its database.
+    pub database_url: String,
+    keys: TokenKeys,
+    child: Option<Child>,
+    dir: Option<PathBuf>,
+}
+
+/// Lets this process (and the server it starts) open as many sockets as
+/// the system allows: 10,000 subscribers need 20,000 descriptors.
+pub fn raise_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = setrlimit(Resource::Nofile, limit);
+}
+
+impl Target {
+    /// A server that is already running.
+    pub fn external(base: &str, database_url: String, secret: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            base: base.trim_end_matches('/').to_owned(),
+            database_url,
+            keys: TokenKeys::new(secret.as_bytes()).map_err(anyhow::Error::msg)?,
+            child: None,
+            dir: None,
+        })
+    }
+
+    /// Starts `vantage-sync serve` in zero-config mode in a fresh directory.
+    pub async fn spawn(
+        server_bin: Option<PathBuf>,
+        max_connections: usize,
+    ) -> anyhow::Result<Self> {
+        let bin = match server_bin {
+            Some(bin) => bin,
+            None => std::env::current_exe()?
+                .parent()
+                .context("no directory of this binary")?
+                .join("vantage-sync"),
+        };
+        if !bin.exists() {
+            bail!(
+                "{} not found: build it (cargo build --release -p vantage-sync) or pass --server-bin",
+                bin.display()
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("vantage-sync-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut child = Command::new(&bin)
+            .args(["serve", "--listen-addr", "127.0.0.1:0", "--max-connections"])
+            .arg(max_connections.clamp(1, 64).to_string())
+            .arg("--data-dir")
+            .arg(&dir)
+            .env_remove("DATABASE_URL")
+            .env_remove("JWT_SECRET")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let (send, receive) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = send.send(line);
+            }
+        });
+        let mut seen = Vec::new();
+        let addr = loop {
+            match receive.recv_timeout(Duration::from_secs(60)) {
+                Ok(line) => {
+                    if let Some(rest) = line.split("serving GraphQL on http://").nth(1) {
+                        break rest.split('/').next().unwrap_or_default().to_owned();
+                    }
+                    seen.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("the server did not start:\n{}", seen.join("\n"));
+                }
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || while receive.recv().is_ok() {});
+        let dir = dir.canonicalize()?;
+        let secret = std::fs::read_to_string(dir.join("jwt_secret"))?;
+        Ok(Self {
+            base: format!("http://{addr}"),
+            database_url: format!(
+                "postgres://postgres@localhost/vantage_sync?host={}",
+                dir.join("run").display()
+            ),
+            keys: TokenKeys::new(secret.trim().as_bytes()).map_err(anyhow::Error::msg)?,
+            child: Some(child),
+            dir: Some(dir),
+        })
+    }
+
+    /// A token for `role`, valid for an hour.
+    pub fn token(&self, role: Role) -> String {
+        self.keys
+            .mint(role, Duration::from_secs(3600), Some("vantage-sync-bench"))
+            .unwrap_or_default()
+    }
+
+    /// The server's resident memory, when it runs here.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Stops a server started here (SIGTERM) and removes its directory.
+    pub fn stop(self) {
+        if let Some(mut child) = self.child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+        if let Some(dir) = self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! The load tool keeps working: its smoke size runs every scenario against
+//! a server it starts itself and checks correctness (no errors, nothing
+//! missed or lost), never timings.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn smoke_runs_every_scenario_correctly() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vantage-sync-bench"))
+        .args(["--smoke", "--json"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    for scenario in ["query", "floor", "mutate"] {
+        assert!(
+            report[scenario]["requests"].as_u64().unwrap() > 0,
+            "{scenario} did nothing"
+        );
+        assert_eq!(report[scenario]["errors"], 0, "{scenario}");
+    }
+    assert_eq!(report["mutate"]["lost"], 0);
+    let fanout = &report["fanout"];
+    assert_eq!(fanout["missed"], 0);
+    assert_eq!(fanout["connected"], fanout["subscribers"]);
+    assert_eq!(
+        fanout["delivered"].as_u64(),
+        Some(fanout["subscribers"].as_u64().unwrap() * fanout["changes"].as_u64().unwrap())
+    );
+    assert!(report["query_to_floor_throughput"].as_f64().unwrap() > 0.0);
+}
