@@ -63,6 +63,15 @@ pub fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgrade) ->
             Err(error) => return refuse(StatusCode::UNAUTHORIZED, error),
         },
     };
+    // Small buffers (tungstenite's defaults are 128 KiB each way, which
+    // is what a connection would cost), write-through, and no message
+    // larger than an HTTP body may be.
+    let upgrade = upgrade
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(1024 * 1024)
+        .max_message_size(app.max_body_bytes)
+        .max_frame_size(app.max_body_bytes);
     let upgrade = if offered.is_empty() {
         upgrade
     } else {
