@@ -139,16 +139,6 @@ impl TestApp {
         body
     }
 
-    /// Asks the server to stop and waits until in-flight requests finish.
-    pub async fn shutdown(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        if let Some(handle) = self.handle.take() {
-            handle.await.unwrap();
-        }
-    }
-
     /// Begins shutting down without waiting.
     pub fn begin_shutdown(&mut self) -> JoinHandle<()> {
         if let Some(shutdown) = self.shutdown.take() {

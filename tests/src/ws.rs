@@ -7,7 +7,6 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::TestApp;
@@ -147,6 +146,13 @@ impl WsClient {
             .await;
     }
 
+    /// Subscribes as "1" and waits until the subscription has started (a
+    /// live-only subscription delivers changes from then on).
+    pub async fn follow(&mut self, query: &str, variables: Value) {
+        self.subscribe("1", query, variables).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     /// The next `next` payload's data for any subscription, with its id.
     pub async fn next_data(&mut self) -> (String, Value) {
         let message = self.recv().await;
@@ -161,10 +167,5 @@ impl WsClient {
     /// Closes politely.
     pub async fn close(mut self) {
         let _ = self.socket.close(None).await;
-    }
-
-    /// The close code as a number, for comparisons.
-    pub fn code(code: CloseCode) -> u16 {
-        u16::from(code)
     }
 }

@@ -54,9 +54,7 @@ async fn graphql_transport_ws_delivers_changes() {
     let app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
     assert_eq!(client.protocol.as_deref(), Some("graphql-transport-ws"));
-    client.subscribe("1", CHANGES, json!({})).await;
-    // The subscription is live once acknowledged; give it a moment to start.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.follow(CHANGES, json!({})).await;
     sql(&app, "SELECT start_vantage_sync('accounts')").await;
     let got = change(&mut client).await;
     assert_eq!(short(&got), ("UPDATE", "accounts", Some("RUNNING")));
@@ -94,9 +92,7 @@ async fn legacy_graphql_ws_delivers_changes() {
         .unwrap();
     assert_eq!(ack["type"], "connection_ack");
     client
-        .send(json!({"id": "1", "type": "start", "payload": {"query": CHANGES, "variables": {"resources": ["funds"]}}}))
-        .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+        .send(json!({"id": "1", "type": "start", "payload": {"query": CHANGES, "variables": {"resources": ["funds"]}}})).await;
     sql(&app, "SELECT start_vantage_sync('funds')").await;
     let message = client.recv().await;
     assert_eq!(message["type"], "data", "{message}");
@@ -121,9 +117,8 @@ async fn both_protocols_offered_picks_one_for_handshake_and_messages() {
         .unwrap();
     assert_eq!(ack["type"], "connection_ack");
     client
-        .subscribe("1", CHANGES, json!({"resources": ["cashflows"]}))
+        .follow(CHANGES, json!({"resources": ["cashflows"]}))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     sql(&app, "SELECT start_vantage_sync('cashflows')").await;
     // graphql-transport-ws answers "next", not the legacy "data".
     assert_eq!(
@@ -169,8 +164,7 @@ async fn initial_snapshot_then_live_changes() {
 async fn every_writer_and_operation_arrives() {
     let app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
-    client.subscribe("1", CHANGES, json!({})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.follow(CHANGES, json!({})).await;
     app.query(
         "service_role",
         "mutation { registerResource(resource: \"fx_rates\") { resource } }",
@@ -221,9 +215,8 @@ async fn twenty_rapid_transitions_arrive_complete_and_in_order() {
     let app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
     client
-        .subscribe("1", CHANGES, json!({"resources": ["accounts"]}))
+        .follow(CHANGES, json!({"resources": ["accounts"]}))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut script = String::new();
     for i in 0..10 {
         script.push_str(&format!(
@@ -252,8 +245,7 @@ async fn twenty_rapid_transitions_arrive_complete_and_in_order() {
 async fn concurrent_writers_every_event_exactly_once_in_per_resource_order() {
     let app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
-    client.subscribe("1", CHANGES, json!({})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.follow(CHANGES, json!({})).await;
     let resources = ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8"];
     let rounds = 15;
     let writers: Vec<_> = resources
@@ -293,12 +285,11 @@ async fn concurrent_writers_every_event_exactly_once_in_per_resource_order() {
             Ok(Ok(message)) => message,
             other => {
                 let mut conn = app.db.connect().await;
-                let logged: Vec<(i64, String, i64, i64)> = sqlx::query_as(
-                    "SELECT id, resource, xid, safe_after FROM vantage_sync_events ORDER BY id",
-                )
-                .fetch_all(&mut conn)
-                .await
-                .unwrap();
+                let logged: Vec<(i64, String, i64)> =
+                    sqlx::query_as("SELECT id, resource, xid FROM vantage_sync_events ORDER BY id")
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap();
                 let got: Vec<&String> = cursors.iter().collect();
                 panic!("after {received} of {total}: {other:?}\ncursors {got:?}\nlog {logged:?}");
             }
@@ -346,9 +337,8 @@ async fn reconnecting_with_the_last_cursor_replays_exactly_what_was_missed() {
     let app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
     client
-        .subscribe("1", CHANGES, json!({"resources": ["funds", "accounts"]}))
+        .follow(CHANGES, json!({"resources": ["funds", "accounts"]}))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     sql(&app, "SELECT start_vantage_sync('funds')").await;
     let seen = change(&mut client).await;
     client.close().await;
@@ -418,8 +408,7 @@ async fn resuming_from_a_snapshot_cursor() {
 async fn pruned_or_unknown_cursors_are_refused() {
     let app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
-    client.subscribe("1", CHANGES, json!({})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.follow(CHANGES, json!({})).await;
     sql(
         &app,
         "SELECT start_vantage_sync('funds'); SELECT complete_vantage_sync('funds', 1, 0, 0);",
@@ -460,7 +449,7 @@ async fn anon_cannot_subscribe_and_bad_tokens_are_refused() {
         anon.init(json!({})).await.unwrap()["type"],
         "connection_ack"
     );
-    anon.subscribe("1", CHANGES, json!({})).await;
+    anon.follow(CHANGES, json!({})).await;
     let message = anon.recv().await;
     assert_eq!(refusal_code(&message), Some("UNAUTHENTICATED"), "{message}");
 
@@ -482,9 +471,8 @@ async fn anon_cannot_subscribe_and_bad_tokens_are_refused() {
         "connection_ack"
     );
     by_header
-        .subscribe("1", CHANGES, json!({"resources": ["funds"]}))
+        .follow(CHANGES, json!({"resources": ["funds"]}))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     sql(&app, "SELECT start_vantage_sync('funds')").await;
     assert_eq!(
         short(&change(&mut by_header).await),
@@ -544,7 +532,7 @@ async fn token_expiry_ends_the_connection() {
             .unwrap()["type"],
         "connection_ack"
     );
-    client.subscribe("1", CHANGES, json!({})).await;
+    client.follow(CHANGES, json!({})).await;
     let started = std::time::Instant::now();
     let (code, reason) = client.closed().await;
     assert_eq!((code, reason.as_str()), (4403, "token expired"));
@@ -563,7 +551,6 @@ async fn a_change_through_one_replica_reaches_another() {
     let second = TestApp::spawn_with(second_db, |_| {}).await;
     let mut client = WsClient::ready(&second, "authenticated").await;
     client.subscribe("1", CHANGES, json!({})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     first
         .query(
             "service_role",
@@ -587,7 +574,6 @@ async fn a_slow_subscriber_catches_up_from_the_log() {
     client
         .subscribe("1", CHANGES, json!({"resources": ["accounts"]}))
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut script = String::new();
     for i in 0..1500 {
         script.push_str(&format!(
@@ -639,8 +625,7 @@ async fn the_server_sends_keep_alive_pings() {
 async fn shutdown_closes_subscriptions_with_going_away() {
     let mut app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
-    client.subscribe("1", CHANGES, json!({})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.follow(CHANGES, json!({})).await;
     let stopped = app.begin_shutdown();
     assert_eq!(client.closed().await.0, 1001);
     tokio::time::timeout(Duration::from_secs(5), stopped)

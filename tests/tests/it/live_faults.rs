@@ -39,8 +39,7 @@ async fn listener_pids(url: &str) -> Vec<i32> {
 async fn a_killed_listener_loses_nothing() {
     let app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
-    client.subscribe("1", CHANGES, json!({})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.follow(CHANGES, json!({})).await;
     let pids = listener_pids(&app.db.url).await;
     assert_eq!(pids.len(), 1, "one LISTEN connection per server process");
     let mut conn = app.db.connect().await;
@@ -86,8 +85,7 @@ async fn a_database_restart_loses_nothing() {
     let url = cluster.url("postgres");
     let app = TestApp::spawn_with(TestDb::migrated_on(&cluster).await, |_| {}).await;
     let mut client = WsClient::ready(&app, "authenticated").await;
-    client.subscribe("1", CHANGES, json!({})).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    client.follow(CHANGES, json!({})).await;
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.stop();
         cluster
