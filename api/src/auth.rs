@@ -1,9 +1,10 @@
 //! Bearer tokens: Supabase-compatible HS256 JWTs carrying `role` and `exp`.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
@@ -55,8 +56,10 @@ impl std::fmt::Display for Role {
 pub struct Caller {
     /// The role the request runs as.
     pub role: Role,
-    /// The token's claims (`{"role": "anon"}` without a token).
-    pub claims: Map<String, Value>,
+    /// The token's claims as JSON text (`{"role":"anon"}` without a
+    /// token), serialised once and shared by every database transaction
+    /// and subscription of the caller.
+    pub claims: Arc<str>,
     /// When the token expires, in seconds since the epoch; `None` for anon.
     pub expires_at: Option<u64>,
 }
@@ -71,21 +74,23 @@ impl Caller {
     pub fn for_role(role: Role) -> Self {
         Self {
             role,
-            claims: Map::from_iter([("role".to_owned(), Value::from(role.as_str()))]),
+            claims: Value::from(Map::from_iter([(
+                "role".to_owned(),
+                Value::from(role.as_str()),
+            )]))
+            .to_string()
+            .into(),
             expires_at: None,
         }
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct RequiredClaims {
-    role: String,
-    exp: u64,
-}
-
-/// Verifies tokens and mints them, with one secret.
+/// Verifies tokens and mints them, with one secret. Cheap to clone: every
+/// connection holds one.
 #[derive(Clone)]
-pub struct TokenKeys {
+pub struct TokenKeys(Arc<Keys>);
+
+struct Keys {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
@@ -113,11 +118,11 @@ impl TokenKeys {
         validation.leeway = 0;
         validation.validate_aud = false;
         validation.set_required_spec_claims(&["exp"]);
-        Ok(Self {
+        Ok(Self(Arc::new(Keys {
             decoding: DecodingKey::from_secret(secret),
             encoding: EncodingKey::from_secret(secret),
             validation,
-        })
+        })))
     }
 
     /// The caller for an `Authorization` header value (or its absence).
@@ -138,23 +143,28 @@ impl TokenKeys {
 
     /// Verifies `token` and returns its caller.
     pub fn verify(&self, token: &str) -> Result<Caller, ApiError> {
+        let keys = &*self.0;
         let data =
-            jsonwebtoken::decode::<Map<String, Value>>(token, &self.decoding, &self.validation)
+            jsonwebtoken::decode::<Map<String, Value>>(token, &keys.decoding, &keys.validation)
                 .map_err(|error| ApiError::InvalidToken(describe(&error)))?;
-        let required: RequiredClaims = serde_json::from_value(Value::Object(data.claims.clone()))
-            .map_err(|_| {
-            ApiError::InvalidToken("the token must carry `role` and `exp` claims".into())
-        })?;
-        let role = Role::parse(&required.role).ok_or_else(|| {
+        let claims = data.claims;
+        let (Some(role), Some(exp)) = (
+            claims.get("role").and_then(Value::as_str),
+            claims.get("exp").and_then(Value::as_u64),
+        ) else {
+            return Err(ApiError::InvalidToken(
+                "the token must carry `role` and `exp` claims".into(),
+            ));
+        };
+        let role = Role::parse(role).ok_or_else(|| {
             ApiError::InvalidToken(format!(
-                "role \"{}\" is not accepted; use anon, authenticated or service_role",
-                required.role
+                "role \"{role}\" is not accepted; use anon, authenticated or service_role"
             ))
         })?;
         Ok(Caller {
             role,
-            claims: data.claims,
-            expires_at: Some(required.exp),
+            claims: Value::Object(claims).to_string().into(),
+            expires_at: Some(exp),
         })
     }
 
@@ -170,7 +180,7 @@ impl TokenKeys {
             sub: subject,
             aud: (role == Role::Authenticated).then_some("authenticated"),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.0.encoding)
             .map_err(|error| error.to_string())
     }
 }
@@ -217,8 +227,9 @@ mod tests {
             .unwrap();
         let caller = keys.verify(&token).unwrap();
         assert_eq!(caller.role, Role::Authenticated);
-        assert_eq!(caller.claims["sub"], "user-1");
-        assert_eq!(caller.claims["aud"], "authenticated");
+        let claims: Value = serde_json::from_str(&caller.claims).unwrap();
+        assert_eq!(claims["sub"], "user-1");
+        assert_eq!(claims["aud"], "authenticated");
     }
 
     #[test]

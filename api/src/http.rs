@@ -24,6 +24,7 @@ use crate::config::WebSocketConfig;
 use crate::db::RequestDb;
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::Feed;
+use crate::graphql::documents::DocumentCache;
 use crate::graphql::{AppSchema, RequestContext};
 use crate::metrics::{Metrics, Operation, Outcome};
 
@@ -48,6 +49,8 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// Parsed queries, by text.
+    pub documents: Arc<DocumentCache>,
 }
 
 /// The service's routes.
@@ -195,6 +198,7 @@ async fn execute(
             return refuse(StatusCode::UNAUTHORIZED, error);
         }
     };
+    app.documents.prepare(&mut request);
     let kind = operation_type(&mut request);
     let operation = match kind {
         Some(OperationType::Mutation) => Operation::Mutation,

@@ -6,6 +6,11 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vantage_sync::cli::Cli;
 
+// Measured with the load tool: glibc's malloc was a sixth of the server's
+// CPU under the dashboard query and left idle WebSocket connections larger.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

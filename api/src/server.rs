@@ -11,10 +11,14 @@ use crate::auth::{Caller, Role};
 use crate::config::ServerConfig;
 use crate::db::{RequestDb, events};
 use crate::feed::Feed;
+use crate::graphql::documents::DocumentCache;
 use crate::http::{AppState, router};
 use crate::metrics::Metrics;
 use crate::migrate::{self, MigrateError};
 use crate::{db, graphql};
+
+/// Distinct query texts whose parsed documents are kept.
+const DOCUMENT_CACHE_CAPACITY: usize = 512;
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,7 @@ impl Server {
             max_body_bytes: config.max_body_bytes,
             websocket: config.websocket,
             shutting_down: shutdown_seen,
+            documents: Arc::new(DocumentCache::new(DOCUMENT_CACHE_CAPACITY)),
         };
         if let Some(days) = config.event_retention_days {
             tokio::spawn(prune_events(

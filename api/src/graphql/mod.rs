@@ -1,5 +1,6 @@
 //! The GraphQL schema of SPEC section 3, by domain.
 
+pub mod documents;
 pub mod history;
 pub mod mutation;
 pub mod query;

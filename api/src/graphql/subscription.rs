@@ -146,10 +146,13 @@ impl Subscription {
             needs_log: false,
             done: false,
         };
+        // Boxed: each subscription's stream is as large as the largest
+        // future it holds, and these database reads are the largest by far
+        // (kilobytes per idle subscriber if kept inline).
         if initial {
-            subscriber.snapshot().await?;
+            Box::pin(subscriber.snapshot()).await?;
         } else if let Some(after) = after {
-            subscriber.resume(&after).await?;
+            Box::pin(subscriber.resume(&after)).await?;
         }
         Ok(stream::unfold(subscriber, Subscriber::next))
     }
@@ -235,28 +238,29 @@ impl Subscriber {
         Ok(())
     }
 
-    /// Queues `event` if it is new to this subscriber and wanted.
-    fn offer(&mut self, event: &FeedEvent) {
+    /// The change `event` makes for this subscriber, if it is new to it and
+    /// wanted.
+    fn accept(&mut self, event: &FeedEvent) -> Option<SyncStateChange> {
         let id = event.event.id;
         if id <= self.cursor.position {
-            return;
+            return None;
         }
         self.cursor = Cursor::at(id);
         if !self.wants(&event.event.resource) {
-            return;
+            return None;
         }
         let now = Utc::now();
         let at = event.event.occurred_at.with_timezone(&Utc);
         self.feed
             .metrics()
             .event_delivered((now - at).num_microseconds().unwrap_or(0) as f64 / 1e6);
-        self.pending.push_back(SyncStateChange {
+        Some(SyncStateChange {
             operation: ChangeOperation::from_log(&event.event.operation),
             resource: event.event.resource.clone(),
             state: event.state.clone().map(|row| SyncState::new(row, now)),
             at,
             cursor: self.cursor.encode(),
-        });
+        })
     }
 
     /// Reads one batch of the log after the cursor.
@@ -271,7 +275,9 @@ impl Subscriber {
         db.commit().await?;
         self.needs_log = batch.len() as u64 == BATCH;
         for event in batch {
-            self.offer(&FeedEvent::new(event));
+            if let Some(change) = self.accept(&FeedEvent::new(event)) {
+                self.pending.push_back(change);
+            }
         }
         Ok(())
     }
@@ -279,13 +285,18 @@ impl Subscriber {
     async fn next(mut self) -> Option<(async_graphql::Result<SyncStateChange>, Self)> {
         loop {
             if let Some(change) = self.pending.pop_front() {
+                if self.pending.is_empty() {
+                    // Live changes skip the queue; an idle subscriber
+                    // keeps no buffer from its last catch-up.
+                    self.pending = VecDeque::new();
+                }
                 return Some((Ok(change), self));
             }
             if self.done {
                 return None;
             }
             if self.needs_log {
-                if let Err(error) = self.read_log().await {
+                if let Err(error) = Box::pin(self.read_log()).await {
                     // Ends the subscription; the client resumes from its
                     // last cursor and loses nothing.
                     tracing::warn!(error = ?error, "subscription could not read the log");
@@ -295,7 +306,11 @@ impl Subscriber {
                 continue;
             }
             match self.rx.recv().await {
-                Ok(event) => self.offer(&event),
+                Ok(event) => {
+                    if let Some(change) = self.accept(&event) {
+                        return Some((Ok(change), self));
+                    }
+                }
                 // Fell behind the shared buffer: read the log instead.
                 Err(RecvError::Lagged(_)) => self.needs_log = true,
                 Err(RecvError::Closed) => return None,

@@ -379,3 +379,100 @@ async fn connects_to_a_tls_database() {
     drop(app);
     drop(cluster);
 }
+
+/// Parsed documents are cached by query text, but each request is still
+/// validated against its own variables, operation name and role.
+#[tokio::test]
+async fn a_repeated_query_text_is_checked_again_for_each_request() {
+    let app = TestApp::spawn().await;
+    let query = "query One($resource: String!) { syncState(resource: $resource) { resource } } \
+                 query Many { failedSyncs { resource } }";
+    let run = |variables: Value, operation: &str| json!({"query": query, "variables": variables, "operationName": operation});
+    let bearer = format!("Bearer {}", app.token("authenticated"));
+    for resource in ["funds", "accounts", "funds"] {
+        let (status, body) = app
+            .post(Some(&bearer), &run(json!({"resource": resource}), "One"))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, json!({"data": {"syncState": {"resource": resource}}}));
+    }
+    let (_, body) = app.post(Some(&bearer), &run(json!({}), "Many")).await;
+    assert_eq!(body, json!({"data": {"failedSyncs": []}}));
+    let (_, body) = app.post(Some(&bearer), &run(json!({}), "One")).await;
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+        "{body}"
+    );
+    let (_, body) = app
+        .post(None, &run(json!({"resource": "funds"}), "One"))
+        .await;
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "UNAUTHENTICATED",
+        "{body}"
+    );
+    let broken = json!({"query": "{ syncStates { resource }"});
+    for _ in 0..2 {
+        let (_, body) = app.post(Some(&bearer), &broken).await;
+        assert_eq!(
+            body["errors"][0]["extensions"]["code"], "BAD_USER_INPUT",
+            "{body}"
+        );
+    }
+}
+
+/// Read-only requests end their transaction without a COMMIT round trip:
+/// on a single pooled connection, reads and writes still alternate
+/// cleanly and nothing is left open.
+#[tokio::test]
+async fn reads_and_writes_share_one_connection_cleanly() {
+    let app = TestApp::spawn_with(TestDb::migrated().await, |config| {
+        config.max_connections = 1;
+    })
+    .await;
+    let read = "{ syncState(resource: \"accounts\") { lastSyncStatus recordsSynced } }";
+    for round in 0..5 {
+        let before = app.query("service_role", read, json!({})).await;
+        let expected = if round == 0 { "NEVER_RUN" } else { "SUCCESS" };
+        assert_eq!(
+            before["data"]["syncState"]["lastSyncStatus"], expected,
+            "{before}"
+        );
+        let written = app
+            .query(
+                "service_role",
+                "mutation($n: Int!) { startSync(resource: \"accounts\") { resource } \
+                 completeSync(resource: \"accounts\", recordsSynced: $n, recordsCreated: 0, \
+                 recordsUpdated: 0) { recordsSynced } }",
+                json!({"n": round}),
+            )
+            .await;
+        assert_eq!(
+            written["data"]["completeSync"]["recordsSynced"], round,
+            "{written}"
+        );
+        let after = app.query("authenticated", read, json!({})).await;
+        assert_eq!(
+            after["data"]["syncState"]["recordsSynced"], round,
+            "{after}"
+        );
+    }
+    // The last read's ROLLBACK goes out with the pool's release ping, just
+    // after the response: give it a moment, not forever.
+    let mut conn = app.db.connect().await;
+    let mut open = -1;
+    for _ in 0..40 {
+        open = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND state LIKE 'idle in transaction%'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(open, 0, "a request left its transaction open");
+}

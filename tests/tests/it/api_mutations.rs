@@ -293,11 +293,7 @@ async fn the_database_refuses_writes_when_the_guard_is_bypassed() {
     let mut conn = app.db.connect().await;
     let before = table(&mut conn).await;
     let pool = vantage_sync::db::connect(&app.db.url, 2).await.unwrap();
-    let caller = Caller {
-        role: Role::Authenticated,
-        claims: serde_json::Map::from_iter([("role".to_owned(), json!("authenticated"))]),
-        expires_at: None,
-    };
+    let caller = Caller::for_role(Role::Authenticated);
     for attempt in 0..3 {
         let db = RequestDb::new(pool.clone(), &caller, false, Duration::from_secs(5));
         let result = {
