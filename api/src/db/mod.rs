@@ -87,7 +87,10 @@ impl RequestDb {
     pub async fn txn(&self) -> ApiResult<MappedMutexGuard<'_, DatabaseTransaction>> {
         let mut slot = self.txn.lock().await;
         if slot.is_none() {
-            *slot = Some(self.begin().await?);
+            // Boxed: every field resolver that may reach the database
+            // embeds this future, and async-graphql copies each of those
+            // into a box of its own, per field and row.
+            *slot = Some(Box::pin(self.begin()).await?);
         }
         MutexGuard::try_map(slot, Option::as_mut)
             .map_err(|_| ApiError::internal("request transaction vanished"))

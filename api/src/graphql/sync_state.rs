@@ -161,28 +161,33 @@ impl SyncState {
         &self,
         ctx: &async_graphql::Context<'_>,
     ) -> async_graphql::Result<i32> {
-        let counts = match ctx.data_opt::<super::RequestContext>() {
-            Some(request) => request.failures().await?.get(&self.row.resource).copied(),
-            // Inside a subscription: read as the subscriber.
-            None => {
-                let caller = ctx.data::<crate::auth::Caller>()?;
-                let feed = ctx.data::<std::sync::Arc<crate::feed::Feed>>()?;
-                let db = crate::db::RequestDb::new(
-                    feed.pool().clone(),
-                    caller,
-                    true,
-                    std::time::Duration::from_secs(30),
-                );
-                let counts = {
-                    let txn = db.txn().await?;
-                    crate::db::events::consecutive_failures(&*txn)
-                        .await
-                        .map_err(|error| crate::error::ApiError::from_db(error, ""))?
-                };
-                db.commit().await?;
-                counts.get(&self.row.resource).copied()
-            }
-        };
+        // Boxed: async-graphql sizes every field's future of this type by
+        // the largest, and this one holds database reads.
+        let counts = Box::pin(async {
+            Ok::<_, async_graphql::Error>(match ctx.data_opt::<super::RequestContext>() {
+                Some(request) => request.failures().await?.get(&self.row.resource).copied(),
+                // Inside a subscription: read as the subscriber.
+                None => {
+                    let caller = ctx.data::<crate::auth::Caller>()?;
+                    let feed = ctx.data::<std::sync::Arc<crate::feed::Feed>>()?;
+                    let db = crate::db::RequestDb::new(
+                        feed.pool().clone(),
+                        caller,
+                        true,
+                        std::time::Duration::from_secs(30),
+                    );
+                    let counts = {
+                        let txn = db.txn().await?;
+                        crate::db::events::consecutive_failures(&*txn)
+                            .await
+                            .map_err(|error| crate::error::ApiError::from_db(error, ""))?
+                    };
+                    db.commit().await?;
+                    counts.get(&self.row.resource).copied()
+                }
+            })
+        })
+        .await?;
         Ok(counts.unwrap_or(0))
     }
 

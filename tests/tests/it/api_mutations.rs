@@ -377,3 +377,35 @@ async fn a_non_superuser_login_role_granted_the_api_roles_suffices() {
         .await;
     assert_eq!(vantage_sync_tests::sql_error(direct).0, "42501");
 }
+
+/// The claims reach the database as written in the token, whatever they
+/// contain.
+#[tokio::test]
+async fn claims_with_quotes_backslashes_and_dollars_arrive_intact() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let db = vantage_sync_tests::TestDb::migrated().await;
+    let pool = vantage_sync::db::connect(&db.url, 1).await.unwrap();
+    let keys = vantage_sync::auth::TokenKeys::new(&[7; 32]).unwrap();
+    let subject = "o'brien \\' \\\\ $$ $q$ '; SELECT pg_sleep(5); -- ünïcødé \u{1F600}";
+    let token = keys
+        .mint(Role::Authenticated, Duration::from_secs(60), Some(subject))
+        .unwrap();
+    let caller = keys.verify(&token).unwrap();
+    let request = RequestDb::new(pool, &caller, true, Duration::from_secs(5));
+    let (claims, user): (String, String) = {
+        let txn = request.txn().await.unwrap();
+        let row = txn
+            .query_one_raw(Statement::from_string(
+                DbBackend::Postgres,
+                "SELECT current_setting('request.jwt.claims') AS c, current_user::text AS u",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        (row.try_get("", "c").unwrap(), row.try_get("", "u").unwrap())
+    };
+    assert_eq!(claims, &*caller.claims);
+    let parsed: Value = serde_json::from_str(&claims).unwrap();
+    assert_eq!(parsed["sub"], subject);
+    assert_eq!(user, "authenticated");
+}
