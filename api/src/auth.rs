@@ -74,12 +74,9 @@ impl Caller {
     pub fn for_role(role: Role) -> Self {
         Self {
             role,
-            claims: Value::from(Map::from_iter([(
-                "role".to_owned(),
-                Value::from(role.as_str()),
-            )]))
-            .to_string()
-            .into(),
+            claims: serde_json::json!({ "role": role.as_str() })
+                .to_string()
+                .into(),
             expires_at: None,
         }
     }

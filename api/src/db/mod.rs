@@ -126,7 +126,8 @@ impl RequestDb {
         Ok(txn)
     }
 
-    /// Commits the transaction, if one was begun.
+    /// Ends the transaction, if one was begun: commits a read-write one;
+    /// drops a read-only one, which rolls it back (there is nothing to keep).
     pub async fn commit(self) -> ApiResult<()> {
         match self.txn.into_inner() {
             // A read-only transaction has nothing to commit: dropping it
