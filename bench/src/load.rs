@@ -47,6 +47,16 @@ pub struct Samples {
     pub errors: u64,
 }
 
+impl Samples {
+    /// One call that began at `started`, and whether it succeeded.
+    pub fn record(&mut self, started: Instant, ok: bool) {
+        self.latencies.push(started.elapsed());
+        if !ok {
+            self.errors += 1;
+        }
+    }
+}
+
 /// Runs `workers` copies of `work` until `duration` passes; merges samples.
 pub async fn drive<F, Fut>(workers: usize, duration: Duration, work: F) -> (Samples, Duration)
 where
@@ -120,10 +130,7 @@ pub async fn query(
                     }
                     _ => false,
                 };
-                samples.latencies.push(started.elapsed());
-                if !ok {
-                    samples.errors += 1;
-                }
+                samples.record(started, ok);
             }
             samples
         }
@@ -151,10 +158,7 @@ pub async fn floor(
             while Instant::now() < deadline {
                 let started = Instant::now();
                 let ok = read_once(&mut conn).await.is_ok();
-                samples.latencies.push(started.elapsed());
-                if !ok {
-                    samples.errors += 1;
-                }
+                samples.record(started, ok);
             }
             samples
         }

@@ -45,10 +45,7 @@ pub async fn run(target: &Target, concurrency: usize, duration: Duration) -> any
                             .is_ok_and(|body| body.get("errors").is_none()),
                         Err(_) => false,
                     };
-                    samples.latencies.push(started.elapsed());
-                    if !ok {
-                        samples.errors += 1;
-                    }
+                    samples.record(started, ok);
                 }
             }
             samples

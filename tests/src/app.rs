@@ -90,6 +90,12 @@ impl TestApp {
         }
     }
 
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        response.text().await.unwrap()
+    }
+
     /// A valid token for `role`.
     pub fn token(&self, role: &str) -> String {
         self.keys

@@ -59,15 +59,7 @@ async fn graphql_transport_ws_delivers_changes() {
     let got = change(&mut client).await;
     assert_eq!(short(&got), ("UPDATE", "accounts", Some("RUNNING")));
     assert!(got.3.starts_with("1:"));
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for line in [
         "vantage_sync_subscriptions_active 1",
         "vantage_sync_subscription_events_delivered_total 1",

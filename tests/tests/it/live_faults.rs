@@ -58,15 +58,7 @@ async fn a_killed_listener_loses_nothing() {
         ("funds".into(), "RUNNING".into())
     );
     // It reconnected, and says so.
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("vantage_sync_feed_listener_reconnects_total 1"),
         "{metrics}"
