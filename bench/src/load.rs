@@ -9,6 +9,8 @@ use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
 use vantage_sync::auth::Role;
 
+use crate::cpu::CpuSample;
+use crate::http::HttpConnection;
 use crate::stats;
 use crate::target::Target;
 
@@ -81,7 +83,13 @@ where
     (all, started.elapsed())
 }
 
-fn report(mut samples: Samples, elapsed: Duration, concurrency: usize) -> Value {
+/// The figures of one timed scenario.
+pub fn report(
+    mut samples: Samples,
+    elapsed: Duration,
+    concurrency: usize,
+    cpu_us_per_request: Value,
+) -> Value {
     let count = samples.latencies.len();
     json!({
         "concurrency": concurrency,
@@ -90,7 +98,21 @@ fn report(mut samples: Samples, elapsed: Duration, concurrency: usize) -> Value 
         "requests_per_second": count as f64 / elapsed.as_secs_f64(),
         "latency_ms": stats::summary(&mut samples.latencies),
         "errors": samples.errors,
+        "cpu_us_per_request": cpu_us_per_request,
     })
+}
+
+/// Runs `scenario` between two CPU samples; the second is taken once
+/// PostgreSQL has reaped the backends of connections the scenario closed.
+pub async fn metered<T>(
+    target: &Target,
+    scenario: impl std::future::Future<Output = T>,
+) -> (T, CpuSample, CpuSample) {
+    let meter = target.cpu_meter();
+    let before = meter.sample();
+    let result = scenario.await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (result, before, meter.sample())
 }
 
 /// `concurrency` keep-alive HTTP clients sending the dashboard query.
@@ -99,44 +121,52 @@ pub async fn query(
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<Value> {
-    let url = Arc::new(format!("{}/graphql", target.base));
+    let base = Arc::new(target.base.clone());
     let token = Arc::new(format!("Bearer {}", target.token(Role::Authenticated)));
     let body = Arc::new(json!({"query": DASHBOARD}).to_string());
-    let (samples, elapsed) = drive(concurrency, duration, |_, deadline| {
-        let (url, token, body) = (url.clone(), token.clone(), body.clone());
-        async move {
-            // One client per worker: one keep-alive connection each.
-            let client = reqwest::Client::new();
-            let mut samples = Samples::default();
-            while Instant::now() < deadline {
-                let started = Instant::now();
-                let response = client
-                    .post(url.as_str())
-                    .header("authorization", token.as_str())
-                    .header("content-type", "application/json")
-                    .body(body.as_str().to_owned())
-                    .send()
-                    .await;
-                let ok = match response {
-                    Ok(response) if response.status().is_success() => {
-                        match response.bytes().await {
-                            // Top-level errors; SyncState's own `errors` field
-                            // holds {"code": ...} objects, never {"message": ...} first.
-                            Ok(bytes) => !bytes
-                                .windows(TOP_LEVEL_ERRORS.len())
-                                .any(|window| window == TOP_LEVEL_ERRORS),
-                            Err(_) => false,
+    let ((samples, elapsed), before, after) = metered(
+        target,
+        drive(concurrency, duration, |_, deadline| {
+            let (base, token, body) = (base.clone(), token.clone(), body.clone());
+            async move {
+                let mut samples = Samples::default();
+                let Ok(mut connection) = HttpConnection::open(&base).await else {
+                    samples.errors += 1;
+                    return samples;
+                };
+                let request = connection.post("/graphql", &token, &body);
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    let ok = match connection.exchange(&request).await {
+                        Ok(response) => response.status == 200 && is_dashboard(response.body),
+                        Err(_) => false,
+                    };
+                    samples.record(started, ok);
+                    if !ok {
+                        // The connection's state is unknown: start afresh.
+                        match HttpConnection::open(&base).await {
+                            Ok(fresh) => connection = fresh,
+                            Err(_) => break,
                         }
                     }
-                    _ => false,
-                };
-                samples.record(started, ok);
+                }
+                samples
             }
-            samples
-        }
-    })
+        }),
+    )
     .await;
-    Ok(report(samples, elapsed, concurrency))
+    let requests = samples.latencies.len() as u64;
+    let cpu = target.cpu_meter().per_request(before, after, requests);
+    Ok(report(samples, elapsed, concurrency, cpu))
+}
+
+/// A dashboard answer with data and no top-level errors (SyncState's own
+/// `errors` field holds {"code": ...} objects, never {"message": ...} first).
+fn is_dashboard(body: &[u8]) -> bool {
+    body.starts_with(br#"{"data":{"syncStates":["#)
+        && !body
+            .windows(TOP_LEVEL_ERRORS.len())
+            .any(|window| window == TOP_LEVEL_ERRORS)
 }
 
 /// The physical floor: the server's transaction for the dashboard query
@@ -147,24 +177,29 @@ pub async fn floor(
     duration: Duration,
 ) -> anyhow::Result<Value> {
     let url = Arc::new(target.database_url.clone());
-    let (samples, elapsed) = drive(concurrency, duration, |_, deadline| {
-        let url = url.clone();
-        async move {
-            let mut samples = Samples::default();
-            let Ok(mut conn) = PgConnection::connect(&url).await else {
-                samples.errors += 1;
-                return samples;
-            };
-            while Instant::now() < deadline {
-                let started = Instant::now();
-                let ok = read_once(&mut conn).await.is_ok();
-                samples.record(started, ok);
+    let ((samples, elapsed), before, after) = metered(
+        target,
+        drive(concurrency, duration, |_, deadline| {
+            let url = url.clone();
+            async move {
+                let mut samples = Samples::default();
+                let Ok(mut conn) = PgConnection::connect(&url).await else {
+                    samples.errors += 1;
+                    return samples;
+                };
+                while Instant::now() < deadline {
+                    let started = Instant::now();
+                    let ok = read_once(&mut conn).await.is_ok();
+                    samples.record(started, ok);
+                }
+                samples
             }
-            samples
-        }
-    })
+        }),
+    )
     .await;
-    Ok(report(samples, elapsed, concurrency))
+    let requests = samples.latencies.len() as u64;
+    let cpu = target.cpu_meter().per_request(before, after, requests);
+    Ok(report(samples, elapsed, concurrency, cpu))
 }
 
 async fn read_once(conn: &mut PgConnection) -> Result<usize, sqlx::Error> {

@@ -7,7 +7,9 @@
 //! against floor, memory before and after): absolute times on a shared
 //! machine move from run to run, ratios much less.
 
+mod cpu;
 mod fanout;
+mod http;
 mod load;
 mod mutate;
 mod stats;
@@ -185,6 +187,10 @@ fn ms(value: &Value) -> String {
     value.as_f64().map_or("-".into(), |ms| format!("{ms:.2}"))
 }
 
+fn us(value: &Value) -> String {
+    value.as_f64().map_or("-".into(), |us| format!("{us:.0}"))
+}
+
 fn print_table(args: &Args, report: &Value) {
     println!(
         "vantage-sync-bench on {} cores{}",
@@ -196,8 +202,17 @@ fn print_table(args: &Args, report: &Value) {
         }
     );
     println!(
-        "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8}  notes",
-        "scenario", "size", "per second", "p50 ms", "p99 ms", "max ms", "errors"
+        "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  notes",
+        "scenario",
+        "size",
+        "per second",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "srv us",
+        "pg us",
+        "tool us"
     );
     for (name, size) in [
         (
@@ -221,8 +236,9 @@ fn print_table(args: &Args, report: &Value) {
             "mutate" => format!("transitions/s, lost {}", row["lost"]),
             _ => "requests/s".into(),
         };
+        let cpu = &row["cpu_us_per_request"];
         println!(
-            "{:<8} {:>14} {:>12.0} {:>10} {:>10} {:>10} {:>8}  {notes}",
+            "{:<8} {:>14} {:>12.0} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  {notes}",
             name,
             size,
             row["requests_per_second"].as_f64().unwrap_or(0.0),
@@ -230,12 +246,15 @@ fn print_table(args: &Args, report: &Value) {
             ms(&row["latency_ms"]["p99"]),
             ms(&row["latency_ms"]["max"]),
             row["errors"],
+            us(&cpu["server"]),
+            us(&cpu["postgres"]),
+            us(&cpu["load_tool"]),
         );
     }
     let fanout = &report["fanout"];
     if !fanout.is_null() {
         println!(
-            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8}  commit-to-receipt; missed {}, server RSS {} -> {} KiB = {:.1} KiB per subscriber",
+            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt; missed {}, server RSS {} -> {} KiB = {:.1} KiB per subscriber",
             "fanout",
             format!("S={} K={}", args.subscribers, args.changes),
             "-",
@@ -243,6 +262,9 @@ fn print_table(args: &Args, report: &Value) {
             ms(&fanout["delay_ms"]["p99"]),
             ms(&fanout["delay_ms"]["max"]),
             fanout["errors"],
+            "-",
+            "-",
+            "-",
             fanout["missed"],
             fanout["rss_kib_before"],
             fanout["rss_kib_after"],

@@ -8,49 +8,59 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 use vantage_sync::auth::Role;
 
-use crate::load::{Samples, drive};
+use crate::http::HttpConnection;
+use crate::load::{Samples, drive, metered};
 use crate::stats;
 use crate::target::Target;
 
 pub async fn run(target: &Target, concurrency: usize, duration: Duration) -> anyhow::Result<Value> {
-    let url = Arc::new(format!("{}/graphql", target.base));
+    let base = Arc::new(target.base.clone());
     let token = Arc::new(format!("Bearer {}", target.token(Role::ServiceRole)));
     let run_id = std::process::id();
-    let (samples, elapsed) = drive(concurrency, duration, |worker, deadline| {
-        let (url, token) = (url.clone(), token.clone());
-        async move {
-            let client = reqwest::Client::new();
-            let resource = format!("bench_{run_id}_{worker}");
-            let mut samples = Samples::default();
-            let mut cycle = 0;
-            while Instant::now() < deadline {
-                cycle += 1;
-                for query in [
-                    format!("mutation {{ startSync(resource: \"{resource}\") {{ lastSyncStatus }} }}"),
-                    format!(
-                        "mutation {{ completeSync(resource: \"{resource}\", recordsSynced: {cycle}, recordsCreated: 0, recordsUpdated: {cycle}) {{ lastSyncStatus }} }}"
-                    ),
-                ] {
-                    let started = Instant::now();
-                    let response = client
-                        .post(url.as_str())
-                        .header("authorization", token.as_str())
-                        .json(&json!({"query": query}))
-                        .send()
-                        .await;
-                    let ok = match response {
-                        Ok(response) => response
-                            .json::<Value>()
-                            .await
-                            .is_ok_and(|body| body.get("errors").is_none()),
-                        Err(_) => false,
-                    };
-                    samples.record(started, ok);
+    let ((samples, elapsed), before, after) = metered(
+        target,
+        drive(concurrency, duration, |worker, deadline| {
+            let (base, token) = (base.clone(), token.clone());
+            async move {
+                let mut samples = Samples::default();
+                let Ok(mut connection) = HttpConnection::open(&base).await else {
+                    samples.errors += 1;
+                    return samples;
+                };
+                let resource = format!("bench_{run_id}_{worker}");
+                let mut cycle = 0;
+                while Instant::now() < deadline {
+                    cycle += 1;
+                    for query in [
+                        format!("mutation {{ startSync(resource: \"{resource}\") {{ lastSyncStatus }} }}"),
+                        format!(
+                            "mutation {{ completeSync(resource: \"{resource}\", recordsSynced: {cycle}, recordsCreated: 0, recordsUpdated: {cycle}) {{ lastSyncStatus }} }}"
+                        ),
+                    ] {
+                        let request =
+                            connection.post("/graphql", &token, &json!({"query": query}).to_string());
+                        let started = Instant::now();
+                        let ok = match connection.exchange(&request).await {
+                            Ok(response) => {
+                                response.status == 200
+                                    && serde_json::from_slice::<Value>(response.body)
+                                        .is_ok_and(|body| body.get("errors").is_none())
+                            }
+                            Err(_) => false,
+                        };
+                        samples.record(started, ok);
+                        if !ok {
+                            match HttpConnection::open(&base).await {
+                                Ok(fresh) => connection = fresh,
+                                Err(_) => return samples,
+                            }
+                        }
+                    }
                 }
+                samples
             }
-            samples
-        }
-    })
+        }),
+    )
     .await;
     // Every acknowledged transition must be in the log, in order, and the
     // rows must hold the last cycle.
@@ -76,5 +86,6 @@ pub async fn run(target: &Target, concurrency: usize, duration: Duration) -> any
         "errors": samples.errors,
         "logged": logged,
         "lost": lost,
+        "cpu_us_per_request": target.cpu_meter().per_request(before, after, count as u64),
     }))
 }

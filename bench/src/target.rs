@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use vantage_sync::auth::{Role, TokenKeys};
 
+use crate::cpu::CpuMeter;
+
 /// Where the server is and how to talk to it.
 pub struct Target {
     /// `http://host:port`.
@@ -116,6 +118,15 @@ impl Target {
         self.keys
             .mint(role, Duration::from_secs(3600), Some("vantage-sync-bench"))
             .unwrap_or_default()
+    }
+
+    /// What to count CPU time of: the server and its PostgreSQL, when they
+    /// were started here; this process always.
+    pub fn cpu_meter(&self) -> CpuMeter {
+        CpuMeter::new(
+            self.child.as_ref().map(Child::id),
+            self.dir.as_ref().map(|dir| dir.join("pgdata")),
+        )
     }
 
     /// The server's resident memory, when it runs here.
