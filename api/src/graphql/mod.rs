@@ -3,6 +3,7 @@
 pub mod documents;
 pub mod history;
 pub mod mutation;
+pub mod plain;
 pub mod query;
 pub mod subscription;
 pub mod sync_state;
@@ -43,7 +44,9 @@ impl Default for QueryLimits {
     }
 }
 
-/// The schema, with `limits`, ready for data (e.g. the live feed).
+/// The schema, with `limits`, ready for data (e.g. the live feed). It has
+/// no extensions: `SyncState` resolves its plain fields in one pass
+/// ([`plain`]), which an extension watching every resolver would not see.
 pub fn builder(limits: QueryLimits) -> SchemaBuilder<Query, Mutation, Subscription> {
     Schema::build(Query, Mutation, Subscription)
         .limit_depth(limits.depth)

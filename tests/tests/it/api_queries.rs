@@ -450,3 +450,93 @@ fragment TypeRef on __Type {
   ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name ofType { kind name } } } } } } }
 }
 "#;
+
+/// Every SyncState field, with aliases, a repeated key whose selections
+/// merge, fragments (named, inline, untyped), `__typename` and directives.
+const EVERY_FIELD: &str = r#"
+    __typename resource name: resource lastSyncTime lastSyncStatus
+    recordsSynced @skip(if: $skip) recordsCreated recordsUpdated
+    errors { __typename code message recordId timestamp details }
+    errors { code recordId }
+    startedAt completedAt durationMs @include(if: $skip) createdAt updatedAt
+    errorCount runningSeconds hoursSinceSync durationSeconds recordsPerSecond health
+    ...Extra
+    ... on SyncState { traffic: health errors { again: message } }
+    ... { updatedAt @include(if: $skip) }
+    ... @skip(if: $skip) { skipped: resource }
+"#;
+
+#[tokio::test]
+async fn plain_fields_resolve_as_the_resolvers_do() {
+    // SyncState resolves its plain fields in one pass; selecting
+    // consecutiveFailures (which reads the event log) sends the object
+    // through async-graphql's resolvers instead. One request, one clock:
+    // both must give the same values for every other field.
+    let app = TestApp::spawn().await;
+    seed_mixed(&app).await;
+    let query = format!(
+        "query($skip: Boolean!) {{
+           plain: syncStates {{ {EVERY_FIELD} }}
+           resolved: syncStates {{ {EVERY_FIELD} consecutiveFailures }}
+           empty: syncStates {{ errors {{ code @skip(if: true) }} }}
+           emptyResolved: syncStates {{ errors {{ code @skip(if: true) }} consecutiveFailures }}
+         }}
+         fragment Extra on SyncState {{ count: errorCount errors {{ message }} }}"
+    );
+    let body = app
+        .query("authenticated", &query, json!({"skip": true}))
+        .await;
+    assert!(body.get("errors").is_none(), "{body}");
+    let without_failures = |key: &str| -> Vec<Value> {
+        body["data"][key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {key} in {body}"))
+            .iter()
+            .map(|state| {
+                let mut state = state.clone();
+                state.as_object_mut().unwrap().remove("consecutiveFailures");
+                state
+            })
+            .collect()
+    };
+    let plain = without_failures("plain");
+    assert_eq!(plain, without_failures("resolved"));
+    assert_eq!(without_failures("empty"), without_failures("emptyResolved"));
+    // The comparison is not vacuous: the failed row carries its error,
+    // merged from every selection of `errors`, and skipped fields are gone.
+    let funds = &plain[0];
+    assert_eq!(funds["resource"], "funds");
+    assert_eq!(
+        funds["errors"],
+        json!([{
+            "__typename": "SyncError", "code": "HTTP_503", "message": "down", "again": "down",
+            "recordId": "f-1", "timestamp": "2025-11-05T13:28:40+00:00", "details": {"attempt": 3},
+        }])
+    );
+    assert_eq!(funds["traffic"], "RED");
+    assert_eq!(funds["count"], 1);
+    assert_eq!(funds["__typename"], "SyncState");
+    assert!(funds.get("durationMs").is_some(), "@include(if: true) kept");
+    for skipped in ["recordsSynced", "skipped"] {
+        assert!(funds.get(skipped).is_none(), "{skipped} in {funds}");
+    }
+    assert_eq!(without_failures("empty")[0], json!({"errors": [null]}));
+}
+
+#[tokio::test]
+async fn plain_fields_come_in_selection_order() {
+    let app = TestApp::spawn().await;
+    seed_mixed(&app).await;
+    let response = app
+        .client
+        .post(app.url("/graphql"))
+        .bearer_auth(app.token("authenticated"))
+        .json(&json!({"query": r#"{ syncState(resource: "funds") { health resource __typename errorCount } }"#}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.text().await.unwrap(),
+        r#"{"data":{"syncState":{"health":"RED","resource":"funds","__typename":"SyncState","errorCount":1}}}"#
+    );
+}
