@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde_json::{Value, json};
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 use vantage_sync::auth::Role;
+use vantage_sync::db::begin_statement;
 
 use crate::cpu::CpuSample;
 use crate::http::HttpConnection;
@@ -170,17 +171,28 @@ fn is_dashboard(body: &[u8]) -> bool {
 }
 
 /// The physical floor: the server's transaction for the dashboard query
-/// (begin, role and claims, the read, commit) straight on PostgreSQL.
+/// (its begin statement with role and claims, the read, the end) straight
+/// on PostgreSQL.
 pub async fn floor(
     target: &Target,
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<Value> {
     let url = Arc::new(target.database_url.clone());
+    // The server's own first statement, for a caller with the query
+    // scenario's token.
+    let caller = target.caller(Role::Authenticated)?;
+    let begin = Arc::new(begin_statement(
+        caller.role.as_str(),
+        &caller.claims,
+        Duration::from_secs(30),
+        true,
+        false,
+    ));
     let ((samples, elapsed), before, after) = metered(
         target,
         drive(concurrency, duration, |_, deadline| {
-            let url = url.clone();
+            let (url, begin) = (url.clone(), begin.clone());
             async move {
                 let mut samples = Samples::default();
                 let Ok(mut conn) = PgConnection::connect(&url).await else {
@@ -189,7 +201,7 @@ pub async fn floor(
                 };
                 while Instant::now() < deadline {
                     let started = Instant::now();
-                    let ok = read_once(&mut conn).await.is_ok();
+                    let ok = read_once(&mut conn, &begin).await.is_ok();
                     samples.record(started, ok);
                 }
                 samples
@@ -202,15 +214,8 @@ pub async fn floor(
     Ok(report(samples, elapsed, concurrency, cpu))
 }
 
-async fn read_once(conn: &mut PgConnection) -> Result<usize, sqlx::Error> {
-    let mut tx = conn.begin().await?;
-    sqlx::query(
-        "SELECT set_config('role', 'authenticated', true), \
-         set_config('request.jwt.claims', '{\"role\":\"authenticated\"}', true), \
-         set_config('statement_timeout', '30000', true), set_config('transaction_read_only', 'on', true)",
-    )
-    .execute(&mut *tx)
-    .await?;
+async fn read_once(conn: &mut PgConnection, begin: &str) -> Result<usize, sqlx::Error> {
+    let mut tx = conn.begin_with(AssertSqlSafe(begin.to_owned())).await?;
     let rows = sqlx::query("SELECT * FROM public.vantage_sync_state ORDER BY resource")
         .fetch_all(&mut *tx)
         .await?;

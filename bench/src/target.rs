@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use vantage_sync::auth::{Role, TokenKeys};
+use vantage_sync::auth::{Caller, Role, TokenKeys};
 
 use crate::cpu::CpuMeter;
 
@@ -118,6 +118,14 @@ impl Target {
         self.keys
             .mint(role, Duration::from_secs(3600), Some("vantage-sync-bench"))
             .unwrap_or_default()
+    }
+
+    /// The caller the server makes of a token for `role`.
+    pub fn caller(&self, role: Role) -> anyhow::Result<Caller> {
+        let header = format!("Bearer {}", self.token(role));
+        self.keys
+            .caller(Some(&header))
+            .map_err(|error| anyhow::anyhow!(error.message()))
     }
 
     /// What to count CPU time of: the server and its PostgreSQL, when they

@@ -4,12 +4,13 @@
 
 use async_graphql::{Context, Object};
 use entity::SyncErrors;
-use sea_orm::{DatabaseTransaction, DbErr, TransactionTrait};
+use sea_orm::DbErr;
 
 use super::RequestContext;
 use super::sync_state::SyncState;
 use super::types::SyncErrorInput;
 use super::validate;
+use crate::db::RequestTxn;
 use crate::db::sync_states::{self, RecordCounts};
 use crate::error::{ApiError, ApiResult};
 
@@ -21,29 +22,13 @@ impl RequestContext {
     async fn in_savepoint<T>(
         &self,
         resource: &str,
-        work: impl AsyncFnOnce(&DatabaseTransaction) -> Result<T, DbErr>,
+        work: impl AsyncFnOnce(&RequestTxn) -> Result<T, DbErr>,
     ) -> ApiResult<T> {
         let txn = self.db.txn().await?;
-        let savepoint = txn
-            .begin()
+        txn.in_savepoint(work)
             .await
-            .map_err(|error| ApiError::from_db(error, resource))?;
-        match work(&savepoint).await {
-            Ok(value) => {
-                savepoint
-                    .commit()
-                    .await
-                    .map_err(|error| ApiError::from_db(error, resource))?;
-                Ok(value)
-            }
-            Err(error) => {
-                savepoint
-                    .rollback()
-                    .await
-                    .map_err(|rollback| ApiError::from_db(rollback, resource))?;
-                Err(ApiError::from_db(error, resource))
-            }
-        }
+            .and_then(|result| result)
+            .map_err(|error| ApiError::from_db(error, resource))
     }
 }
 
