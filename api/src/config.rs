@@ -35,8 +35,9 @@ pub struct ServeArgs {
     #[arg(long, env = "VANTAGE_SYNC_DATA_DIR", default_value = ".vantage-sync")]
     pub data_dir: PathBuf,
 
-    /// Most database connections in the pool.
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    /// Most database connections in the pool (default: twice this
+    /// machine's CPU cores, at least 4).
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = default_max_connections())]
     pub max_connections: u32,
 
     /// Longest a request may take, in seconds (also the statement timeout).
@@ -134,6 +135,18 @@ pub struct ServerConfig {
     pub websocket: WebSocketConfig,
 }
 
+/// Twice the CPU cores, at least 4: PostgreSQL's rule of thumb for a pool
+/// (about two connections per core keep the database busy; more only
+/// queue inside it). Measured with the load tool on 2 cores shared with
+/// the database: 4 connections served 32 clients with 30% more requests
+/// per second and half the p99 of 32 connections (README, Performance).
+pub fn default_max_connections() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    u32::try_from(cores.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .clamp(4, 1000)
+}
+
 impl ServerConfig {
     /// Settings with defaults for everything but the database and secret.
     pub fn new(database_url: String, jwt_secret: &[u8]) -> Result<Self, ConfigError> {
@@ -142,7 +155,7 @@ impl ServerConfig {
             keys: TokenKeys::new(jwt_secret).map_err(ConfigError::Secret)?,
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             migrate: true,
-            max_connections: 16,
+            max_connections: default_max_connections(),
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
             limits: QueryLimits::default(),

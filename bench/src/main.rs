@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
             args.database_url.clone().context("--database-url")?,
             args.jwt_secret.as_deref().context("--jwt-secret")?,
         )?,
-        None => Target::spawn(args.server_bin.clone(), args.concurrency).await?,
+        None => Target::spawn(args.server_bin.clone()).await?,
     };
     let result = run(&args, &target).await;
     target.stop();

@@ -43,10 +43,7 @@ impl Target {
     }
 
     /// Starts `vantage-sync serve` in zero-config mode in a fresh directory.
-    pub async fn spawn(
-        server_bin: Option<PathBuf>,
-        max_connections: usize,
-    ) -> anyhow::Result<Self> {
+    pub async fn spawn(server_bin: Option<PathBuf>) -> anyhow::Result<Self> {
         let bin = match server_bin {
             Some(bin) => bin,
             None => std::env::current_exe()?
@@ -63,9 +60,9 @@ impl Target {
         let dir = std::env::temp_dir().join(format!("vantage-sync-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let mut child = Command::new(&bin)
-            .args(["serve", "--listen-addr", "127.0.0.1:0", "--max-connections"])
-            .arg(max_connections.clamp(1, 64).to_string())
-            .arg("--data-dir")
+            // The server's own defaults (pool size among them): the load
+            // measures it as a first run would get it.
+            .args(["serve", "--listen-addr", "127.0.0.1:0", "--data-dir"])
             .arg(&dir)
             .env_remove("DATABASE_URL")
             .env_remove("JWT_SECRET")
