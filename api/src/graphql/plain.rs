@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 
 use async_graphql::indexmap::IndexMap;
+use async_graphql::indexmap::map::Entry;
 use async_graphql::parser::types::{Field, FragmentDefinition, Selection, SelectionSet};
 use async_graphql::{ContextSelectionSet, Name, Positioned, Value};
 
@@ -49,7 +50,7 @@ impl<'a> Walk<'a> {
         object: &T,
         selection_set: &SelectionSet,
     ) -> Option<Value> {
-        let mut fields = IndexMap::new();
+        let mut fields = IndexMap::with_capacity(selection_set.items.len());
         self.collect(object, selection_set, &mut fields)?;
         Some(if fields.is_empty() {
             Value::Null
@@ -105,9 +106,12 @@ impl<'a> Walk<'a> {
 /// selected more than once: objects (and lists of objects) merge, anything
 /// else keeps the first value.
 fn merge(into: &mut IndexMap<Name, Value>, key: Name, value: Value) {
-    let Some(previous) = into.get_mut(&key) else {
-        into.insert(key, value);
-        return;
+    let previous = match into.entry(key) {
+        Entry::Vacant(entry) => {
+            entry.insert(value);
+            return;
+        }
+        Entry::Occupied(entry) => entry.into_mut(),
     };
     match (previous, value) {
         (Value::Object(previous), Value::Object(object)) => {
