@@ -79,3 +79,43 @@ async fn entity_reads_errors_of_any_shape() {
         json!([{"code": "HTTP_500", "message": "boom", "recordId": "f-1"}, {"code": "", "message": "bare text"}])
     );
 }
+
+/// The server's reads decode rows by column position; with a distinct
+/// value in every column they must give what sea-orm's decoding by name
+/// gives.
+#[tokio::test]
+async fn reads_by_position_match_the_entity() {
+    let db = TestDb::migrated().await;
+    let mut conn = db.connect().await;
+    conn.execute(
+        r#"INSERT INTO vantage_sync_state (resource, last_sync_time, last_sync_status,
+             records_synced, records_created, records_updated, errors, started_at,
+             completed_at, created_at)
+           VALUES ('probe', '2025-01-01T00:00:01Z', 'failed', 30, 10, 20,
+             '[{"code": "E1", "message": "m", "recordId": "r-1", "details": {"n": 1}}]',
+             '2025-01-01T00:00:02Z', '2025-01-01T00:00:05Z', '2025-01-01T00:00:00Z')"#,
+    )
+    .await
+    .unwrap();
+    let orm = vantage_sync::db::connect(&db.url, 1).await.unwrap();
+    let by_name = SyncStateEntity::find_by_id("probe")
+        .one(&orm)
+        .await
+        .unwrap()
+        .unwrap();
+    let by_position = vantage_sync::db::sync_states::find(&orm, "probe")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_position, by_name);
+    assert_eq!(by_name.duration_ms, Some(3000));
+    let all = vantage_sync::db::sync_states::list(&orm, None)
+        .await
+        .unwrap();
+    let all_by_name = SyncStateEntity::find()
+        .order_by_asc(vantage_sync_state::Column::Resource)
+        .all(&orm)
+        .await
+        .unwrap();
+    assert_eq!(all, all_by_name);
+}
