@@ -183,7 +183,7 @@ pub async fn floor(
     // scenario's token.
     let caller = target.caller(Role::Authenticated)?;
     let begin = Arc::new(begin_statement(
-        caller.role.as_str(),
+        caller.role,
         &caller.claims,
         Duration::from_secs(30),
         true,

@@ -16,7 +16,7 @@ use sea_orm::{
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
-use crate::auth::Caller;
+use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
 
 /// Opens a pool of at most `max_connections` connections to `database_url`.
@@ -45,7 +45,7 @@ pub async fn connect(
 /// PostgreSQL's grants and RLS refuse whatever a guard might miss.
 pub struct RequestDb {
     pool: DatabaseConnection,
-    role: &'static str,
+    role: Role,
     claims: Arc<str>,
     read_only: bool,
     repeatable_read: bool,
@@ -63,7 +63,7 @@ impl RequestDb {
     ) -> Self {
         Self {
             pool,
-            role: caller.role.as_str(),
+            role: caller.role,
             claims: caller.claims.clone(),
             read_only,
             repeatable_read: false,
@@ -154,11 +154,11 @@ impl RequestDb {
 /// One simple-protocol message of utility statements: PostgreSQL parses
 /// them but plans nothing, and the load tool measured it cheaper for the
 /// database than BEGIN followed by a prepared `set_config` call, besides
-/// saving the round trip. `role` is one of the three API roles; the claims
-/// are JSON text from the verified token, written as an escape string
-/// literal, so nothing in them can end it.
+/// saving the round trip. The role is one of the three API roles' fixed
+/// names; the claims are JSON text from the verified token, written as an
+/// escape string literal, so nothing in them can end it.
 pub fn begin_statement(
-    role: &str,
+    role: Role,
     claims: &str,
     statement_timeout: Duration,
     read_only: bool,
@@ -170,6 +170,7 @@ pub fn begin_statement(
         ""
     };
     let access = if read_only { "READ ONLY" } else { "READ WRITE" };
+    let role = role.as_str();
     let claims = claims.replace('\\', "\\\\").replace('\'', "''");
     format!(
         "BEGIN{isolation} {access}; SET LOCAL ROLE \"{role}\"; \
@@ -257,5 +258,38 @@ impl ConnectionTrait for RequestTxn {
             .await
             .map(|rows| rows.into_iter().map(Into::into).collect())
             .map_err(query_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begin_statement_sets_role_claims_and_timeout_in_one_message() {
+        assert_eq!(
+            begin_statement(
+                Role::Authenticated,
+                r#"{"sub":"o'brien \ '"}"#,
+                Duration::from_secs(30),
+                true,
+                false
+            ),
+            r#"BEGIN READ ONLY; SET LOCAL ROLE "authenticated"; SET LOCAL request.jwt.claims TO E'{"sub":"o''brien \\ ''"}'; SET LOCAL statement_timeout TO 30000"#
+        );
+        assert!(
+            begin_statement(
+                Role::ServiceRole,
+                "{}",
+                Duration::from_secs(1),
+                false,
+                false
+            )
+            .starts_with("BEGIN READ WRITE; SET LOCAL ROLE \"service_role\";")
+        );
+        assert!(
+            begin_statement(Role::Anon, "{}", Duration::from_secs(1), true, true)
+                .starts_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;")
+        );
     }
 }
