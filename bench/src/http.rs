@@ -48,6 +48,19 @@ impl HttpConnection {
         })
     }
 
+    /// Replaces the connection with a fresh one, as after a failed
+    /// exchange (its state is then unknown); false when the server cannot
+    /// be reached.
+    pub async fn reopen(&mut self) -> bool {
+        match Self::open(&format!("http://{}", self.authority)).await {
+            Ok(fresh) => {
+                *self = fresh;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// A complete `POST path` request with `body` as JSON, ready to send
     /// as often as needed.
     pub fn post(&self, path: &str, authorization: &str, body: &str) -> Vec<u8> {

@@ -143,12 +143,8 @@ pub async fn query(
                         Err(_) => false,
                     };
                     samples.record(started, ok);
-                    if !ok {
-                        // The connection's state is unknown: start afresh.
-                        match HttpConnection::open(&base).await {
-                            Ok(fresh) => connection = fresh,
-                            Err(_) => break,
-                        }
+                    if !ok && !connection.reopen().await {
+                        break;
                     }
                 }
                 samples

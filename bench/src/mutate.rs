@@ -49,11 +49,8 @@ pub async fn run(target: &Target, concurrency: usize, duration: Duration) -> any
                             Err(_) => false,
                         };
                         samples.record(started, ok);
-                        if !ok {
-                            match HttpConnection::open(&base).await {
-                                Ok(fresh) => connection = fresh,
-                                Err(_) => return samples,
-                            }
+                        if !ok && !connection.reopen().await {
+                            return samples;
                         }
                     }
                 }

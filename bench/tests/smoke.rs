@@ -27,6 +27,17 @@ fn smoke_runs_every_scenario_correctly() {
             "{scenario} did nothing"
         );
         assert_eq!(report[scenario]["errors"], 0, "{scenario}");
+        // The CPU the load tool measured for itself and, but for the
+        // floor (which bypasses it), for the server it started.
+        let cpu = &report[scenario]["cpu_us_per_request"];
+        assert!(
+            cpu["load_tool"].as_f64().unwrap() > 0.0,
+            "{scenario}: {cpu}"
+        );
+        assert!(cpu["postgres"].as_f64().unwrap() > 0.0, "{scenario}: {cpu}");
+        if scenario != "floor" {
+            assert!(cpu["server"].as_f64().unwrap() > 0.0, "{scenario}: {cpu}");
+        }
     }
     assert_eq!(report["mutate"]["lost"], 0);
     let fanout = &report["fanout"];

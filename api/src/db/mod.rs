@@ -197,11 +197,11 @@ pub struct RequestTxn {
 impl RequestTxn {
     /// Runs `work` in a savepoint: kept if it succeeds, rolled back if not,
     /// so a refused statement neither poisons nor undoes the rest of the
-    /// transaction. The outer error is one of the savepoint itself.
+    /// transaction. A failure to end the savepoint wins over `work`'s own.
     pub async fn in_savepoint<T>(
         &self,
         work: impl AsyncFnOnce(&Self) -> Result<T, DbErr>,
-    ) -> Result<Result<T, DbErr>, DbErr> {
+    ) -> Result<T, DbErr> {
         self.execute_unprepared("SAVEPOINT request_step").await?;
         let result = work(self).await;
         let end = match result {
@@ -209,13 +209,13 @@ impl RequestTxn {
             Err(_) => "ROLLBACK TO SAVEPOINT request_step",
         };
         self.execute_unprepared(end).await?;
-        Ok(result)
+        result
     }
 }
 
-fn bind(statement: &Statement) -> sqlx::query::Query<'_, Postgres, SqlxValues> {
-    let values = statement.values.clone().unwrap_or(Values(Vec::new()));
-    sqlx::query_with(AssertSqlSafe(statement.sql.as_str()), SqlxValues(values))
+fn bind(statement: Statement) -> sqlx::query::Query<'static, Postgres, SqlxValues> {
+    let values = statement.values.unwrap_or(Values(Vec::new()));
+    sqlx::query_with(AssertSqlSafe(statement.sql), SqlxValues(values))
 }
 
 #[async_trait::async_trait]
@@ -226,7 +226,7 @@ impl ConnectionTrait for RequestTxn {
 
     async fn execute_raw(&self, statement: Statement) -> Result<ExecResult, DbErr> {
         let mut txn = self.txn.lock().await;
-        bind(&statement)
+        bind(statement)
             .execute(&mut **txn)
             .await
             .map(Into::into)
@@ -244,7 +244,7 @@ impl ConnectionTrait for RequestTxn {
 
     async fn query_one_raw(&self, statement: Statement) -> Result<Option<QueryResult>, DbErr> {
         let mut txn = self.txn.lock().await;
-        bind(&statement)
+        bind(statement)
             .fetch_optional(&mut **txn)
             .await
             .map(|row| row.map(Into::into))
@@ -253,7 +253,7 @@ impl ConnectionTrait for RequestTxn {
 
     async fn query_all_raw(&self, statement: Statement) -> Result<Vec<QueryResult>, DbErr> {
         let mut txn = self.txn.lock().await;
-        bind(&statement)
+        bind(statement)
             .fetch_all(&mut **txn)
             .await
             .map(|rows| rows.into_iter().map(Into::into).collect())

@@ -27,7 +27,6 @@ impl RequestContext {
         let txn = self.db.txn().await?;
         txn.in_savepoint(work)
             .await
-            .and_then(|result| result)
             .map_err(|error| ApiError::from_db(error, resource))
     }
 }

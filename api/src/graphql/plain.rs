@@ -7,8 +7,9 @@
 //! Performance). A `SyncState` row and its errors need no I/O, so here
 //! their selection set is walked once and each value computed directly.
 //! Whatever the walk does not know (a field that reads the database, a
-//! custom directive) hands the whole object back to async-graphql's own resolution: the two paths give the
-//! same response (a test compares them), only the cost differs.
+//! custom directive) hands the whole object back to async-graphql's own
+//! resolution: the two paths give the same response (a test compares
+//! them), only the cost differs.
 
 use std::collections::HashMap;
 
@@ -114,20 +115,20 @@ fn merge(into: &mut IndexMap<Name, Value>, key: Name, value: Value) {
         Entry::Occupied(entry) => entry.into_mut(),
     };
     match (previous, value) {
-        (Value::Object(previous), Value::Object(object)) => {
-            for (key, value) in object {
-                merge(previous, key, value);
-            }
-        }
+        (Value::Object(previous), Value::Object(object)) => merge_objects(previous, object),
         (Value::List(previous), Value::List(list)) => {
             for (previous, value) in previous.iter_mut().zip(list) {
                 if let (Value::Object(previous), Value::Object(object)) = (previous, value) {
-                    for (key, value) in object {
-                        merge(previous, key, value);
-                    }
+                    merge_objects(previous, object);
                 }
             }
         }
         _ => {}
+    }
+}
+
+fn merge_objects(into: &mut IndexMap<Name, Value>, object: IndexMap<Name, Value>) {
+    for (key, value) in object {
+        merge(into, key, value);
     }
 }

@@ -409,3 +409,56 @@ async fn claims_with_quotes_backslashes_and_dollars_arrive_intact() {
     assert_eq!(parsed["sub"], subject);
     assert_eq!(user, "authenticated");
 }
+
+/// Each kind of request transaction begins with the access mode,
+/// isolation, role and statement timeout it asks for, and a read-only one
+/// refuses writes even from a role that may write.
+#[tokio::test]
+async fn request_transactions_begin_as_asked() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    let db = vantage_sync_tests::TestDb::migrated().await;
+    let pool = vantage_sync::db::connect(&db.url, 1).await.unwrap();
+    let writer = Caller::for_role(Role::ServiceRole);
+    let settings = "SELECT current_setting('transaction_read_only') AS ro, \
+        current_setting('transaction_isolation') AS iso, current_user::text AS u, \
+        current_setting('statement_timeout') AS t";
+    let cases = [
+        (
+            RequestDb::new(pool.clone(), &writer, true, Duration::from_millis(1500)),
+            ["on", "read committed", "service_role", "1500ms"],
+        ),
+        (
+            RequestDb::new(pool.clone(), &writer, false, Duration::from_secs(5)),
+            ["off", "read committed", "service_role", "5s"],
+        ),
+        (
+            RequestDb::snapshot(pool.clone(), &writer, Duration::from_secs(5)),
+            ["on", "repeatable read", "service_role", "5s"],
+        ),
+    ];
+    for (request, expected) in cases {
+        let txn = request.txn().await.unwrap();
+        let row = txn
+            .query_one_raw(Statement::from_string(DbBackend::Postgres, settings))
+            .await
+            .unwrap()
+            .unwrap();
+        let got: Vec<String> = ["ro", "iso", "u", "t"]
+            .iter()
+            .map(|column| row.try_get("", column).unwrap())
+            .collect();
+        assert_eq!(got, expected);
+    }
+    let read_only = RequestDb::new(pool, &writer, true, Duration::from_secs(5));
+    let refused = {
+        let txn = read_only.txn().await.unwrap();
+        sync_states::register(&*txn, "written").await
+    };
+    let Err(error) = refused else {
+        panic!("a read-only transaction wrote");
+    };
+    assert_eq!(
+        vantage_sync::error::sqlstate(&error).map(|(code, _)| code),
+        Some("25006".to_owned())
+    );
+}
