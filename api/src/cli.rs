@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::auth::{Role, TokenKeys};
+use crate::auth::{ClaimRules, Role, SigningKey, TokenKeys};
 use crate::config::{ConfigError, ServeArgs, ServerConfig};
 use crate::managed_postgres::{self, ManagedError, ManagedPostgres};
 use crate::migrate::{self, MigrateCommand, MigrateError};
@@ -36,8 +36,24 @@ pub enum Command {
     },
     /// Print the GraphQL schema (SDL).
     Schema,
-    /// Mint a bearer token.
+    /// Mint a bearer token (HS256 with the secret, or signed with a
+    /// private key).
     Token(TokenArgs),
+    /// Print the public JSON Web Key Set of a private key (for JWKS_FILE
+    /// or a JWKS_URL you serve), so tokens from `token --private-key`
+    /// verify.
+    Jwks(JwksArgs),
+}
+
+/// Flags of `vantage-sync jwks`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JwksArgs {
+    /// PEM private key: EC P-256, RSA (2048 bits or more) or Ed25519.
+    #[arg(long)]
+    pub private_key: PathBuf,
+    /// Key id; default: the key's RFC 7638 thumbprint.
+    #[arg(long)]
+    pub kid: Option<String>,
 }
 
 /// Flags of `vantage-sync token`.
@@ -52,12 +68,38 @@ pub struct TokenArgs {
     /// Subject (`sub` claim), e.g. a user id.
     #[arg(long)]
     pub sub: Option<String>,
-    /// Secret to sign with; without it, the one kept in --data-dir.
+    /// Secret to sign with; without it (and without --private-key), the
+    /// one kept in --data-dir.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Sign with this PEM private key instead (EC P-256: ES256, RSA:
+    /// RS256, Ed25519: EdDSA); `jwks --private-key` prints its public key.
+    #[arg(long, conflicts_with = "jwt_secret")]
+    pub private_key: Option<PathBuf>,
+    /// Key id of --private-key; default: the key's RFC 7638 thumbprint.
+    #[arg(long, requires = "private_key")]
+    pub kid: Option<String>,
+    /// `iss` claim, as the server's --jwt-issuer expects.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// `aud` claim (the first of a comma-separated list), as the server's
+    /// --jwt-audience expects.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Dotted path where the role goes besides `role`, as the server's
+    /// --jwt-role-claim expects.
+    #[arg(long, env = "JWT_ROLE_CLAIM", default_value = "role")]
+    pub jwt_role_claim: String,
     /// Data directory of the zero-configuration setup.
     #[arg(long, env = "VANTAGE_SYNC_DATA_DIR", default_value = ".vantage-sync")]
     pub data_dir: PathBuf,
+}
+
+fn read_signing_key(path: &std::path::Path, kid: Option<String>) -> Result<SigningKey, CliError> {
+    let pem = std::fs::read(path)
+        .map_err(|error| CliError::Token(format!("cannot read {}: {error}", path.display())))?;
+    SigningKey::from_pem(&pem, kid)
+        .map_err(|error| CliError::Token(format!("{}: {error}", path.display())))
 }
 
 /// Why a command failed.
@@ -127,15 +169,42 @@ impl Cli {
                 Ok(())
             }
             Command::Token(args) => {
-                let secret = match args.jwt_secret {
-                    Some(secret) => secret,
-                    None => managed_postgres::load_or_create_secret(&args.data_dir)?,
-                };
-                let keys = TokenKeys::new(secret.as_bytes()).map_err(ConfigError::Secret)?;
-                let token = keys
-                    .mint(args.role, args.ttl, args.sub.as_deref())
-                    .map_err(CliError::Token)?;
+                let rules = ClaimRules::parse(
+                    args.jwt_issuer.as_deref(),
+                    args.jwt_audience.as_deref(),
+                    &args.jwt_role_claim,
+                )
+                .map_err(ConfigError::Keys)?;
+                let token = match &args.private_key {
+                    Some(path) => read_signing_key(path, args.kid.clone())?.mint(
+                        &rules,
+                        args.role,
+                        args.ttl,
+                        args.sub.as_deref(),
+                    ),
+                    None => {
+                        let secret = match args.jwt_secret {
+                            Some(secret) => secret,
+                            None => managed_postgres::load_or_create_secret(&args.data_dir)?,
+                        };
+                        TokenKeys::from_settings(crate::auth::KeySettings {
+                            secret: Some(secret.into_bytes()),
+                            jwks: None,
+                            rules,
+                        })
+                        .map_err(ConfigError::Keys)?
+                        .mint(args.role, args.ttl, args.sub.as_deref())
+                    }
+                }
+                .map_err(CliError::Token)?;
                 println!("{token}");
+                Ok(())
+            }
+            Command::Jwks(args) => {
+                let key = read_signing_key(&args.private_key, args.kid)?;
+                let set = serde_json::to_string_pretty(&key.key_set())
+                    .map_err(|error| CliError::Token(error.to_string()))?;
+                println!("{set}");
                 Ok(())
             }
         }
@@ -145,13 +214,14 @@ impl Cli {
 async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let (managed, database_url, secret) = match &args.database_url {
         Some(url) => {
-            let secret = args.jwt_secret.clone().ok_or_else(|| {
-                ConfigError::Secret(
-                    "not set: with DATABASE_URL, also set JWT_SECRET (the secret your tokens are signed with, at least 32 bytes)"
+            if args.jwt_secret.is_none() && args.jwks_url.is_none() && args.jwks_file.is_none() {
+                return Err(ConfigError::Keys(
+                    "with DATABASE_URL, set JWT_SECRET (the HS256 secret your tokens are signed with, at least 32 bytes) and/or JWKS_URL or JWKS_FILE (the public keys of ES256, RS256 or EdDSA tokens)"
                         .into(),
                 )
-            })?;
-            (None, url.clone(), secret)
+                .into());
+            }
+            (None, url.clone(), args.jwt_secret.clone())
         }
         None => {
             let managed = ManagedPostgres::start(&args.data_dir).await?;
@@ -160,10 +230,16 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
                 None => managed_postgres::load_or_create_secret(&args.data_dir)?,
             };
             let url = managed.database_url();
-            (Some(managed), url, secret)
+            (Some(managed), url, Some(secret))
         }
     };
-    let result = serve_with(&args, database_url, secret.as_bytes(), managed.is_some()).await;
+    let result = serve_with(
+        &args,
+        database_url,
+        secret.as_deref().map(str::as_bytes),
+        managed.is_some(),
+    )
+    .await;
     if let Some(managed) = managed {
         if let Err(error) = managed.stop() {
             tracing::error!(%error, "could not stop the managed PostgreSQL");
@@ -177,7 +253,7 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
 async fn serve_with(
     args: &ServeArgs,
     database_url: String,
-    secret: &[u8],
+    secret: Option<&[u8]>,
     managed: bool,
 ) -> Result<(), CliError> {
     let config = ServerConfig::from_args(args, database_url, secret)?;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::auth::TokenKeys;
+use crate::auth::{ClaimRules, JwksSource, KeySettings, TokenKeys};
+use crate::cors::CorsOrigins;
+use crate::db::PreparedStatements;
 use crate::graphql::QueryLimits;
 
 /// Flags of `vantage-sync serve`.
@@ -22,6 +24,61 @@ pub struct ServeArgs {
     /// without DATABASE_URL) one is generated and kept under --data-dir.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// URL of a JSON Web Key Set whose keys verify ES256, RS256 and EdDSA
+    /// tokens by their `kid`, e.g. Supabase's
+    /// https://<ref>.supabase.co/auth/v1/.well-known/jwks.json.
+    #[arg(long, env = "JWKS_URL", conflicts_with = "jwks_file")]
+    pub jwks_url: Option<String>,
+
+    /// A file holding a JSON Web Key Set (instead of --jwks-url).
+    #[arg(long, env = "JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+
+    /// Seconds between refreshes of the key set (a token naming an
+    /// unknown `kid` also triggers one, at most every 10 s).
+    #[arg(long, env = "JWKS_REFRESH_SECS", default_value_t = 600,
+          value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub jwks_refresh_secs: u64,
+
+    /// When set, a token's `iss` must equal it (Supabase:
+    /// https://<ref>.supabase.co/auth/v1).
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, a token's `aud` must contain one of these
+    /// (comma-separated); unset, `aud` is not checked.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Dotted path to the role claim (e.g. app_metadata.role); the role
+    /// must be anon, authenticated or service_role.
+    #[arg(long, env = "JWT_ROLE_CLAIM", default_value = "role")]
+    pub jwt_role_claim: String,
+
+    /// Session connection (direct, or a session-mode pooler) the live feed
+    /// LISTENs on; default: DATABASE_URL. Needed when DATABASE_URL is a
+    /// transaction-mode pooler, where LISTEN receives nothing.
+    #[arg(long, env = "LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
+
+    /// Named prepared statements: true, false (what a transaction-mode
+    /// pooler needs), or auto (off when start-up finds such a pooler).
+    #[arg(long, env = "DB_PREPARED_STATEMENTS", value_enum, default_value_t = PreparedStatements::Auto)]
+    pub db_prepared_statements: PreparedStatements,
+
+    /// Seconds between reads of the event log that do not wait for a
+    /// notification: the longest a change whose notification is lost
+    /// takes to reach subscribers.
+    #[arg(long, env = "FEED_POLL_SECS", default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub feed_poll_secs: u64,
+
+    /// Origins that browsers may call the API from: a comma-separated list
+    /// of exact origins (https://dash.example.com), or `*`. Default: none
+    /// (same-origin only).
+    #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
+    pub cors_allowed_origins: Option<String>,
 
     /// Address to serve HTTP on.
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
@@ -97,9 +154,12 @@ impl Default for WebSocketConfig {
 /// A configuration problem, said so the operator can fix it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The JWT secret is missing or too short.
-    #[error("JWT_SECRET: {0}")]
-    Secret(String),
+    /// The token keys or claim rules are missing or unusable.
+    #[error("{0}")]
+    Keys(String),
+    /// The CORS origins are malformed.
+    #[error("CORS_ALLOWED_ORIGINS: {0}")]
+    Cors(String),
     /// A number is out of its useful range.
     #[error("{flag} must be {rule}")]
     OutOfRange {
@@ -115,6 +175,14 @@ pub enum ConfigError {
 pub struct ServerConfig {
     /// PostgreSQL URL.
     pub database_url: String,
+    /// Session connection the live feed LISTENs on; `None`: `database_url`.
+    pub listen_database_url: Option<String>,
+    /// Named prepared statements, or how to decide.
+    pub prepared_statements: PreparedStatements,
+    /// Longest time between two reads of the event log.
+    pub feed_poll_interval: Duration,
+    /// Origins browsers may call from.
+    pub cors: CorsOrigins,
     /// Token keys made from the secret.
     pub keys: TokenKeys,
     /// Address to listen on (port 0: any free port).
@@ -150,9 +218,19 @@ pub fn default_max_connections() -> u32 {
 impl ServerConfig {
     /// Settings with defaults for everything but the database and secret.
     pub fn new(database_url: String, jwt_secret: &[u8]) -> Result<Self, ConfigError> {
-        Ok(Self {
+        let keys = TokenKeys::new(jwt_secret).map_err(ConfigError::Keys)?;
+        Ok(Self::with_keys(database_url, keys))
+    }
+
+    /// Settings with defaults for everything but the database and keys.
+    pub fn with_keys(database_url: String, keys: TokenKeys) -> Self {
+        Self {
             database_url,
-            keys: TokenKeys::new(jwt_secret).map_err(ConfigError::Secret)?,
+            listen_database_url: None,
+            prepared_statements: PreparedStatements::Auto,
+            feed_poll_interval: Duration::from_secs(2),
+            cors: CorsOrigins::default(),
+            keys,
             listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             migrate: true,
             max_connections: default_max_connections(),
@@ -161,14 +239,15 @@ impl ServerConfig {
             limits: QueryLimits::default(),
             event_retention_days: Some(30),
             websocket: WebSocketConfig::default(),
-        })
+        }
     }
 
-    /// Settings from `args`, given the database URL and secret to use.
+    /// Settings from `args`, given the database URL and HS256 secret (if
+    /// any) to use.
     pub fn from_args(
         args: &ServeArgs,
         database_url: String,
-        jwt_secret: &[u8],
+        jwt_secret: Option<&[u8]>,
     ) -> Result<Self, ConfigError> {
         let range = |ok: bool, flag, rule| {
             if ok {
@@ -217,7 +296,42 @@ impl ServerConfig {
             "--ws-ping-interval-secs (WS_PING_INTERVAL_SECS)",
             "between 1 and 3600",
         )?;
-        let mut config = Self::new(database_url, jwt_secret)?;
+        let rules = ClaimRules::parse(
+            args.jwt_issuer.as_deref(),
+            args.jwt_audience.as_deref(),
+            &args.jwt_role_claim,
+        )
+        .map_err(ConfigError::Keys)?;
+        let refresh = Duration::from_secs(args.jwks_refresh_secs);
+        let jwks = match (&args.jwks_url, &args.jwks_file) {
+            (Some(url), _) => {
+                let parsed = reqwest::Url::parse(url).map_err(|error| {
+                    ConfigError::Keys(format!("JWKS_URL: \"{url}\" is not a URL: {error}"))
+                })?;
+                if !matches!(parsed.scheme(), "https" | "http") {
+                    return Err(ConfigError::Keys(format!(
+                        "JWKS_URL: \"{url}\" must be an https:// (or http://) URL"
+                    )));
+                }
+                Some((JwksSource::Url(url.clone()), refresh))
+            }
+            (None, Some(path)) => Some((JwksSource::File(path.clone()), refresh)),
+            (None, None) => None,
+        };
+        let keys = TokenKeys::from_settings(KeySettings {
+            secret: jwt_secret.map(<[u8]>::to_vec),
+            jwks,
+            rules,
+        })
+        .map_err(ConfigError::Keys)?;
+        let mut config = Self::with_keys(database_url, keys);
+        config.listen_database_url = args.listen_database_url.clone();
+        config.prepared_statements = args.db_prepared_statements;
+        config.feed_poll_interval = Duration::from_secs(args.feed_poll_secs);
+        config.cors = match &args.cors_allowed_origins {
+            Some(origins) => CorsOrigins::parse(origins).map_err(ConfigError::Cors)?,
+            None => CorsOrigins::default(),
+        };
         config.event_retention_days =
             (args.event_retention_days > 0).then_some(args.event_retention_days);
         config.websocket = WebSocketConfig {

@@ -16,12 +16,12 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::Utc;
-use sea_orm::DatabaseConnection;
 use serde_json::json;
 
 use crate::auth::TokenKeys;
 use crate::config::WebSocketConfig;
-use crate::db::RequestDb;
+use crate::cors::{self, CorsOrigins};
+use crate::db::{Pool, RequestDb};
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
@@ -34,7 +34,7 @@ pub struct AppState {
     /// The GraphQL schema.
     pub schema: AppSchema,
     /// The database pool.
-    pub pool: DatabaseConnection,
+    pub pool: Pool,
     /// Token verification.
     pub keys: TokenKeys,
     /// Metrics registry.
@@ -51,11 +51,14 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Parsed queries, by text.
     pub documents: Arc<DocumentCache>,
+    /// Origins browsers may call from.
+    pub cors: CorsOrigins,
 }
 
 /// The service's routes.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let cors = state.cors.clone();
+    let routes = Router::new()
         .route("/", get(graphiql))
         .route("/graphql", get(graphql_get_or_websocket).post(graphql_post))
         .route("/healthz", get(healthz))
@@ -64,7 +67,13 @@ pub fn router(state: AppState) -> Router {
         // One span per request (method, path) with status and latency
         // events, filtered by RUST_LOG (e.g. `tower_http=debug`).
         .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
+        .with_state(state);
+    match cors.layer() {
+        Some(layer) => routes
+            .layer(layer)
+            .layer(axum::middleware::from_fn_with_state(cors, cors::fix_up)),
+        None => routes,
+    }
 }
 
 /// A GraphQL-shaped error body for requests refused before execution.
@@ -132,7 +141,7 @@ async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request)
         .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
     if wants_websocket {
         return match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(upgrade) => crate::ws::upgrade(app, &parts.headers, upgrade),
+            Ok(upgrade) => crate::ws::upgrade(app, &parts.headers, upgrade).await,
             Err(rejection) => rejection.into_response(),
         };
     }
@@ -190,7 +199,7 @@ async fn execute(
         let error = ApiError::bad_input("query", "the request has no \"query\"");
         return refuse(StatusCode::BAD_REQUEST, error);
     }
-    let caller = match app.keys.caller(authorization) {
+    let caller = match app.keys.caller(authorization).await {
         Ok(caller) => caller,
         Err(error) => {
             app.metrics
@@ -295,6 +304,11 @@ async fn healthz() -> &'static str {
 async fn readyz(State(app): State<AppState>) -> Response {
     let ping = tokio::time::timeout(Duration::from_secs(2), app.pool.ping()).await;
     match ping {
+        Ok(Ok(())) if !app.keys.is_ready() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "JSON Web Key Set not loaded yet",
+        )
+            .into_response(),
         Ok(Ok(())) if app.feed.is_live() => (StatusCode::OK, "ready").into_response(),
         Ok(Ok(())) => (StatusCode::SERVICE_UNAVAILABLE, "live feed reconnecting").into_response(),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response(),
@@ -302,7 +316,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let pool = app.pool.get_postgres_connection_pool();
+    let pool = app.pool.sqlx();
     let text = app.metrics.render(pool.size(), pool.num_idle());
     (
         [(

@@ -178,7 +178,7 @@ impl ManagedPostgres {
             tool: "postgres",
             detail: detail.to_string(),
         };
-        let admin = crate::db::connect(&self.url("postgres"), 1)
+        let admin = crate::db::connect_session(&self.url("postgres"))
             .await
             .map_err(tool_error)?;
         let exists = admin

@@ -42,6 +42,20 @@ struct OperationLabels {
     operation: Operation,
 }
 
+/// How a fetch of the JSON Web Key Set ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum JwksOutcome {
+    /// A valid set was loaded.
+    Ok,
+    /// The fetch or the set failed; the last good set stays.
+    Failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JwksLabels {
+    outcome: JwksOutcome,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PoolLabels {
     state: &'static str,
@@ -56,6 +70,9 @@ pub struct Metrics {
     subscriptions: Gauge,
     delivered: Counter,
     reconnects: Counter,
+    unannounced: Counter,
+    jwks_refreshes: Family<JwksLabels, Counter>,
+    jwks_keys: Gauge,
     delay: Histogram,
 }
 
@@ -107,6 +124,25 @@ impl Default for Metrics {
             "Times the live feed's LISTEN connection was rebuilt",
             reconnects.clone(),
         );
+        let unannounced = Counter::default();
+        registry.register(
+            "feed_unannounced_events",
+            "Changes the live feed found by polling that no notification announced \
+             (LISTEN_DATABASE_URL is not a session connection, or notifications are lost)",
+            unannounced.clone(),
+        );
+        let jwks_refreshes = Family::<JwksLabels, Counter>::default();
+        registry.register(
+            "jwks_refreshes",
+            "Loads of the JSON Web Key Set by outcome",
+            jwks_refreshes.clone(),
+        );
+        let jwks_keys = Gauge::default();
+        registry.register(
+            "jwks_keys",
+            "Verification keys in the JSON Web Key Set in use",
+            jwks_keys.clone(),
+        );
         let delay = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "subscription_delivery_delay_seconds",
@@ -121,6 +157,9 @@ impl Default for Metrics {
             subscriptions,
             delivered,
             reconnects,
+            unannounced,
+            jwks_refreshes,
+            jwks_keys,
             delay,
         }
     }
@@ -152,6 +191,20 @@ impl Metrics {
     /// The feed's listener connection was rebuilt.
     pub fn listener_reconnected(&self) {
         self.reconnects.inc();
+    }
+
+    /// The feed's poll found `count` changes no notification announced.
+    pub fn unannounced_events(&self, count: u64) {
+        self.unannounced.inc_by(count);
+    }
+
+    /// A load of the JSON Web Key Set ended; `keys` is the size of the set
+    /// in use afterwards.
+    pub fn jwks_loaded(&self, outcome: JwksOutcome, keys: usize) {
+        self.jwks_refreshes
+            .get_or_create(&JwksLabels { outcome })
+            .inc();
+        self.jwks_keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
     }
 
     /// The metrics as Prometheus text, with the pool's current state.

@@ -68,7 +68,7 @@ pub async fn run(
     }
     let database_url = database_url.ok_or(MigrateError::NoDatabase)?;
     // One connection: the advisory lock belongs to the session that took it.
-    let db = db::connect(database_url, 1).await?;
+    let db = db::connect_session(database_url).await?;
     let result = run_locked(&db, command, out).await;
     db.close().await?;
     result

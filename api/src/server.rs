@@ -4,12 +4,12 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use sea_orm::{DatabaseConnection, DbErr};
+use sea_orm::DbErr;
 use tokio::net::TcpListener;
 
 use crate::auth::{Caller, Role};
 use crate::config::ServerConfig;
-use crate::db::{RequestDb, events};
+use crate::db::{Pool, PrivilegeError, RequestDb, events};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
 use crate::http::{AppState, router};
@@ -29,6 +29,14 @@ pub enum ServeError {
     /// Pending migrations could not be applied.
     #[error("cannot apply migrations: {0}")]
     Migrate(#[from] MigrateError),
+    /// Migrations were asked for over a transaction-mode pooler only.
+    #[error(
+        "DATABASE_URL goes through a transaction-mode pooler, where migrations cannot run (their lock and statements need one session): set LISTEN_DATABASE_URL to a direct connection (migrations then use it), or run `vantage-sync migrate up` over a direct connection and serve with --no-migrate"
+    )]
+    MigrateThroughPooler,
+    /// The login role lacks what the server needs.
+    #[error("{0}")]
+    Privileges(#[from] PrivilegeError),
     /// The listen address could not be bound, or serving failed.
     #[error("cannot serve on {addr}: {source}")]
     Io {
@@ -48,12 +56,30 @@ pub struct Server {
 }
 
 impl Server {
-    /// Migrates (unless told not to), connects the pool and binds.
+    /// Connects the pool, migrates (unless told not to), checks what the
+    /// login role may do, and binds.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServeError> {
-        if config.migrate {
-            migrate::apply_pending(&config.database_url).await?;
+        let pool = db::connect_with(
+            &config.database_url,
+            config.max_connections,
+            config.prepared_statements,
+        )
+        .await?;
+        let pooled = pool.behind_transaction_pooler();
+        if pooled {
+            tracing::info!(
+                "DATABASE_URL goes through a transaction-mode pooler: statements are not prepared by name"
+            );
         }
-        let pool = db::connect(&config.database_url, config.max_connections).await?;
+        if config.migrate {
+            let url = match (&config.listen_database_url, pooled) {
+                (_, false) => &config.database_url,
+                (Some(session), true) => session,
+                (None, true) => return Err(ServeError::MigrateThroughPooler),
+            };
+            migrate::apply_pending(url).await?;
+        }
+        db::check_privileges(&pool).await?;
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|source| ServeError::Io {
@@ -65,8 +91,25 @@ impl Server {
             source,
         })?;
         let metrics = Arc::new(Metrics::default());
+        config.keys.start(metrics.clone());
         let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
-        let feed = Feed::start(config.database_url.clone(), pool.clone(), metrics.clone());
+        let listen_url = match config.listen_database_url {
+            Some(url) => url,
+            None => {
+                if pooled {
+                    tracing::warn!(
+                        "LISTEN_DATABASE_URL is not set and DATABASE_URL is a transaction-mode pooler, where LISTEN receives nothing: changes reach subscribers only by polling, every FEED_POLL_SECS; set LISTEN_DATABASE_URL to a direct or session-mode connection"
+                    );
+                }
+                config.database_url.clone()
+            }
+        };
+        let feed = Feed::start(
+            listen_url,
+            pool.clone(),
+            metrics.clone(),
+            config.feed_poll_interval,
+        );
         let state = AppState {
             schema: graphql::builder(config.limits).data(feed.clone()).finish(),
             pool,
@@ -78,6 +121,7 @@ impl Server {
             websocket: config.websocket,
             shutting_down: shutdown_seen,
             documents: Arc::new(DocumentCache::new(DOCUMENT_CACHE_CAPACITY)),
+            cors: config.cors,
         };
         if let Some(days) = config.event_retention_days {
             tokio::spawn(prune_events(
@@ -100,7 +144,7 @@ impl Server {
     }
 
     /// The database pool, e.g. to close it after shutdown.
-    pub fn pool(&self) -> DatabaseConnection {
+    pub fn pool(&self) -> Pool {
         self.state.pool.clone()
     }
 
@@ -122,13 +166,13 @@ impl Server {
             })
             .await
             .map_err(|source| ServeError::Io { addr, source })?;
-        let _ = pool.close().await;
+        pool.close().await;
         Ok(())
     }
 }
 
 /// Deletes events older than `days` days, at start and then hourly.
-async fn prune_events(pool: DatabaseConnection, days: u32, feed: std::sync::Weak<Feed>) {
+async fn prune_events(pool: Pool, days: u32, feed: std::sync::Weak<Feed>) {
     let mut every_hour = tokio::time::interval(std::time::Duration::from_secs(3600));
     let caller = Caller::for_role(Role::ServiceRole);
     loop {

@@ -66,7 +66,7 @@ const INIT_REFUSED: u8 = 1;
 const INIT_UNAVAILABLE: u8 = 2;
 
 /// Answers a WebSocket upgrade on `/graphql`.
-pub fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+pub async fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgrade) -> Response {
     let offered: Vec<String> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -90,7 +90,11 @@ pub fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgrade) ->
     // override it. A bad one is refused before upgrading.
     let header_caller = match headers.get(header::AUTHORIZATION) {
         None => None,
-        Some(value) => match app.keys.caller(Some(value.to_str().unwrap_or("\u{0}"))) {
+        Some(value) => match app
+            .keys
+            .caller(Some(value.to_str().unwrap_or("\u{0}")))
+            .await
+        {
             Ok(caller) => Some(caller),
             Err(error) => return refuse(StatusCode::UNAUTHORIZED, error),
         },
@@ -221,7 +225,7 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
         let init_state = init_state.clone();
         move |payload: Value| async move {
             let caller = match authorization(&payload) {
-                Some(value) => keys.caller(Some(&value)),
+                Some(value) => keys.caller(Some(&value)).await,
                 None => Ok(header_caller.unwrap_or_else(Caller::anon)),
             };
             let caller = match caller {

@@ -177,7 +177,7 @@ pub async fn floor(
     let url = Arc::new(target.database_url.clone());
     // The server's own first statement, for a caller with the query
     // scenario's token.
-    let caller = target.caller(Role::Authenticated)?;
+    let caller = target.caller(Role::Authenticated).await?;
     let begin = Arc::new(begin_statement(
         caller.role,
         &caller.claims,

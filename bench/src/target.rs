@@ -118,10 +118,11 @@ impl Target {
     }
 
     /// The caller the server makes of a token for `role`.
-    pub fn caller(&self, role: Role) -> anyhow::Result<Caller> {
+    pub async fn caller(&self, role: Role) -> anyhow::Result<Caller> {
         let header = format!("Bearer {}", self.token(role));
         self.keys
             .caller(Some(&header))
+            .await
             .map_err(|error| anyhow::anyhow!(error.message()))
     }
 

@@ -19,8 +19,12 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, Pg
 use tokio::sync::OnceCell;
 
 mod app;
+mod jwks;
+mod pgbouncer;
 mod ws;
 pub use app::{SECRET, TestApp, base64url};
+pub use jwks::{JwksServer, KeyKind, TestKey, private_key_pem};
+pub use pgbouncer::PgBouncer;
 pub use ws::WsClient;
 
 /// A PostgreSQL cluster started for the tests.
@@ -61,7 +65,7 @@ impl Cluster {
                 .unwrap();
             assert!(status.success(), "chown of {} failed", dir.display());
         }
-        spawn_watchdog(&dir);
+        spawn_watchdog(&dir, "data/postmaster.pid", "QUIT");
         let output = as_server_user(&bin_dir.join("initdb"))
             .arg("-D")
             .arg(dir.join("data"))
@@ -276,6 +280,28 @@ impl TestDb {
         PgConnection::connect(&self.url).await.unwrap()
     }
 
+    /// Creates a `NOINHERIT` login role that is granted `roles` and nothing
+    /// else (Supabase's `authenticator`); returns its name and its URL for
+    /// this database. Roles belong to the cluster, so each name is new.
+    pub async fn login_role(&self, roles: &[&str]) -> (String, String) {
+        static NEXT_ROLE: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "vs_login_{}_{}",
+            std::process::id(),
+            NEXT_ROLE.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut admin = self.connect().await;
+        let mut sql = format!("CREATE ROLE {name} LOGIN NOINHERIT;");
+        if !roles.is_empty() {
+            sql.push_str(&format!("GRANT {} TO {name};", roles.join(", ")));
+        }
+        admin.execute(raw_sql(AssertSqlSafe(sql))).await.unwrap();
+        admin.close().await.unwrap();
+        let options: PgConnectOptions = self.url.parse().unwrap();
+        let url = options.username(&name).to_url_lossy().to_string();
+        (name, url)
+    }
+
     /// A pool of superuser connections.
     pub async fn pool(&self, max_connections: u32) -> PgPool {
         PgPoolOptions::new()
@@ -314,13 +340,14 @@ fn as_server_user(program: &Path) -> Command {
 }
 
 /// A detached shell that outlives this process: once the process is gone it
-/// stops the cluster in `dir` and removes the directory.
-fn spawn_watchdog(dir: &Path) {
+/// sends `signal` to the process whose pid is the first line of `pidfile`
+/// (relative to `dir`), waits for it, and removes the directory.
+fn spawn_watchdog(dir: &Path, pidfile: &str, signal: &str) {
     let script = r#"
         while kill -0 "$1" 2>/dev/null; do sleep 0.5; done
-        pid=$(head -n 1 "$2/data/postmaster.pid" 2>/dev/null)
+        pid=$(head -n 1 "$2/$3" 2>/dev/null)
         if [ -n "$pid" ]; then
-            kill -QUIT "$pid" 2>/dev/null
+            kill -"$4" "$pid" 2>/dev/null
             for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         fi
         rm -rf "$2"
@@ -331,6 +358,8 @@ fn spawn_watchdog(dir: &Path) {
         .args(["-f", "sh", "-c", script, "watchdog"])
         .arg(std::process::id().to_string())
         .arg(dir)
+        .arg(pidfile)
+        .arg(signal)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -2,7 +2,13 @@
 //! transaction that runs as the caller's role.
 
 pub mod events;
+mod pool;
 pub mod sync_states;
+
+pub use pool::{
+    Pool, PreparedStatements, PrivilegeError, check_privileges, connect, connect_session,
+    connect_with,
+};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +16,8 @@ use std::time::Duration;
 use sea_orm::sea_query::Values;
 use sea_orm::sqlx::{self, AssertSqlSafe, Postgres, Transaction};
 use sea_orm::{
-    ConnAcquireErr, ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend,
-    DbErr, ExecResult, QueryResult, RuntimeErr, Statement,
+    ConnAcquireErr, ConnectionTrait, DbBackend, DbErr, ExecResult, QueryResult, RuntimeErr,
+    Statement,
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
@@ -19,32 +25,11 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
 
-/// Opens a pool of at most `max_connections` connections to `database_url`.
-pub async fn connect(
-    database_url: &str,
-    max_connections: u32,
-) -> Result<DatabaseConnection, DbErr> {
-    let mut options = ConnectOptions::new(database_url);
-    options
-        .max_connections(max_connections)
-        .min_connections(0)
-        // Short waits: with the database down, a request should fail fast
-        // (and /readyz say so) rather than queue.
-        .connect_timeout(Duration::from_secs(3))
-        .acquire_timeout(Duration::from_secs(3))
-        // sqlx pings every connection on release already; pinging again on
-        // every acquire costs each request a round trip. Only a connection
-        // idle long enough to have been dropped is checked first.
-        .test_before_acquire_if_idle_for(Duration::from_secs(1))
-        .sqlx_logging(false);
-    Database::connect(options).await
-}
-
 /// The database work of one request: a single transaction, begun on first
 /// use, that first becomes the caller's role (PostgREST's model) so that
 /// PostgreSQL's grants and RLS refuse whatever a guard might miss.
 pub struct RequestDb {
-    pool: DatabaseConnection,
+    pool: Pool,
     role: Role,
     claims: Arc<str>,
     read_only: bool,
@@ -55,12 +40,7 @@ pub struct RequestDb {
 
 impl RequestDb {
     /// Work for `caller`; `read_only` for queries.
-    pub fn new(
-        pool: DatabaseConnection,
-        caller: &Caller,
-        read_only: bool,
-        statement_timeout: Duration,
-    ) -> Self {
+    pub fn new(pool: Pool, caller: &Caller, read_only: bool, statement_timeout: Duration) -> Self {
         Self {
             pool,
             role: caller.role,
@@ -74,11 +54,7 @@ impl RequestDb {
 
     /// Read-only work for `caller` that must see one snapshot throughout
     /// (REPEATABLE READ).
-    pub fn snapshot(
-        pool: DatabaseConnection,
-        caller: &Caller,
-        statement_timeout: Duration,
-    ) -> Self {
+    pub fn snapshot(pool: Pool, caller: &Caller, statement_timeout: Duration) -> Self {
         Self {
             repeatable_read: true,
             ..Self::new(pool, caller, true, statement_timeout)
@@ -109,7 +85,7 @@ impl RequestDb {
         );
         let txn = self
             .pool
-            .get_postgres_connection_pool()
+            .sqlx()
             .begin_with(AssertSqlSafe(statement))
             .await
             .map_err(|error| match error {
@@ -123,6 +99,7 @@ impl RequestDb {
             .map_err(|error| ApiError::from_db(error, ""))?;
         Ok(RequestTxn {
             txn: Mutex::new(txn),
+            prepared: self.pool.prepared_statements(),
         })
     }
 
@@ -188,10 +165,12 @@ fn exec_error(error: sqlx::Error) -> DbErr {
 }
 
 /// A request's transaction on one connection of the pool. Statements built
-/// by sea-orm run on it through sqlx as prepared statements (cached per
-/// connection); dropping it without a commit rolls it back.
+/// by sea-orm run on it through sqlx, as named prepared statements cached
+/// per connection, or unnamed ones behind a transaction-mode pooler;
+/// dropping it without a commit rolls it back.
 pub struct RequestTxn {
     txn: Mutex<Transaction<'static, Postgres>>,
+    prepared: bool,
 }
 
 impl RequestTxn {
@@ -213,9 +192,14 @@ impl RequestTxn {
     }
 }
 
-fn bind(statement: Statement) -> sqlx::query::Query<'static, Postgres, SqlxValues> {
-    let values = statement.values.unwrap_or(Values(Vec::new()));
-    sqlx::query_with(AssertSqlSafe(statement.sql), SqlxValues(values))
+impl RequestTxn {
+    /// `statement` as a sqlx query. Unnamed statements live until the next
+    /// one, inside this transaction, so they never meet another client's
+    /// statements on a server connection a pooler shares.
+    fn bind(&self, statement: Statement) -> sqlx::query::Query<'static, Postgres, SqlxValues> {
+        let values = statement.values.unwrap_or(Values(Vec::new()));
+        sqlx::query_with(AssertSqlSafe(statement.sql), SqlxValues(values)).persistent(self.prepared)
+    }
 }
 
 #[async_trait::async_trait]
@@ -226,7 +210,7 @@ impl ConnectionTrait for RequestTxn {
 
     async fn execute_raw(&self, statement: Statement) -> Result<ExecResult, DbErr> {
         let mut txn = self.txn.lock().await;
-        bind(statement)
+        self.bind(statement)
             .execute(&mut **txn)
             .await
             .map(Into::into)
@@ -244,7 +228,7 @@ impl ConnectionTrait for RequestTxn {
 
     async fn query_one_raw(&self, statement: Statement) -> Result<Option<QueryResult>, DbErr> {
         let mut txn = self.txn.lock().await;
-        bind(statement)
+        self.bind(statement)
             .fetch_optional(&mut **txn)
             .await
             .map(|row| row.map(Into::into))
@@ -253,7 +237,7 @@ impl ConnectionTrait for RequestTxn {
 
     async fn query_all_raw(&self, statement: Statement) -> Result<Vec<QueryResult>, DbErr> {
         let mut txn = self.txn.lock().await;
-        bind(statement)
+        self.bind(statement)
             .fetch_all(&mut **txn)
             .await
             .map(|rows| rows.into_iter().map(Into::into).collect())

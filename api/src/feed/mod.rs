@@ -5,8 +5,11 @@
 //! listener reads the log forward from its position and broadcasts each
 //! event once. Notifications only say "look"; the log is
 //! the truth, so a notification lost while disconnected costs nothing: the
-//! reconnect reads what was missed. The broadcast channel is bounded; a
-//! subscriber that falls behind reads the log itself from its cursor.
+//! reconnect reads what was missed, and the timer (`FEED_POLL_SECS`) bounds
+//! the delay of one that never arrives, e.g. a LISTEN made through a
+//! transaction-mode pooler, which receives nothing. The broadcast channel is
+//! bounded; a subscriber that falls behind reads the log itself from its
+//! cursor.
 
 pub mod cursor;
 
@@ -16,12 +19,11 @@ use std::time::Duration;
 
 use entity::vantage_sync_event::Model as EventRow;
 use entity::vantage_sync_state::Model as StateRow;
-use sea_orm::DatabaseConnection;
 use sea_orm::sqlx::postgres::PgListener;
 use tokio::sync::{broadcast, watch};
 
 use crate::auth::{Caller, Role};
-use crate::db::{RequestDb, events};
+use crate::db::{Pool, RequestDb, events};
 use crate::metrics::Metrics;
 
 /// Channel the state table's trigger notifies.
@@ -30,8 +32,6 @@ pub const CHANNEL: &str = "vantage_sync_state_changes";
 const BROADCAST_CAPACITY: usize = 1024;
 /// Events read per query while catching up.
 pub const BATCH: u64 = 500;
-/// Read the log this often even without notifications.
-const SAFETY_NET: Duration = Duration::from_secs(1);
 
 /// One event of the log, decoded once for every subscriber.
 #[derive(Debug)]
@@ -57,7 +57,7 @@ pub struct Feed {
     sender: broadcast::Sender<Arc<FeedEvent>>,
     live: watch::Sender<bool>,
     position: AtomicI64,
-    pool: DatabaseConnection,
+    pool: Pool,
     metrics: Arc<Metrics>,
 }
 
@@ -70,11 +70,14 @@ impl std::fmt::Debug for Feed {
 }
 
 impl Feed {
-    /// Starts the listener task for the database at `database_url`.
+    /// Starts the listener task: it LISTENs on a session connection to
+    /// `listen_url` and reads the log through `pool`, at least every
+    /// `poll_interval`.
     pub fn start(
-        database_url: String,
-        pool: DatabaseConnection,
+        listen_url: String,
+        pool: Pool,
         metrics: Arc<Metrics>,
+        poll_interval: Duration,
     ) -> Arc<Self> {
         let (sender, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (live, _) = watch::channel(false);
@@ -85,7 +88,7 @@ impl Feed {
             pool,
             metrics,
         });
-        tokio::spawn(listen(Arc::downgrade(&feed), database_url));
+        tokio::spawn(listen(Arc::downgrade(&feed), listen_url, poll_interval));
         feed
     }
 
@@ -113,7 +116,7 @@ impl Feed {
     }
 
     /// The pool subscribers read the log with.
-    pub fn pool(&self) -> &DatabaseConnection {
+    pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
@@ -127,9 +130,11 @@ impl Feed {
         self.metrics.clone()
     }
 
-    /// Reads and broadcasts every event after the position.
-    async fn catch_up(&self) -> Result<(), String> {
+    /// Reads and broadcasts every event after the position; the ids it
+    /// broadcast, oldest first.
+    async fn catch_up(&self) -> Result<Vec<i64>, String> {
         let reader = Caller::for_role(Role::Authenticated);
+        let mut sent = Vec::new();
         loop {
             let after = self.position.load(Ordering::Acquire);
             let db = RequestDb::new(self.pool.clone(), &reader, true, Duration::from_secs(30));
@@ -154,9 +159,10 @@ impl Feed {
                 // No receivers is fine: nobody is subscribed right now.
                 let _ = self.sender.send(Arc::new(FeedEvent::new(event)));
                 self.position.store(id, Ordering::Release);
+                sent.push(id);
             }
             if !full {
-                return Ok(());
+                return Ok(sent);
             }
         }
     }
@@ -165,7 +171,7 @@ impl Feed {
 /// The listener task: connect, LISTEN, catch up, then follow; on any error
 /// mark the feed not live, back off and start again. Ends when the feed is
 /// dropped.
-async fn listen(feed: std::sync::Weak<Feed>, database_url: String) {
+async fn listen(feed: std::sync::Weak<Feed>, listen_url: String, poll_interval: Duration) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
@@ -176,7 +182,7 @@ async fn listen(feed: std::sync::Weak<Feed>, database_url: String) {
             current.metrics.listener_reconnected();
         }
         first = false;
-        let result = follow(&current, &database_url).await;
+        let result = follow(&current, &listen_url, poll_interval).await;
         current.live.send_replace(false);
         match result {
             Ok(()) => return,
@@ -192,8 +198,8 @@ async fn listen(feed: std::sync::Weak<Feed>, database_url: String) {
 }
 
 /// One connection's life. `Ok` when the feed is gone, `Err` on failure.
-async fn follow(feed: &Arc<Feed>, database_url: &str) -> Result<(), String> {
-    let mut listener = PgListener::connect(database_url)
+async fn follow(feed: &Arc<Feed>, listen_url: &str, poll_interval: Duration) -> Result<(), String> {
+    let mut listener = PgListener::connect(listen_url)
         .await
         .map_err(|error| format!("connect: {error}"))?;
     listener
@@ -204,25 +210,94 @@ async fn follow(feed: &Arc<Feed>, database_url: &str) -> Result<(), String> {
     feed.catch_up().await?;
     feed.live.send_replace(true);
     tracing::info!(position = feed.position(), "live feed listening");
-    let mut safety_net = tokio::time::interval(SAFETY_NET);
+    let mut poll = tokio::time::interval(poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    poll.tick().await;
+    let mut announcements = Announcements::default();
     loop {
-        tokio::select! {
+        let polled = tokio::select! {
             notification = listener.try_recv() => {
                 match notification {
-                    Ok(Some(_)) => {
+                    Ok(Some(notification)) => {
+                        announcements.heard(notification.payload());
                         // Drain what else is buffered: one read serves them all.
-                        while listener.next_buffered().is_some() {}
+                        while let Some(notification) = listener.next_buffered() {
+                            announcements.heard(notification.payload());
+                        }
                     }
                     Ok(None) => return Err("connection lost".into()),
                     Err(error) => return Err(format!("receive: {error}")),
                 }
+                false
             }
-            _ = safety_net.tick() => {}
-        }
+            _ = poll.tick() => true,
+        };
         // This task holds the last handle once the server is gone.
         if Arc::strong_count(feed) == 1 {
             return Ok(());
         }
-        feed.catch_up().await?;
+        let sent = feed.catch_up().await?;
+        if polled {
+            let unannounced = announcements.polled(sent);
+            if unannounced > 0 {
+                feed.metrics.unannounced_events(unannounced);
+                tracing::warn!(
+                    events = unannounced,
+                    "the live feed found changes that no notification announced, so \
+                     subscribers got them only by polling (FEED_POLL_SECS): point \
+                     LISTEN_DATABASE_URL at a direct or session-mode connection (LISTEN \
+                     through a transaction-mode pooler receives nothing)"
+                );
+            }
+        }
+    }
+}
+
+/// Which broadcast events a notification announced. Notifications carry
+/// their event's id and arrive in commit order, shortly after the commit;
+/// an event the timer had to find is judged one poll later, once its
+/// notification has had a whole interval to arrive.
+#[derive(Debug, Default)]
+struct Announcements {
+    /// Highest event id a notification named.
+    heard_through: i64,
+    /// Events the last poll found, not yet judged.
+    found: Vec<i64>,
+}
+
+impl Announcements {
+    fn heard(&mut self, payload: &str) {
+        let id = serde_json::from_str::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|payload| payload.get("id")?.as_i64());
+        if let Some(id) = id {
+            self.heard_through = self.heard_through.max(id);
+        }
+    }
+
+    /// Records what a poll found; returns how many events of the previous
+    /// poll no notification has announced since.
+    fn polled(&mut self, found: Vec<i64>) -> u64 {
+        let heard = self.heard_through;
+        let unannounced = self.found.iter().filter(|id| **id > heard).count() as u64;
+        self.found = found;
+        unannounced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Announcements;
+
+    #[test]
+    fn an_event_is_unannounced_when_no_notification_named_it_within_a_poll() {
+        let mut announcements = Announcements::default();
+        assert_eq!(announcements.polled(vec![1, 2, 3]), 0);
+        // 1 and 2 were announced late (after the poll found them): fine.
+        announcements.heard(r#"{"id": 2, "operation": "UPDATE", "resource": "funds"}"#);
+        assert_eq!(announcements.polled(vec![]), 1);
+        announcements.heard("not json");
+        assert_eq!(announcements.polled(vec![4]), 0);
+        assert_eq!(announcements.polled(vec![]), 1);
     }
 }

@@ -390,7 +390,7 @@ async fn claims_with_quotes_backslashes_and_dollars_arrive_intact() {
     let token = keys
         .mint(Role::Authenticated, Duration::from_secs(60), Some(subject))
         .unwrap();
-    let caller = keys.verify(&token).unwrap();
+    let caller = keys.verify(&token).await.unwrap();
     let request = RequestDb::new(pool, &caller, true, Duration::from_secs(5));
     let (claims, user): (String, String) = {
         let txn = request.txn().await.unwrap();

@@ -97,7 +97,7 @@ async fn reads_by_position_match_the_entity() {
     )
     .await
     .unwrap();
-    let orm = vantage_sync::db::connect(&db.url, 1).await.unwrap();
+    let orm = vantage_sync::db::connect_session(&db.url).await.unwrap();
     let by_name = SyncStateEntity::find_by_id("probe")
         .one(&orm)
         .await

@@ -8,6 +8,7 @@ mod api_auth;
 mod api_http;
 mod api_mutations;
 mod api_queries;
+mod auth_keys;
 mod cli;
 mod entity;
 mod history;
