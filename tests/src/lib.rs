@@ -20,10 +20,12 @@ use tokio::sync::OnceCell;
 
 mod app;
 mod jwks;
+mod logs;
 mod pgbouncer;
 mod ws;
 pub use app::{SECRET, TestApp, base64url};
 pub use jwks::{JwksServer, KeyKind, TestKey, private_key_pem};
+pub use logs::LogCapture;
 pub use pgbouncer::PgBouncer;
 pub use ws::WsClient;
 
