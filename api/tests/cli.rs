@@ -17,6 +17,13 @@ fn vantage_sync() -> Command {
     for variable in [
         "DATABASE_URL",
         "JWT_SECRET",
+        "JWKS_URL",
+        "JWKS_FILE",
+        "JWT_ISSUER",
+        "JWT_AUDIENCE",
+        "JWT_ROLE_CLAIM",
+        "LISTEN_DATABASE_URL",
+        "CORS_ALLOWED_ORIGINS",
         "LISTEN_ADDR",
         "VANTAGE_SYNC_DATA_DIR",
     ] {
@@ -253,6 +260,170 @@ fn configuration_errors_say_what_to_fix() {
         "unknown unit",
     );
     fails_with(&["migrate", "up"], &[], "DATABASE_URL");
+    fails_with(&["serve"], &[url], "JWKS_URL or JWKS_FILE");
+    fails_with(
+        &["serve", "--jwks-file", "/nonexistent/jwks.json"],
+        &[url],
+        "cannot read /nonexistent/jwks.json",
+    );
+    fails_with(
+        &["serve", "--jwks-url", "ftp://example.com/keys"],
+        &[url],
+        "must be an https:// (or http://) URL",
+    );
+    fails_with(
+        &[
+            "serve",
+            "--cors-allowed-origins",
+            "https://dash.example.com/",
+        ],
+        &[url, ("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        "without a path or trailing slash",
+    );
+    fails_with(
+        &["serve", "--db-prepared-statements", "sometimes"],
+        &[url, ("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        "auto",
+    );
+    fails_with(
+        &["serve", "--feed-poll-secs", "0"],
+        &[url, ("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        "--feed-poll-secs",
+    );
+    fails_with(
+        &[
+            "token",
+            "--role",
+            "anon",
+            "--private-key",
+            "/nonexistent.pem",
+        ],
+        &[],
+        "cannot read /nonexistent.pem",
+    );
+}
+
+/// `token --private-key` signs with the key's own algorithm, and `jwks
+/// --private-key` prints the set that verifies it, under the same key id.
+#[tokio::test]
+async fn private_key_tokens_verify_against_the_printed_key_set() {
+    let dir = data_dir("keys");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, args, alg) in [
+        (
+            "ec",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"][..],
+            "ES256",
+        ),
+        ("ed", &["-algorithm", "ED25519"][..], "EdDSA"),
+        (
+            "rsa",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..],
+            "RS256",
+        ),
+    ] {
+        let pem = dir.join(format!("{name}.pem"));
+        let status = Command::new("openssl")
+            .arg("genpkey")
+            .args(args)
+            .arg("-out")
+            .arg(&pem)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let output = vantage_sync()
+            .args(["jwks", "--private-key"])
+            .arg(&pem)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let set: Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(set["keys"][0]["alg"], alg);
+        assert_eq!(set["keys"][0]["use"], "sig");
+        assert!(
+            set["keys"][0].get("d").is_none(),
+            "private material printed"
+        );
+        let kid = set["keys"][0]["kid"].as_str().unwrap().to_owned();
+        let jwks_file = dir.join(format!("{name}.json"));
+        std::fs::write(&jwks_file, &output.stdout).unwrap();
+
+        let output = vantage_sync()
+            .args([
+                "token",
+                "--role",
+                "service_role",
+                "--sub",
+                "etl-9",
+                "--private-key",
+            ])
+            .arg(&pem)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let token = String::from_utf8(output.stdout).unwrap();
+        let header: Value =
+            serde_json::from_slice(&decode_base64url(token.split('.').next().unwrap())).unwrap();
+        assert_eq!(header["alg"], alg);
+        assert_eq!(header["kid"], kid.as_str());
+
+        let keys = vantage_sync::auth::TokenKeys::from_settings(vantage_sync::auth::KeySettings {
+            secret: None,
+            jwks: Some((
+                vantage_sync::auth::JwksSource::File(jwks_file),
+                Duration::from_secs(600),
+            )),
+            rules: vantage_sync::auth::ClaimRules::default(),
+        })
+        .unwrap();
+        let caller = keys.verify(token.trim()).await.unwrap();
+        assert_eq!(caller.role, vantage_sync::auth::Role::ServiceRole, "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// As a login role that cannot become service_role, `serve` exits
+/// non-zero and says which GRANT to run.
+#[tokio::test]
+async fn serve_refuses_a_login_role_without_a_grant() {
+    use sea_orm::ConnectionTrait;
+    let dir = data_dir("grant");
+    let managed = vantage_sync::managed_postgres::ManagedPostgres::start(&dir)
+        .await
+        .unwrap();
+    let url = managed.database_url();
+    vantage_sync::migrate::apply_pending(&url).await.unwrap();
+    let admin = vantage_sync::db::connect_session(&url).await.unwrap();
+    admin
+        .execute_unprepared(
+            "CREATE ROLE vs_cli_login LOGIN NOINHERIT; GRANT anon, authenticated TO vs_cli_login",
+        )
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+    let login_url = url.replacen("postgres://postgres@", "postgres://vs_cli_login@", 1);
+    let output = vantage_sync()
+        .args(["serve", "--no-migrate", "--listen-addr", "127.0.0.1:0"])
+        .env("DATABASE_URL", &login_url)
+        .env("JWT_SECRET", "0123456789abcdef0123456789abcdef")
+        .output()
+        .unwrap();
+    managed.stop().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("run `GRANT service_role TO vs_cli_login;` as the database owner"),
+        "{stderr}"
+    );
 }
 
 #[test]
