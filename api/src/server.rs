@@ -93,17 +93,20 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         config.keys.start(metrics.clone());
         let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
+        // LISTEN through a transaction pooler hears nothing, and worse, the
+        // server connection it lands on then hands notifications to other
+        // clients mid-query: there the feed only polls.
         let listen_url = match config.listen_database_url {
-            Some(url) => url,
-            None => {
-                if pooled {
-                    tracing::warn!(
-                        "LISTEN_DATABASE_URL is not set and DATABASE_URL is a transaction-mode pooler, where LISTEN receives nothing: changes reach subscribers only by polling, every FEED_POLL_SECS; set LISTEN_DATABASE_URL to a direct or session-mode connection"
-                    );
-                }
-                config.database_url.clone()
-            }
+            Some(url) if db::is_transaction_pooler(&url).await? => None,
+            Some(url) => Some(url),
+            None if pooled => None,
+            None => Some(config.database_url.clone()),
         };
+        if listen_url.is_none() {
+            tracing::warn!(
+                "LISTEN_DATABASE_URL (DATABASE_URL when unset) goes through a transaction-mode pooler, where LISTEN receives nothing: changes reach subscribers only by polling, every FEED_POLL_SECS; set LISTEN_DATABASE_URL to a direct or session-mode connection"
+            );
+        }
         let feed = Feed::start(
             listen_url,
             pool.clone(),

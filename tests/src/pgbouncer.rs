@@ -35,13 +35,13 @@ impl PgBouncer {
             .collect();
         std::fs::write(dir.join("userlist.txt"), userlist).unwrap();
         // Any database name passes through to the test cluster; trust
-        // authentication still needs the users listed in auth_file.
+        // authentication still needs the users listed in auth_file. No
+        // ignore_startup_parameters: the server must not need it.
         let config = format!(
             "[databases]\n* = host={host} port={server_port}\n\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = trust\nauth_file = {dir}/userlist.txt\npool_mode = transaction\n\
              default_pool_size = 20\nmax_client_conn = 2000\n\
-             ignore_startup_parameters = extra_float_digits\n\
              logfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\n",
             host = server.get_host(),
             server_port = server.get_port(),

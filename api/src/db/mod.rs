@@ -7,7 +7,7 @@ pub mod sync_states;
 
 pub use pool::{
     Pool, PreparedStatements, PrivilegeError, check_privileges, connect, connect_session,
-    connect_with,
+    connect_with, is_transaction_pooler,
 };
 
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use sea_orm::sqlx::postgres::PgConnectOptions;
 use sea_orm::sqlx::{self, AssertSqlSafe, Connection, PgPool, Row};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr};
 
@@ -99,7 +100,8 @@ pub async fn connect_with(
     let connection = Database::connect(options).await?;
     let pooled = match prepared {
         PreparedStatements::Auto => {
-            transaction_pooler_in_between(connection.get_postgres_connection_pool())
+            let options = connection.get_postgres_connection_pool().connect_options();
+            transaction_pooler_in_between(&options)
                 .await
                 .map_err(conn_error)?
         }
@@ -144,7 +146,7 @@ fn conn_error(error: sqlx::Error) -> DbErr {
 /// statements) proves a transaction-mode pooler. The converse is not
 /// proof, but PgBouncer hands out the server connection used last, so it
 /// shows itself here.
-async fn transaction_pooler_in_between(pool: &PgPool) -> Result<bool, sqlx::Error> {
+async fn transaction_pooler_in_between(options: &PgConnectOptions) -> Result<bool, sqlx::Error> {
     async fn backend(connection: &mut sqlx::PgConnection) -> Result<i32, sqlx::Error> {
         // Simple protocol: nothing is prepared before we know.
         let row = sqlx::raw_sql("SELECT pg_backend_pid()")
@@ -152,17 +154,25 @@ async fn transaction_pooler_in_between(pool: &PgPool) -> Result<bool, sqlx::Erro
             .await?;
         row.try_get(0)
     }
-    // Connections of their own, not the pool's: a pool of one could not
+    // Connections of their own, not a pool's: a pool of one could not
     // lend two.
-    let options = pool.connect_options();
-    let mut first = sqlx::PgConnection::connect_with(&options).await?;
+    let mut first = sqlx::PgConnection::connect_with(options).await?;
     let before = backend(&mut first).await?;
-    let mut second = sqlx::PgConnection::connect_with(&options).await?;
+    let mut second = sqlx::PgConnection::connect_with(options).await?;
     let other = backend(&mut second).await?;
     let after = backend(&mut first).await?;
     let _ = second.close().await;
     let _ = first.close().await;
     Ok(before == other || before != after)
+}
+
+/// Whether `database_url` goes through a transaction-mode pooler (see
+/// [`connect_with`]), e.g. to know whether LISTEN can work there.
+pub async fn is_transaction_pooler(database_url: &str) -> Result<bool, DbErr> {
+    let options: PgConnectOptions = database_url.parse().map_err(conn_error)?;
+    transaction_pooler_in_between(&options.extra_float_digits(None))
+        .await
+        .map_err(conn_error)
 }
 
 /// What stops the server from running as the login role it was given.

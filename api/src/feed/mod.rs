@@ -19,7 +19,8 @@ use std::time::Duration;
 
 use entity::vantage_sync_event::Model as EventRow;
 use entity::vantage_sync_state::Model as StateRow;
-use sea_orm::sqlx::postgres::PgListener;
+use sea_orm::sqlx;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::{broadcast, watch};
 
 use crate::auth::{Caller, Role};
@@ -71,10 +72,10 @@ impl std::fmt::Debug for Feed {
 
 impl Feed {
     /// Starts the listener task: it LISTENs on a session connection to
-    /// `listen_url` and reads the log through `pool`, at least every
-    /// `poll_interval`.
+    /// `listen_url` (if any: `None` only polls) and reads the log through
+    /// `pool`, at least every `poll_interval`.
     pub fn start(
-        listen_url: String,
+        listen_url: Option<String>,
         pool: Pool,
         metrics: Arc<Metrics>,
         poll_interval: Duration,
@@ -171,7 +172,7 @@ impl Feed {
 /// The listener task: connect, LISTEN, catch up, then follow; on any error
 /// mark the feed not live, back off and start again. Ends when the feed is
 /// dropped.
-async fn listen(feed: std::sync::Weak<Feed>, listen_url: String, poll_interval: Duration) {
+async fn listen(feed: std::sync::Weak<Feed>, listen_url: Option<String>, poll_interval: Duration) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
@@ -182,7 +183,7 @@ async fn listen(feed: std::sync::Weak<Feed>, listen_url: String, poll_interval: 
             current.metrics.listener_reconnected();
         }
         first = false;
-        let result = follow(&current, &listen_url, poll_interval).await;
+        let result = follow(&current, listen_url.as_deref(), poll_interval).await;
         current.live.send_replace(false);
         match result {
             Ok(()) => return,
@@ -198,39 +199,61 @@ async fn listen(feed: std::sync::Weak<Feed>, listen_url: String, poll_interval: 
 }
 
 /// One connection's life. `Ok` when the feed is gone, `Err` on failure.
-async fn follow(feed: &Arc<Feed>, listen_url: &str, poll_interval: Duration) -> Result<(), String> {
-    let mut listener = PgListener::connect(listen_url)
-        .await
-        .map_err(|error| format!("connect: {error}"))?;
-    listener
-        .listen(CHANNEL)
-        .await
-        .map_err(|error| format!("listen: {error}"))?;
+async fn follow(
+    feed: &Arc<Feed>,
+    listen_url: Option<&str>,
+    poll_interval: Duration,
+) -> Result<(), String> {
+    let mut listener = match listen_url {
+        Some(url) => {
+            let mut listener = connect_listener(url)
+                .await
+                .map_err(|error| format!("connect: {error}"))?;
+            listener
+                .listen(CHANNEL)
+                .await
+                .map_err(|error| format!("listen: {error}"))?;
+            Some(listener)
+        }
+        None => None,
+    };
     // Listening first, then reading: nothing committed in between is lost.
     feed.catch_up().await?;
     feed.live.send_replace(true);
-    tracing::info!(position = feed.position(), "live feed listening");
+    tracing::info!(
+        position = feed.position(),
+        listening = listener.is_some(),
+        "live feed started"
+    );
     let mut poll = tokio::time::interval(poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
     let mut announcements = Announcements::default();
     loop {
-        let polled = tokio::select! {
-            notification = listener.try_recv() => {
-                match notification {
-                    Ok(Some(notification)) => {
-                        announcements.heard(notification.payload());
-                        // Drain what else is buffered: one read serves them all.
-                        while let Some(notification) = listener.next_buffered() {
-                            announcements.heard(notification.payload());
+        let polled = match listener.as_mut() {
+            Some(listener) => {
+                tokio::select! {
+                    notification = listener.try_recv() => {
+                        match notification {
+                            Ok(Some(notification)) => {
+                                announcements.heard(notification.payload());
+                                // Drain what else is buffered: one read serves them all.
+                                while let Some(notification) = listener.next_buffered() {
+                                    announcements.heard(notification.payload());
+                                }
+                            }
+                            Ok(None) => return Err("connection lost".into()),
+                            Err(error) => return Err(format!("receive: {error}")),
                         }
+                        false
                     }
-                    Ok(None) => return Err("connection lost".into()),
-                    Err(error) => return Err(format!("receive: {error}")),
+                    _ = poll.tick() => true,
                 }
-                false
             }
-            _ = poll.tick() => true,
+            None => {
+                poll.tick().await;
+                true
+            }
         };
         // This task holds the last handle once the server is gone.
         if Arc::strong_count(feed) == 1 {
@@ -241,16 +264,32 @@ async fn follow(feed: &Arc<Feed>, listen_url: &str, poll_interval: Duration) -> 
             let unannounced = announcements.polled(sent);
             if unannounced > 0 {
                 feed.metrics.unannounced_events(unannounced);
-                tracing::warn!(
-                    events = unannounced,
-                    "the live feed found changes that no notification announced, so \
-                     subscribers got them only by polling (FEED_POLL_SECS): point \
-                     LISTEN_DATABASE_URL at a direct or session-mode connection (LISTEN \
-                     through a transaction-mode pooler receives nothing)"
-                );
+                if announcements.time_to_warn() {
+                    tracing::warn!(
+                        events = unannounced,
+                        "the live feed found changes that no notification announced, so \
+                         subscribers got them only by polling (FEED_POLL_SECS): point \
+                         LISTEN_DATABASE_URL at a direct or session-mode connection (LISTEN \
+                         through a transaction-mode pooler receives nothing)"
+                    );
+                }
             }
         }
     }
+}
+
+/// A listener on its own session to `listen_url`, sending no start-up
+/// parameter a pooler refuses (as the request pool does not).
+async fn connect_listener(listen_url: &str) -> Result<PgListener, sqlx::Error> {
+    let options: PgConnectOptions = listen_url.parse()?;
+    // A pool of one, as PgListener::connect makes, only to reconnect.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_with(options.extra_float_digits(None))
+        .await?;
+    PgListener::connect_with(&pool).await
 }
 
 /// Which broadcast events a notification announced. Notifications carry
@@ -263,6 +302,8 @@ struct Announcements {
     heard_through: i64,
     /// Events the last poll found, not yet judged.
     found: Vec<i64>,
+    /// When the last warning about unannounced changes was logged.
+    warned: Option<tokio::time::Instant>,
 }
 
 impl Announcements {
@@ -273,6 +314,18 @@ impl Announcements {
         if let Some(id) = id {
             self.heard_through = self.heard_through.max(id);
         }
+    }
+
+    /// Whether to log the warning now: at most once a minute, while the
+    /// metric counts every change.
+    fn time_to_warn(&mut self) -> bool {
+        let due = self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
+        if due {
+            self.warned = Some(tokio::time::Instant::now());
+        }
+        due
     }
 
     /// Records what a poll found; returns how many events of the previous

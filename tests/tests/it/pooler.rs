@@ -185,11 +185,11 @@ async fn without_a_session_connection_changes_arrive_by_polling_and_the_server_s
     let started = logs.text();
     assert!(
         started.contains(
-            "LISTEN_DATABASE_URL is not set and DATABASE_URL is a transaction-mode pooler"
+            "LISTEN_DATABASE_URL (DATABASE_URL when unset) goes through a transaction-mode pooler, where LISTEN receives nothing"
         ),
         "{started}"
     );
-    // LISTEN through the pooler hears nothing; the poll delivers each
+    // Nothing LISTENs through the pooler; the poll delivers each
     // change within its interval (plus the time to read and send).
     every_change_arrives_in_order(&app, poll + Duration::from_millis(700)).await;
     let deadline = Instant::now() + Duration::from_secs(5);
