@@ -51,6 +51,11 @@ struct Args {
     /// The `vantage-sync` binary to start (default: next to this one).
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Measure a server whose DATABASE_URL is a PgBouncer in transaction
+    /// mode (Debian's pgbouncer) in front of its PostgreSQL, with
+    /// LISTEN_DATABASE_URL on the direct socket.
+    #[arg(long, conflicts_with = "url")]
+    through_pgbouncer: bool,
     /// Concurrent clients for query, floor and mutate.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
@@ -104,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
             args.database_url.clone().context("--database-url")?,
             args.jwt_secret.as_deref().context("--jwt-secret")?,
         )?,
-        None => Target::spawn(args.server_bin.clone()).await?,
+        None => Target::spawn(args.server_bin.clone(), args.through_pgbouncer).await?,
     };
     let result = run(&args, &target).await;
     target.stop();
@@ -126,6 +131,7 @@ async fn run(args: &Args, target: &Target) -> anyhow::Result<Value> {
     let mut report = json!({
         "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)},
         "smoke": args.smoke,
+        "through_pgbouncer": args.through_pgbouncer,
     });
     load::prepare(target).await?;
     for scenario in &args.scenarios {
@@ -193,10 +199,15 @@ fn us(value: &Value) -> String {
 
 fn print_table(args: &Args, report: &Value) {
     println!(
-        "vantage-sync-bench on {} cores{}",
+        "vantage-sync-bench on {} cores{}{}",
         report["machine"]["cores"],
         if args.smoke {
             " (smoke sizes: correctness only)"
+        } else {
+            ""
+        },
+        if args.through_pgbouncer {
+            ", the server's DATABASE_URL through PgBouncer (transaction mode)"
         } else {
             ""
         }

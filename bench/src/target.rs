@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use vantage_sync::auth::{Caller, Role, TokenKeys};
 
+use vantage_sync_tests::PgBouncer;
+
 use crate::cpu::CpuMeter;
 
 /// Where the server is and how to talk to it.
@@ -17,8 +19,49 @@ pub struct Target {
     /// Superuser URL of its database.
     pub database_url: String,
     keys: TokenKeys,
+    /// The server measured, when started here.
     child: Option<Child>,
     dir: Option<PathBuf>,
+    /// Servers started here but not measured.
+    idle: Vec<Child>,
+    pgbouncer: Option<PgBouncer>,
+}
+
+/// Starts `command` (a `vantage-sync serve`) and waits for the line that
+/// announces its address.
+fn start_server(mut command: Command, bin: &std::path::Path) -> anyhow::Result<(Child, String)> {
+    let mut child = command
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = send.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let addr = loop {
+        match receive.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                if let Some(rest) = line.split("serving GraphQL on http://").nth(1) {
+                    break rest.split('/').next().unwrap_or_default().to_owned();
+                }
+                seen.push(line);
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the server did not start:\n{}", seen.join("\n"));
+            }
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || while receive.recv().is_ok() {});
+    Ok((child, addr))
 }
 
 /// Lets this process (and the server it starts) open as many sockets as
@@ -39,11 +82,20 @@ impl Target {
             keys: TokenKeys::new(secret.as_bytes()).map_err(anyhow::Error::msg)?,
             child: None,
             dir: None,
+            idle: Vec::new(),
+            pgbouncer: None,
         })
     }
 
     /// Starts `vantage-sync serve` in zero-config mode in a fresh directory.
-    pub async fn spawn(server_bin: Option<PathBuf>) -> anyhow::Result<Self> {
+    /// With `through_pgbouncer`, a PgBouncer in transaction mode is put in
+    /// front of that server's PostgreSQL, and a second server whose
+    /// DATABASE_URL is the PgBouncer (LISTEN_DATABASE_URL the direct
+    /// socket) is the one measured.
+    pub async fn spawn(
+        server_bin: Option<PathBuf>,
+        through_pgbouncer: bool,
+    ) -> anyhow::Result<Self> {
         let bin = match server_bin {
             Some(bin) => bin,
             None => std::env::current_exe()?
@@ -59,55 +111,45 @@ impl Target {
         }
         let dir = std::env::temp_dir().join(format!("vantage-sync-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let mut child = Command::new(&bin)
-            // The server's own defaults (pool size among them): the load
-            // measures it as a first run would get it.
+        // The server's own defaults (pool size among them): the load
+        // measures it as a first run would get it.
+        let mut command = Command::new(&bin);
+        command
             .args(["serve", "--listen-addr", "127.0.0.1:0", "--data-dir"])
             .arg(&dir)
             .env_remove("DATABASE_URL")
-            .env_remove("JWT_SECRET")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let (send, receive) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = send.send(line);
-            }
-        });
-        let mut seen = Vec::new();
-        let addr = loop {
-            match receive.recv_timeout(Duration::from_secs(60)) {
-                Ok(line) => {
-                    if let Some(rest) = line.split("serving GraphQL on http://").nth(1) {
-                        break rest.split('/').next().unwrap_or_default().to_owned();
-                    }
-                    seen.push(line);
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    bail!("the server did not start:\n{}", seen.join("\n"));
-                }
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || while receive.recv().is_ok() {});
+            .env_remove("JWT_SECRET");
+        let (child, addr) = start_server(command, &bin)?;
         let dir = dir.canonicalize()?;
         let secret = std::fs::read_to_string(dir.join("jwt_secret"))?;
-        Ok(Self {
+        let database_url = format!(
+            "postgres://postgres@localhost/vantage_sync?host={}",
+            dir.join("run").display()
+        );
+        let mut target = Self {
             base: format!("http://{addr}"),
-            database_url: format!(
-                "postgres://postgres@localhost/vantage_sync?host={}",
-                dir.join("run").display()
-            ),
+            database_url,
             keys: TokenKeys::new(secret.trim().as_bytes()).map_err(anyhow::Error::msg)?,
             child: Some(child),
             dir: Some(dir),
-        })
+            idle: Vec::new(),
+            pgbouncer: None,
+        };
+        if through_pgbouncer {
+            let bouncer = PgBouncer::start(&target.database_url, &["postgres"]);
+            let mut command = Command::new(&bin);
+            command
+                .args(["serve", "--listen-addr", "127.0.0.1:0", "--no-migrate"])
+                .env("DATABASE_URL", bouncer.url(&target.database_url))
+                .env("LISTEN_DATABASE_URL", &target.database_url)
+                .env("JWT_SECRET", secret.trim());
+            let (pooled, addr) = start_server(command, &bin)?;
+            // The zero-config server keeps its PostgreSQL running, idle.
+            target.idle.extend(target.child.replace(pooled));
+            target.base = format!("http://{addr}");
+            target.pgbouncer = Some(bouncer);
+        }
+        Ok(target)
     }
 
     /// A token for `role`, valid for an hour.
@@ -147,12 +189,13 @@ impl Target {
 
     /// Stops a server started here (SIGTERM) and removes its directory.
     pub fn stop(self) {
-        if let Some(mut child) = self.child {
+        for mut child in self.child.into_iter().chain(self.idle) {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
                 .status();
             let _ = child.wait();
         }
+        drop(self.pgbouncer);
         if let Some(dir) = self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }

@@ -49,3 +49,38 @@ fn smoke_runs_every_scenario_correctly() {
     );
     assert!(report["query_to_floor_throughput"].as_f64().unwrap() > 0.0);
 }
+
+/// The same through a real PgBouncer in transaction mode: no request
+/// fails, no transition is lost, no change is missed.
+#[test]
+fn smoke_through_pgbouncer_loses_nothing() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vantage-sync-bench"))
+        .args([
+            "query",
+            "mutate",
+            "fanout",
+            "--smoke",
+            "--json",
+            "--through-pgbouncer",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["through_pgbouncer"], true);
+    for scenario in ["query", "mutate"] {
+        assert!(
+            report[scenario]["requests"].as_u64().unwrap() > 0,
+            "{scenario}"
+        );
+        assert_eq!(report[scenario]["errors"], 0, "{scenario}");
+    }
+    assert_eq!(report["mutate"]["lost"], 0);
+    assert_eq!(report["fanout"]["missed"], 0);
+}

@@ -37,13 +37,17 @@ impl PgBouncer {
         // Any database name passes through to the test cluster; trust
         // authentication still needs the users listed in auth_file. No
         // ignore_startup_parameters: the server must not need it.
+        // A Unix socket's directory is a host to PgBouncer, as to libpq.
+        let host = match server.get_socket() {
+            Some(socket) => socket.display().to_string(),
+            None => server.get_host().to_owned(),
+        };
         let config = format!(
             "[databases]\n* = host={host} port={server_port}\n\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = trust\nauth_file = {dir}/userlist.txt\npool_mode = transaction\n\
              default_pool_size = 20\nmax_client_conn = 2000\n\
              logfile = {dir}/pgbouncer.log\npidfile = {dir}/pgbouncer.pid\n",
-            host = server.get_host(),
             server_port = server.get_port(),
             dir = dir.display(),
         );
@@ -83,11 +87,21 @@ impl PgBouncer {
         bouncer
     }
 
-    /// `database_url` with its host and port replaced by PgBouncer's.
+    /// `database_url` with its host and port (or socket) replaced by
+    /// PgBouncer's.
     pub fn url(&self, database_url: &str) -> String {
         let mut url = reqwest::Url::parse(database_url).unwrap();
         url.set_host(Some("127.0.0.1")).unwrap();
         url.set_port(Some(self.port)).unwrap();
+        let query: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(name, _)| name != "host")
+            .map(|(name, value)| (name.into_owned(), value.into_owned()))
+            .collect();
+        url.set_query(None);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
         url.to_string()
     }
 
