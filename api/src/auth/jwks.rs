@@ -98,9 +98,9 @@ impl Jwks {
         };
         if let JwksSource::File(path) = &jwks.source {
             let document = std::fs::read(path)
-                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
-            let keys =
-                parse_key_set(&document).map_err(|error| format!("{}: {error}", path.display()))?;
+                .map_err(|error| format!("JWKS_FILE: cannot read {}: {error}", path.display()))?;
+            let keys = parse_key_set(&document)
+                .map_err(|error| format!("JWKS_FILE {}: {error}", path.display()))?;
             jwks.install(keys);
         }
         Ok(jwks)

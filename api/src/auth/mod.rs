@@ -283,9 +283,7 @@ impl TokenKeys {
             None => None,
         };
         let jwks = match settings.jwks {
-            Some((source, refresh)) => Some(Arc::new(
-                Jwks::new(source.clone(), refresh).map_err(|error| format!("{source}: {error}"))?,
-            )),
+            Some((source, refresh)) => Some(Arc::new(Jwks::new(source, refresh)?)),
             None => None,
         };
         if secret.is_none() && jwks.is_none() {
