@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::auth::{ClaimRules, Role, SigningKey, TokenKeys};
-use crate::config::{ConfigError, ServeArgs, ServerConfig};
+use crate::auth::{Role, SigningKey, TokenKeys};
+use crate::config::{ClaimArgs, ConfigError, ServeArgs, ServerConfig};
 use crate::managed_postgres::{self, ManagedError, ManagedPostgres};
 use crate::migrate::{self, MigrateCommand, MigrateError};
 use crate::server::{ServeError, Server};
@@ -79,17 +79,9 @@ pub struct TokenArgs {
     /// Key id of --private-key; default: the key's RFC 7638 thumbprint.
     #[arg(long, requires = "private_key")]
     pub kid: Option<String>,
-    /// `iss` claim, as the server's --jwt-issuer expects.
-    #[arg(long, env = "JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
-    /// `aud` claim (the first of a comma-separated list), as the server's
-    /// --jwt-audience expects.
-    #[arg(long, env = "JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
-    /// Dotted path where the role goes besides `role`, as the server's
-    /// --jwt-role-claim expects.
-    #[arg(long, env = "JWT_ROLE_CLAIM", default_value = "role")]
-    pub jwt_role_claim: String,
+    /// The claims the server expects (the same flags as `serve`).
+    #[command(flatten)]
+    pub claims: ClaimArgs,
     /// Data directory of the zero-configuration setup.
     #[arg(long, env = "VANTAGE_SYNC_DATA_DIR", default_value = ".vantage-sync")]
     pub data_dir: PathBuf,
@@ -169,12 +161,7 @@ impl Cli {
                 Ok(())
             }
             Command::Token(args) => {
-                let rules = ClaimRules::parse(
-                    args.jwt_issuer.as_deref(),
-                    args.jwt_audience.as_deref(),
-                    &args.jwt_role_claim,
-                )
-                .map_err(ConfigError::Keys)?;
+                let rules = args.claims.rules()?;
                 let token = match &args.private_key {
                     Some(path) => read_signing_key(path, args.kid.clone())?.mint(
                         &rules,

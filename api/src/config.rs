@@ -41,20 +41,9 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(10..=86_400))]
     pub jwks_refresh_secs: u64,
 
-    /// When set, a token's `iss` must equal it (Supabase:
-    /// https://<ref>.supabase.co/auth/v1).
-    #[arg(long, env = "JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
-
-    /// When set, a token's `aud` must contain one of these
-    /// (comma-separated); unset, `aud` is not checked.
-    #[arg(long, env = "JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
-
-    /// Dotted path to the role claim (e.g. app_metadata.role); the role
-    /// must be anon, authenticated or service_role.
-    #[arg(long, env = "JWT_ROLE_CLAIM", default_value = "role")]
-    pub jwt_role_claim: String,
+    /// What token claims must say.
+    #[command(flatten)]
+    pub claims: ClaimArgs,
 
     /// Session connection (direct, or a session-mode pooler) the live feed
     /// LISTENs on; default: DATABASE_URL. Needed when DATABASE_URL is a
@@ -128,6 +117,39 @@ pub struct ServeArgs {
     /// Seconds between server keep-alive pings on WebSocket connections.
     #[arg(long, env = "WS_PING_INTERVAL_SECS", default_value_t = 15)]
     pub ws_ping_interval_secs: u64,
+}
+
+/// The claim rules' flags, shared by `serve` (to check tokens) and
+/// `token` (to mint tokens that pass the same checks).
+#[derive(Debug, Clone, Args)]
+pub struct ClaimArgs {
+    /// When set, a token's `iss` must equal it (Supabase:
+    /// https://<ref>.supabase.co/auth/v1); `token` writes it.
+    #[arg(long, env = "JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, a token's `aud` must contain one of these
+    /// (comma-separated); unset, `aud` is not checked. `token` writes
+    /// the first.
+    #[arg(long, env = "JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Dotted path to the role claim (e.g. app_metadata.role); the role
+    /// must be anon, authenticated or service_role.
+    #[arg(long, env = "JWT_ROLE_CLAIM", default_value = "role")]
+    pub jwt_role_claim: String,
+}
+
+impl ClaimArgs {
+    /// The rules these flags describe.
+    pub fn rules(&self) -> Result<ClaimRules, ConfigError> {
+        ClaimRules::parse(
+            self.jwt_issuer.as_deref(),
+            self.jwt_audience.as_deref(),
+            &self.jwt_role_claim,
+        )
+        .map_err(ConfigError::Keys)
+    }
 }
 
 /// WebSocket transport settings.
@@ -296,12 +318,7 @@ impl ServerConfig {
             "--ws-ping-interval-secs (WS_PING_INTERVAL_SECS)",
             "between 1 and 3600",
         )?;
-        let rules = ClaimRules::parse(
-            args.jwt_issuer.as_deref(),
-            args.jwt_audience.as_deref(),
-            &args.jwt_role_claim,
-        )
-        .map_err(ConfigError::Keys)?;
+        let rules = args.claims.rules()?;
         let refresh = Duration::from_secs(args.jwks_refresh_secs);
         let jwks = match (&args.jwks_url, &args.jwks_file) {
             (Some(url), _) => {

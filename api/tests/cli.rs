@@ -237,11 +237,12 @@ fn fails_with(args: &[&str], env: &[(&str, &str)], expected: &str) {
 #[test]
 fn configuration_errors_say_what_to_fix() {
     let url = ("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none");
+    let secret = ("JWT_SECRET", "0123456789abcdef0123456789abcdef");
     fails_with(&["serve"], &[url], "JWT_SECRET");
     fails_with(&["serve"], &[url, ("JWT_SECRET", "short")], "at least 32");
     fails_with(
         &["serve", "--max-query-depth", "5"],
-        &[url, ("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        &[url, secret],
         "--max-query-depth",
     );
     fails_with(
@@ -251,12 +252,12 @@ fn configuration_errors_say_what_to_fix() {
     );
     fails_with(
         &["token", "--role", "postgres"],
-        &[("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        &[secret],
         "anon, authenticated or service_role",
     );
     fails_with(
         &["token", "--role", "anon", "--ttl", "5y"],
-        &[("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        &[secret],
         "unknown unit",
     );
     fails_with(&["migrate", "up"], &[], "DATABASE_URL");
@@ -277,17 +278,17 @@ fn configuration_errors_say_what_to_fix() {
             "--cors-allowed-origins",
             "https://dash.example.com/",
         ],
-        &[url, ("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        &[url, secret],
         "without a path or trailing slash",
     );
     fails_with(
         &["serve", "--db-prepared-statements", "sometimes"],
-        &[url, ("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        &[url, secret],
         "auto",
     );
     fails_with(
         &["serve", "--feed-poll-secs", "0"],
-        &[url, ("JWT_SECRET", "0123456789abcdef0123456789abcdef")],
+        &[url, secret],
         "--feed-poll-secs",
     );
     fails_with(

@@ -7,10 +7,11 @@ use std::process::Command;
 
 use serde_json::Value;
 
-#[test]
-fn smoke_runs_every_scenario_correctly() {
+/// The load tool's JSON report of a `--smoke --json` run with `args`.
+fn smoke(args: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_vantage-sync-bench"))
         .args(["--smoke", "--json"])
+        .args(args)
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
@@ -20,7 +21,12 @@ fn smoke_runs_every_scenario_correctly() {
         "bench failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: Value = serde_json::from_str(&stdout).unwrap();
+    serde_json::from_str(&stdout).unwrap()
+}
+
+#[test]
+fn smoke_runs_every_scenario_correctly() {
+    let report = smoke(&[]);
     for scenario in ["query", "floor", "mutate"] {
         assert!(
             report[scenario]["requests"].as_u64().unwrap() > 0,
