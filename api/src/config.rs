@@ -227,9 +227,8 @@ pub struct ServerConfig {
 
 /// Twice the CPU cores, at least 4: PostgreSQL's rule of thumb for a pool
 /// (about two connections per core keep the database busy; more only
-/// queue inside it). Measured with the load tool on 2 cores shared with
-/// the database: 4 connections served 32 clients with 30% more requests
-/// per second and half the p99 of 32 connections (README, Performance).
+/// queue inside it). The load tool's comparison is in the README's
+/// Performance section.
 pub fn default_max_connections() -> u32 {
     let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     u32::try_from(cores.saturating_mul(2))

@@ -2,8 +2,8 @@
 //! `/readyz`, `/metrics`.
 //!
 //! The GraphQL handlers are written here rather than taken from
-//! async-graphql-axum, whose extractor ignores the body limit, runs
-//! mutations over GET and answers malformed JSON in plain text.
+//! async-graphql-axum (not a dependency), whose extractor ignores the body
+//! limit, runs mutations over GET and answers malformed JSON in plain text.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,8 +76,9 @@ pub fn router(state: AppState) -> Router {
     }
 }
 
-/// A GraphQL-shaped error body for requests refused before execution.
-fn refuse(status: StatusCode, error: ApiError) -> Response {
+/// A GraphQL-shaped error body for requests refused before execution
+/// (HTTP or the WebSocket upgrade).
+pub(crate) fn refuse(status: StatusCode, error: ApiError) -> Response {
     let body = json!({
         "errors": [{
             "message": error.message(),

@@ -6,9 +6,8 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vantage_sync::cli::Cli;
 
-// Measured with the load tool: glibc's malloc and free took a sixth of the
-// server's CPU under the dashboard query; with mimalloc the server answers
-// 7-10% more requests per second, at the same memory per subscriber.
+// glibc's malloc and free were a large share of the server's CPU under the
+// dashboard query; the README's Performance section has the figures.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

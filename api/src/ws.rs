@@ -18,16 +18,14 @@ use async_graphql::futures_util::{SinkExt, StreamExt, future};
 use async_graphql::http::{ClientMessage, WebSocket, WebSocketProtocols as Protocols, WsMessage};
 use axum::extract::ws::{CloseFrame, Message, WebSocket as Socket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, oneshot};
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
-use crate::http::AppState;
-
-/// How long `connection_init` waits for the live feed before refusing.
-const LIVE_WAIT: Duration = Duration::from_secs(10);
+use crate::feed::LIVE_WAIT;
+use crate::http::{AppState, refuse};
 
 /// What the connection's reader (inside async-graphql's machine) and its
 /// writer loop share. Kept small: every idle subscriber holds one.
@@ -114,16 +112,11 @@ pub async fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgra
         upgrade.protocols([protocol.sec_websocket_protocol()])
     };
     // A task of its own: inside axum's upgrade task this connection's
-    // future would sit in a larger one for its whole life (about 2 KiB more
-    // per idle subscriber, measured with massif).
+    // future would sit in a larger one for its whole life (README,
+    // Performance: idle subscribers).
     upgrade.on_upgrade(move |socket| async move {
         tokio::spawn(serve(socket, app, protocol, header_caller));
     })
-}
-
-fn refuse(status: StatusCode, error: ApiError) -> Response {
-    let body = json!({"errors": [{"message": error.message(), "extensions": {"code": error.code().as_str()}}]});
-    (status, axum::Json(body)).into_response()
 }
 
 /// The `Authorization` value in a `connection_init` payload:

@@ -33,6 +33,9 @@ pub const CHANNEL: &str = "vantage_sync_state_changes";
 const BROADCAST_CAPACITY: usize = 1024;
 /// Events read per query while catching up.
 pub const BATCH: u64 = 500;
+/// Longest a new subscription or `connection_init` waits for the feed to
+/// be live before it is refused.
+pub const LIVE_WAIT: Duration = Duration::from_secs(10);
 
 /// One event of the log, decoded once for every subscriber.
 #[derive(Debug)]

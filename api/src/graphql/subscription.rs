@@ -18,13 +18,11 @@ use crate::auth::{Caller, Role};
 use crate::db::{RequestDb, events};
 use crate::error::{ApiError, ApiResult};
 use crate::feed::cursor::Cursor;
-use crate::feed::{BATCH, Feed, FeedEvent};
+use crate::feed::{BATCH, Feed, FeedEvent, LIVE_WAIT};
 use crate::metrics::SubscriptionGuard;
 
 /// Longest a subscription's own database read may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest a new subscription waits for the listener to be live.
-const LIVE_WAIT: Duration = Duration::from_secs(10);
 
 /// What happened to a resource.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
