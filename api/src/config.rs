@@ -6,13 +6,29 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use clap::builder::RangedU64ValueParser;
 
 use crate::auth::{ClaimRules, JwksSource, KeySettings, TokenKeys};
 use crate::cors::CorsOrigins;
 use crate::db::PreparedStatements;
 use crate::graphql::QueryLimits;
 
-/// Flags of `vantage-sync serve`.
+/// Address served when none is given.
+pub const DEFAULT_LISTEN_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+/// Request and statement timeout, in seconds.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Largest request body, in bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Days of sync events kept.
+pub const DEFAULT_EVENT_RETENTION_DAYS: u32 = 30;
+/// Seconds between the live feed's reads of the event log.
+pub const DEFAULT_FEED_POLL_SECS: u64 = 2;
+/// Seconds between refreshes of the JSON Web Key Set.
+pub const DEFAULT_JWKS_REFRESH_SECS: u64 = 600;
+
+/// Flags of `vantage-sync serve`. Ranges are checked by clap, whose
+/// message names the flag and the range.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// PostgreSQL URL. Without it, a managed local PostgreSQL is run from
@@ -37,7 +53,7 @@ pub struct ServeArgs {
 
     /// Seconds between refreshes of the key set (a token naming an
     /// unknown `kid` also triggers one, at most every 10 s).
-    #[arg(long, env = "JWKS_REFRESH_SECS", default_value_t = 600,
+    #[arg(long, env = "JWKS_REFRESH_SECS", default_value_t = DEFAULT_JWKS_REFRESH_SECS,
           value_parser = clap::value_parser!(u64).range(10..=86_400))]
     pub jwks_refresh_secs: u64,
 
@@ -59,7 +75,7 @@ pub struct ServeArgs {
     /// Seconds between reads of the event log that do not wait for a
     /// notification: the longest a change whose notification is lost
     /// takes to reach subscribers.
-    #[arg(long, env = "FEED_POLL_SECS", default_value_t = 2,
+    #[arg(long, env = "FEED_POLL_SECS", default_value_t = DEFAULT_FEED_POLL_SECS,
           value_parser = clap::value_parser!(u64).range(1..=60))]
     pub feed_poll_secs: u64,
 
@@ -70,7 +86,7 @@ pub struct ServeArgs {
     pub cors_allowed_origins: Option<String>,
 
     /// Address to serve HTTP on.
-    #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "LISTEN_ADDR", default_value_t = DEFAULT_LISTEN_ADDR)]
     pub listen_addr: SocketAddr,
 
     /// Do not apply pending migrations at start.
@@ -83,39 +99,51 @@ pub struct ServeArgs {
 
     /// Most database connections in the pool (default: twice this
     /// machine's CPU cores, at least 4).
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = default_max_connections())]
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = default_max_connections(),
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_connections: u32,
 
     /// Longest a request may take, in seconds (also the statement timeout).
-    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = DEFAULT_REQUEST_TIMEOUT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub request_timeout_secs: u64,
 
     /// Largest accepted request body, in bytes.
-    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1024..=64 * 1024 * 1024))]
     pub max_body_bytes: usize,
 
-    /// Deepest selection nesting a query may have.
-    #[arg(long, env = "MAX_QUERY_DEPTH", default_value_t = 16)]
+    /// Deepest selection nesting a query may have (13, what introspection
+    /// needs, to 64).
+    #[arg(long, env = "MAX_QUERY_DEPTH", default_value_t = QueryLimits::DEFAULT.depth,
+          value_parser = RangedU64ValueParser::<usize>::new().range(13..=64))]
     pub max_query_depth: usize,
 
     /// Highest complexity (weighted field count) a query may have.
-    #[arg(long, env = "MAX_QUERY_COMPLEXITY", default_value_t = 2000)]
+    #[arg(long, env = "MAX_QUERY_COMPLEXITY", default_value_t = QueryLimits::DEFAULT.complexity,
+          value_parser = RangedU64ValueParser::<usize>::new().range(100..=100_000))]
     pub max_query_complexity: usize,
 
     /// Days of sync events to keep (0: keep everything).
-    #[arg(long, env = "EVENT_RETENTION_DAYS", default_value_t = 30)]
+    #[arg(long, env = "EVENT_RETENTION_DAYS", default_value_t = DEFAULT_EVENT_RETENTION_DAYS)]
     pub event_retention_days: u32,
 
     /// Most subscriptions one WebSocket connection may hold.
-    #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_CONNECTION", default_value_t = 100)]
+    #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_CONNECTION",
+          default_value_t = WebSocketConfig::DEFAULT.max_subscriptions,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     pub max_subscriptions_per_connection: usize,
 
     /// Seconds a WebSocket client has to send `connection_init`.
-    #[arg(long, env = "WS_INIT_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(long, env = "WS_INIT_TIMEOUT_SECS",
+          default_value_t = WebSocketConfig::DEFAULT.init_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=300))]
     pub ws_init_timeout_secs: u64,
 
     /// Seconds between server keep-alive pings on WebSocket connections.
-    #[arg(long, env = "WS_PING_INTERVAL_SECS", default_value_t = 15)]
+    #[arg(long, env = "WS_PING_INTERVAL_SECS",
+          default_value_t = WebSocketConfig::DEFAULT.ping_interval.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ws_ping_interval_secs: u64,
 }
 
@@ -163,14 +191,13 @@ pub struct WebSocketConfig {
     pub ping_interval: Duration,
 }
 
-impl Default for WebSocketConfig {
-    fn default() -> Self {
-        Self {
-            max_subscriptions: 100,
-            init_timeout: Duration::from_secs(10),
-            ping_interval: Duration::from_secs(15),
-        }
-    }
+impl WebSocketConfig {
+    /// The defaults of the flags.
+    pub const DEFAULT: Self = Self {
+        max_subscriptions: 100,
+        init_timeout: Duration::from_secs(10),
+        ping_interval: Duration::from_secs(15),
+    };
 }
 
 /// A configuration problem, said so the operator can fix it.
@@ -182,14 +209,6 @@ pub enum ConfigError {
     /// The CORS origins are malformed.
     #[error("CORS_ALLOWED_ORIGINS: {0}")]
     Cors(String),
-    /// A number is out of its useful range.
-    #[error("{flag} must be {rule}")]
-    OutOfRange {
-        /// The flag or variable.
-        flag: &'static str,
-        /// What it must be.
-        rule: &'static str,
-    },
 }
 
 /// The server's validated settings.
@@ -249,17 +268,17 @@ impl ServerConfig {
             database_url,
             listen_database_url: None,
             prepared_statements: PreparedStatements::Auto,
-            feed_poll_interval: Duration::from_secs(2),
+            feed_poll_interval: Duration::from_secs(DEFAULT_FEED_POLL_SECS),
             cors: CorsOrigins::default(),
             keys,
-            listen_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            listen_addr: DEFAULT_LISTEN_ADDR,
             migrate: true,
             max_connections: default_max_connections(),
-            request_timeout: Duration::from_secs(30),
-            max_body_bytes: 1024 * 1024,
-            limits: QueryLimits::default(),
-            event_retention_days: Some(30),
-            websocket: WebSocketConfig::default(),
+            request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            limits: QueryLimits::DEFAULT,
+            event_retention_days: Some(DEFAULT_EVENT_RETENTION_DAYS),
+            websocket: WebSocketConfig::DEFAULT,
         }
     }
 
@@ -270,53 +289,6 @@ impl ServerConfig {
         database_url: String,
         jwt_secret: Option<&[u8]>,
     ) -> Result<Self, ConfigError> {
-        let range = |ok: bool, flag, rule| {
-            if ok {
-                Ok(())
-            } else {
-                Err(ConfigError::OutOfRange { flag, rule })
-            }
-        };
-        range(
-            (1..=1000).contains(&args.max_connections),
-            "--max-connections (DATABASE_MAX_CONNECTIONS)",
-            "between 1 and 1000",
-        )?;
-        range(
-            (1..=3600).contains(&args.request_timeout_secs),
-            "--request-timeout-secs (REQUEST_TIMEOUT_SECS)",
-            "between 1 and 3600",
-        )?;
-        range(
-            (1024..=64 * 1024 * 1024).contains(&args.max_body_bytes),
-            "--max-body-bytes (MAX_BODY_BYTES)",
-            "between 1 KiB and 64 MiB",
-        )?;
-        range(
-            (13..=64).contains(&args.max_query_depth),
-            "--max-query-depth (MAX_QUERY_DEPTH)",
-            "between 13 (what introspection needs) and 64",
-        )?;
-        range(
-            (100..=100_000).contains(&args.max_query_complexity),
-            "--max-query-complexity (MAX_QUERY_COMPLEXITY)",
-            "between 100 and 100000",
-        )?;
-        range(
-            (1..=10_000).contains(&args.max_subscriptions_per_connection),
-            "--max-subscriptions-per-connection (MAX_SUBSCRIPTIONS_PER_CONNECTION)",
-            "between 1 and 10000",
-        )?;
-        range(
-            (1..=300).contains(&args.ws_init_timeout_secs),
-            "--ws-init-timeout-secs (WS_INIT_TIMEOUT_SECS)",
-            "between 1 and 300",
-        )?;
-        range(
-            (1..=3600).contains(&args.ws_ping_interval_secs),
-            "--ws-ping-interval-secs (WS_PING_INTERVAL_SECS)",
-            "between 1 and 3600",
-        )?;
         let rules = args.claims.rules()?;
         let refresh = Duration::from_secs(args.jwks_refresh_secs);
         let jwks = match (&args.jwks_url, &args.jwks_file) {

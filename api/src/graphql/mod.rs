@@ -35,13 +35,12 @@ pub struct QueryLimits {
     pub complexity: usize,
 }
 
-impl Default for QueryLimits {
-    fn default() -> Self {
-        Self {
-            depth: 16,
-            complexity: 2_000,
-        }
-    }
+impl QueryLimits {
+    /// The defaults of `--max-query-depth` and `--max-query-complexity`.
+    pub const DEFAULT: Self = Self {
+        depth: 16,
+        complexity: 2_000,
+    };
 }
 
 /// The schema, with `limits`, ready for data (e.g. the live feed). It has
@@ -57,7 +56,7 @@ pub fn builder(limits: QueryLimits) -> SchemaBuilder<Query, Mutation, Subscripti
 
 /// The schema in SDL, as committed in `schema.graphql`.
 pub fn sdl() -> String {
-    builder(QueryLimits::default()).finish().sdl()
+    builder(QueryLimits::DEFAULT).finish().sdl()
 }
 
 /// What a resolver knows about its request.
