@@ -6,10 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::SyncErrors;
 
-/// Status of a resource's last sync, stored as lower-case text.
+/// Status of a resource's last sync.
+// Stored as lower-case text; the GraphQL enum (feature `graphql`) takes
+// its names and descriptions from here too.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, Serialize, Deserialize,
 )]
+#[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
 #[sea_orm(rs_type = "String", db_type = "Text")]
 #[serde(rename_all = "snake_case")]
 pub enum SyncStatus {

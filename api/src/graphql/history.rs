@@ -37,8 +37,8 @@ impl SyncEvent {
         Self {
             id: ID(row.id.to_string()),
             operation: ChangeOperation::from_log(&row.operation),
-            status: row.status.map(Into::into),
-            previous_status: row.previous_status.map(Into::into),
+            status: row.status,
+            previous_status: row.previous_status,
             state: serde_json::from_value(row.state)
                 .ok()
                 .map(|state| SyncState::new(state, now)),

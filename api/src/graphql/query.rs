@@ -58,9 +58,7 @@ impl Query {
         health: Option<Vec<SyncHealth>>,
     ) -> async_graphql::Result<Vec<SyncState>> {
         let request = RequestContext::reader(ctx)?;
-        let statuses: Option<Vec<Status>> =
-            status.map(|list| list.into_iter().map(Status::from).collect());
-        let rows = sync_states::list(&*request.db.txn().await?, statuses.as_deref())
+        let rows = sync_states::list(&*request.db.txn().await?, status.as_deref())
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
         let mut states = request.states(rows);

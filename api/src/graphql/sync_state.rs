@@ -136,7 +136,7 @@ impl PlainObject for SyncStateFields {
         Some(match field.node.name.node.as_str() {
             "resource" => Value::String(row.resource.clone()),
             "lastSyncTime" => nullable(utc(row.last_sync_time)),
-            "lastSyncStatus" => enum_value(SyncStatus::from(row.last_sync_status)),
+            "lastSyncStatus" => enum_value(row.last_sync_status),
             "recordsSynced" => row.records_synced.to_value(),
             "recordsCreated" => row.records_created.to_value(),
             "recordsUpdated" => row.records_updated.to_value(),
@@ -199,7 +199,7 @@ impl SyncStateFields {
 
     /// Status of the last sync.
     async fn last_sync_status(&self) -> SyncStatus {
-        self.row.last_sync_status.into()
+        self.row.last_sync_status
     }
 
     /// Records processed by the last successful sync (created + updated + skipped).

@@ -3,40 +3,9 @@
 use async_graphql::{Enum, InputObject, Json, Object, SimpleObject};
 use chrono::{DateTime, FixedOffset, Utc};
 
-/// Status of a resource's last sync.
-#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncStatus {
-    /// Registered, never synced.
-    NeverRun,
-    /// A sync is in progress.
-    Running,
-    /// The last sync completed.
-    Success,
-    /// The last sync failed.
-    Failed,
-}
-
-impl From<entity::SyncStatus> for SyncStatus {
-    fn from(status: entity::SyncStatus) -> Self {
-        match status {
-            entity::SyncStatus::NeverRun => Self::NeverRun,
-            entity::SyncStatus::Running => Self::Running,
-            entity::SyncStatus::Success => Self::Success,
-            entity::SyncStatus::Failed => Self::Failed,
-        }
-    }
-}
-
-impl From<SyncStatus> for entity::SyncStatus {
-    fn from(status: SyncStatus) -> Self {
-        match status {
-            SyncStatus::NeverRun => Self::NeverRun,
-            SyncStatus::Running => Self::Running,
-            SyncStatus::Success => Self::Success,
-            SyncStatus::Failed => Self::Failed,
-        }
-    }
-}
+/// Status of a resource's last sync: the entity's enum, which is also the
+/// GraphQL enum.
+pub use entity::SyncStatus;
 
 /// Dashboard traffic light of a resource.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
