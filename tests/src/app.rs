@@ -96,6 +96,16 @@ impl TestApp {
         response.text().await.unwrap()
     }
 
+    /// Runs `statements` (one or more, simple protocol) as the superuser
+    /// on the server's database.
+    pub async fn sql(&self, statements: &str) {
+        use sqlx::Executor;
+        let mut conn = self.db.connect().await;
+        conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statements.to_owned())))
+            .await
+            .unwrap();
+    }
+
     /// A valid token for `role`.
     pub fn token(&self, role: &str) -> String {
         self.keys

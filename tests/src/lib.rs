@@ -378,6 +378,25 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The row of `resource` as `to_jsonb` gives it, or JSON null.
+pub async fn state_row(conn: &mut PgConnection, resource: &str) -> serde_json::Value {
+    sqlx::query_scalar(
+        "SELECT coalesce((SELECT to_jsonb(s) FROM vantage_sync_state s WHERE resource = $1), 'null')",
+    )
+    .bind(resource)
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}
+
+/// Seconds since the epoch, for token claims.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 /// The SQLSTATE and constraint of a database error, for exact assertions.
 pub fn sql_error<T: std::fmt::Debug>(result: Result<T, sqlx::Error>) -> (String, Option<String>) {
     match result {

@@ -16,6 +16,9 @@ pub struct WsClient {
     socket: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// The subprotocol the server chose.
     pub protocol: Option<String>,
+    /// The server's `/metrics`, whose subscription gauge tells when a
+    /// subscription has started.
+    metrics_url: String,
 }
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -50,7 +53,11 @@ impl WsClient {
             .headers()
             .get("sec-websocket-protocol")
             .map(|value| value.to_str().unwrap().to_owned());
-        Ok(WsClient { socket, protocol })
+        Ok(WsClient {
+            socket,
+            protocol,
+            metrics_url: app.url("/metrics"),
+        })
     }
 
     /// Sends a JSON message.
@@ -147,10 +154,33 @@ impl WsClient {
     }
 
     /// Subscribes as "1" and waits until the subscription has started (a
-    /// live-only subscription delivers changes from then on).
+    /// live-only subscription delivers changes from then on): the server
+    /// counts a subscription as open once it receives the live feed.
     pub async fn follow(&mut self, query: &str, variables: Value) {
+        let before = self.open_subscriptions().await;
         self.subscribe("1", query, variables).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.open_subscriptions().await <= before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the subscription did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The server's count of open subscriptions.
+    async fn open_subscriptions(&self) -> i64 {
+        let text = reqwest::get(&self.metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("vantage_sync_subscriptions_active "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no subscription gauge in:\n{text}"))
     }
 
     /// The next `next` payload's data for any subscription, with its id.

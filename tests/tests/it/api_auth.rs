@@ -1,19 +1,10 @@
 //! Bearer tokens: every way a token can be bad is a 401 INVALID_TOKEN,
 //! never a silent anon.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use vantage_sync_tests::{SECRET, TestApp, base64url};
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
+use vantage_sync_tests::{SECRET, TestApp, base64url, unix_now as now};
 
 fn sign(claims: &Value, algorithm: Algorithm, secret: &str) -> String {
     jsonwebtoken::encode(

@@ -328,17 +328,6 @@ async fn migration_up(url: &str) {
     db.close().await.unwrap();
 }
 
-/// The committed schema.graphql is what the code generates.
-#[test]
-fn committed_schema_matches_the_code() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema.graphql");
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        committed == vantage_sync::graphql::sdl(),
-        "schema.graphql is out of date: run `cargo run -p vantage-sync -- schema > schema.graphql`"
-    );
-}
-
 /// A hosted PostgreSQL (Supabase) wants TLS: the server connects with
 /// `sslmode=require`, and its connections really are encrypted.
 #[tokio::test]

@@ -9,7 +9,7 @@ use sqlx::{Connection, Executor, PgConnection};
 use vantage_sync::auth::{Caller, Role};
 use vantage_sync::db::{RequestDb, sync_states};
 use vantage_sync::error::ApiError;
-use vantage_sync_tests::TestApp;
+use vantage_sync_tests::{TestApp, state_row};
 
 async fn table(conn: &mut PgConnection) -> Value {
     sqlx::query_scalar(
@@ -18,14 +18,6 @@ async fn table(conn: &mut PgConnection) -> Value {
     .fetch_one(conn)
     .await
     .unwrap()
-}
-
-async fn row(conn: &mut PgConnection, resource: &str) -> Value {
-    sqlx::query_scalar("SELECT coalesce((SELECT to_jsonb(s) FROM vantage_sync_state s WHERE resource = $1), 'null')")
-        .bind(resource)
-        .fetch_one(conn)
-        .await
-        .unwrap()
 }
 
 const STATE: &str =
@@ -67,7 +59,7 @@ async fn start_complete_fail_cycle_matches_the_database() {
         (&json!(100), &json!(10), &json!(90))
     );
     assert_eq!(state["lastSyncTime"], state["completedAt"]);
-    let db_row = row(&mut conn, "accounts").await;
+    let db_row = state_row(&mut conn, "accounts").await;
     assert_eq!(db_row["last_sync_status"], "success");
     assert_eq!(db_row["duration_ms"], state["durationMs"]);
 
@@ -96,7 +88,7 @@ async fn start_complete_fail_cycle_matches_the_database() {
     );
     // Stored in the column in its canonical camelCase shape.
     assert_eq!(
-        row(&mut conn, "accounts").await["errors"],
+        state_row(&mut conn, "accounts").await["errors"],
         json!([
             {"code": "HTTP_500", "message": "upstream", "recordId": "acc-9", "timestamp": "2025-11-05T13:28:40Z", "details": {"status": 500}},
             {"code": "VALIDATION", "message": "bad currency"}
@@ -145,7 +137,7 @@ async fn register_and_remove_resources() {
         json!({"data": {"registerResource": {"resource": "distributions", "lastSyncStatus": "NEVER_RUN", "health": "YELLOW"}}})
     );
     assert_eq!(
-        row(&mut conn, "distributions").await["last_sync_status"],
+        state_row(&mut conn, "distributions").await["last_sync_status"],
         "never_run"
     );
     let body = app
@@ -159,7 +151,7 @@ async fn register_and_remove_resources() {
         body,
         json!({"data": {"removeResource": {"resource": "distributions", "lastSyncStatus": "NEVER_RUN"}}})
     );
-    assert_eq!(row(&mut conn, "distributions").await, Value::Null);
+    assert_eq!(state_row(&mut conn, "distributions").await, Value::Null);
 }
 
 /// Every refusal: the code the spec names, from a real request, and the
@@ -258,7 +250,7 @@ async fn one_refused_mutation_does_not_undo_the_others() {
     assert_eq!(body["data"]["c"], json!({"lastSyncStatus": "SUCCESS"}));
     assert_eq!(body["errors"][0]["path"], json!(["b"]));
     assert_eq!(body["errors"][0]["extensions"]["code"], "ALREADY_RUNNING");
-    assert_eq!(row(&mut conn, "accounts").await["records_synced"], 5);
+    assert_eq!(state_row(&mut conn, "accounts").await["records_synced"], 5);
 }
 
 #[tokio::test]

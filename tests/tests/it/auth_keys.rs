@@ -2,24 +2,17 @@
 //! Key Set served over HTTP, chosen by `kid`, rotated without a restart;
 //! the key decides the algorithm, and the claims rules hold.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use vantage_sync::auth::{ClaimRules, JwksSource, KeySettings, TokenKeys};
 use vantage_sync_tests::{
-    JwksServer, KeyKind, SECRET, TestApp, TestDb, TestKey, WsClient, base64url,
+    JwksServer, KeyKind, SECRET, TestApp, TestDb, TestKey, WsClient, base64url, unix_now as now,
 };
 
 const QUERY: &str = "{ syncState(resource: \"funds\") { resource } }";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// A server that verifies with the HS256 test secret and the key set at
 /// `jwks`, refreshed every `refresh`, under `rules`.

@@ -2,19 +2,12 @@
 //! paged history.
 
 use serde_json::{Value, json};
-use sqlx::Executor;
 use vantage_sync_tests::TestApp;
-
-async fn sql(app: &TestApp, statements: &'static str) {
-    app.db.connect().await.execute(statements).await.unwrap();
-}
 
 #[tokio::test]
 async fn consecutive_and_repeated_failures() {
     let app = TestApp::spawn().await;
-    sql(
-        &app,
-        "SELECT start_vantage_sync('accounts'); SELECT complete_vantage_sync('accounts', 1, 1, 0);
+    app.sql("SELECT start_vantage_sync('accounts'); SELECT complete_vantage_sync('accounts', 1, 1, 0);
          SELECT start_vantage_sync('accounts'); SELECT fail_vantage_sync('accounts', '[]');
          SELECT start_vantage_sync('accounts'); SELECT fail_vantage_sync('accounts', '[]');
          SELECT start_vantage_sync('accounts'); SELECT fail_vantage_sync('accounts', '[]');
@@ -39,8 +32,7 @@ async fn consecutive_and_repeated_failures() {
         }})
     );
     // A success ends the streak.
-    sql(
-        &app,
+    app.sql(
         "SELECT start_vantage_sync('accounts'); SELECT complete_vantage_sync('accounts', 1, 0, 1);",
     )
     .await;
@@ -83,8 +75,7 @@ fn page(body: &Value) -> (Vec<Node>, bool, Option<String>) {
 #[tokio::test]
 async fn history_pages_forward_by_cursor() {
     let app = TestApp::spawn().await;
-    sql(
-        &app,
+    app.sql(
         "SELECT start_vantage_sync('funds'); SELECT complete_vantage_sync('funds', 1, 1, 0);
          SELECT start_vantage_sync('accounts');
          SELECT start_vantage_sync('funds'); SELECT fail_vantage_sync('funds', '[]');
@@ -154,11 +145,8 @@ async fn history_pages_forward_by_cursor() {
         "NEVER_RUN"
     );
     // Pruned history cannot be resumed.
-    sql(
-        &app,
-        "SELECT prune_vantage_sync_events(interval '0 seconds')",
-    )
-    .await;
+    app.sql("SELECT prune_vantage_sync_events(interval '0 seconds')")
+        .await;
     let body = app
         .query("authenticated", query, json!({"after": "1:1"}))
         .await;

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sqlx::Executor;
 use vantage_sync_tests::{TestApp, WsClient};
 
 const CHANGES: &str = "subscription($resources: [String!], $initial: Boolean, $after: String) {
@@ -42,20 +41,13 @@ fn short(change: &(String, String, Option<String>, String)) -> (&str, &str, Opti
     (change.0.as_str(), change.1.as_str(), change.2.as_deref())
 }
 
-async fn sql(app: &TestApp, statements: &str) {
-    let mut conn = app.db.connect().await;
-    conn.execute(sqlx::raw_sql(sqlx::AssertSqlSafe(statements.to_owned())))
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn graphql_transport_ws_delivers_changes() {
     let app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
     assert_eq!(client.protocol.as_deref(), Some("graphql-transport-ws"));
     client.follow(CHANGES, json!({})).await;
-    sql(&app, "SELECT start_vantage_sync('accounts')").await;
+    app.sql("SELECT start_vantage_sync('accounts')").await;
     let got = change(&mut client).await;
     assert_eq!(short(&got), ("UPDATE", "accounts", Some("RUNNING")));
     assert!(got.3.starts_with("1:"));
@@ -85,7 +77,7 @@ async fn legacy_graphql_ws_delivers_changes() {
     assert_eq!(ack["type"], "connection_ack");
     client
         .send(json!({"id": "1", "type": "start", "payload": {"query": CHANGES, "variables": {"resources": ["funds"]}}})).await;
-    sql(&app, "SELECT start_vantage_sync('funds')").await;
+    app.sql("SELECT start_vantage_sync('funds')").await;
     let message = client.recv().await;
     assert_eq!(message["type"], "data", "{message}");
     assert_eq!(
@@ -111,7 +103,7 @@ async fn both_protocols_offered_picks_one_for_handshake_and_messages() {
     client
         .follow(CHANGES, json!({"resources": ["cashflows"]}))
         .await;
-    sql(&app, "SELECT start_vantage_sync('cashflows')").await;
+    app.sql("SELECT start_vantage_sync('cashflows')").await;
     // graphql-transport-ws answers "next", not the legacy "data".
     assert_eq!(
         short(&change(&mut client).await),
@@ -122,7 +114,7 @@ async fn both_protocols_offered_picks_one_for_handshake_and_messages() {
 #[tokio::test]
 async fn initial_snapshot_then_live_changes() {
     let app = TestApp::spawn().await;
-    sql(&app, "SELECT start_vantage_sync('funds')").await;
+    app.sql("SELECT start_vantage_sync('funds')").await;
     let mut client = WsClient::ready(&app, "authenticated").await;
     client
         .subscribe(
@@ -135,9 +127,7 @@ async fn initial_snapshot_then_live_changes() {
     let second = change(&mut client).await;
     assert_eq!(short(&first), ("SNAPSHOT", "accounts", Some("NEVER_RUN")));
     assert_eq!(short(&second), ("SNAPSHOT", "funds", Some("RUNNING")));
-    sql(
-        &app,
-        "SELECT complete_vantage_sync('funds', 3, 1, 1); SELECT start_vantage_sync('valuations'); SELECT start_vantage_sync('accounts');",
+    app.sql("SELECT complete_vantage_sync('funds', 3, 1, 1); SELECT start_vantage_sync('valuations'); SELECT start_vantage_sync('accounts');",
     )
     .await;
     assert_eq!(
@@ -163,23 +153,17 @@ async fn every_writer_and_operation_arrives() {
         json!({}),
     )
     .await;
-    sql(&app, "SELECT start_vantage_sync('fx_rates')").await;
-    sql(
-        &app,
-        "UPDATE vantage_sync_state SET records_synced = 5 WHERE resource = 'fx_rates'",
-    )
-    .await;
+    app.sql("SELECT start_vantage_sync('fx_rates')").await;
+    app.sql("UPDATE vantage_sync_state SET records_synced = 5 WHERE resource = 'fx_rates'")
+        .await;
     app.query(
         "service_role",
         "mutation { removeResource(resource: \"fx_rates\") { resource } }",
         json!({}),
     )
     .await;
-    sql(
-        &app,
-        "INSERT INTO vantage_sync_state (resource) VALUES ('plain_sql')",
-    )
-    .await;
+    app.sql("INSERT INTO vantage_sync_state (resource) VALUES ('plain_sql')")
+        .await;
     let mut got = Vec::new();
     for _ in 0..5 {
         let change = change(&mut client).await;
@@ -215,7 +199,7 @@ async fn twenty_rapid_transitions_arrive_complete_and_in_order() {
             "SELECT start_vantage_sync('accounts'); SELECT complete_vantage_sync('accounts', {i}, 0, 0);"
         ));
     }
-    sql(&app, &script).await;
+    app.sql(&script).await;
     for i in 0..10 {
         assert_eq!(
             short(&change(&mut client).await),
@@ -331,12 +315,10 @@ async fn reconnecting_with_the_last_cursor_replays_exactly_what_was_missed() {
     client
         .follow(CHANGES, json!({"resources": ["funds", "accounts"]}))
         .await;
-    sql(&app, "SELECT start_vantage_sync('funds')").await;
+    app.sql("SELECT start_vantage_sync('funds')").await;
     let seen = change(&mut client).await;
     client.close().await;
-    sql(
-        &app,
-        "SELECT complete_vantage_sync('funds', 1, 1, 0); SELECT start_vantage_sync('cashflows'); SELECT start_vantage_sync('accounts');",
+    app.sql("SELECT complete_vantage_sync('funds', 1, 1, 0); SELECT start_vantage_sync('cashflows'); SELECT start_vantage_sync('accounts');",
     )
     .await;
     let mut again = WsClient::ready(&app, "authenticated").await;
@@ -355,7 +337,7 @@ async fn reconnecting_with_the_last_cursor_replays_exactly_what_was_missed() {
         short(&change(&mut again).await),
         ("UPDATE", "accounts", Some("RUNNING"))
     );
-    sql(&app, "SELECT fail_vantage_sync('accounts', '[]')").await;
+    app.sql("SELECT fail_vantage_sync('accounts', '[]')").await;
     assert_eq!(
         short(&change(&mut again).await),
         ("UPDATE", "accounts", Some("FAILED"))
@@ -367,7 +349,7 @@ async fn reconnecting_with_the_last_cursor_replays_exactly_what_was_missed() {
 #[tokio::test]
 async fn resuming_from_a_snapshot_cursor() {
     let app = TestApp::spawn().await;
-    sql(&app, "SELECT start_vantage_sync('funds')").await;
+    app.sql("SELECT start_vantage_sync('funds')").await;
     let mut client = WsClient::ready(&app, "authenticated").await;
     client
         .subscribe(
@@ -379,7 +361,8 @@ async fn resuming_from_a_snapshot_cursor() {
     let snapshot = change(&mut client).await;
     assert_eq!(short(&snapshot), ("SNAPSHOT", "funds", Some("RUNNING")));
     client.close().await;
-    sql(&app, "SELECT complete_vantage_sync('funds', 2, 1, 1)").await;
+    app.sql("SELECT complete_vantage_sync('funds', 2, 1, 1)")
+        .await;
     let mut again = WsClient::ready(&app, "authenticated").await;
     again
         .subscribe(
@@ -401,18 +384,12 @@ async fn pruned_or_unknown_cursors_are_refused() {
     let app = TestApp::spawn().await;
     let mut client = WsClient::ready(&app, "authenticated").await;
     client.follow(CHANGES, json!({})).await;
-    sql(
-        &app,
-        "SELECT start_vantage_sync('funds'); SELECT complete_vantage_sync('funds', 1, 0, 0);",
-    )
-    .await;
+    app.sql("SELECT start_vantage_sync('funds'); SELECT complete_vantage_sync('funds', 1, 0, 0);")
+        .await;
     let first = change(&mut client).await;
     let _second = change(&mut client).await;
-    sql(
-        &app,
-        "SELECT prune_vantage_sync_events(interval '0 seconds')",
-    )
-    .await;
+    app.sql("SELECT prune_vantage_sync_events(interval '0 seconds')")
+        .await;
     for (cursor, why) in [
         (first.3.as_str(), "pruned"),
         ("1:999999", "unknown"),
@@ -441,7 +418,7 @@ async fn anon_cannot_subscribe_and_bad_tokens_are_refused() {
         anon.init(json!({})).await.unwrap()["type"],
         "connection_ack"
     );
-    anon.follow(CHANGES, json!({})).await;
+    anon.subscribe("1", CHANGES, json!({})).await;
     let message = anon.recv().await;
     assert_eq!(refusal_code(&message), Some("UNAUTHENTICATED"), "{message}");
 
@@ -465,7 +442,7 @@ async fn anon_cannot_subscribe_and_bad_tokens_are_refused() {
     by_header
         .follow(CHANGES, json!({"resources": ["funds"]}))
         .await;
-    sql(&app, "SELECT start_vantage_sync('funds')").await;
+    app.sql("SELECT start_vantage_sync('funds')").await;
     assert_eq!(
         short(&change(&mut by_header).await),
         ("UPDATE", "funds", Some("RUNNING"))
@@ -572,7 +549,7 @@ async fn a_slow_subscriber_catches_up_from_the_log() {
             "SELECT start_vantage_sync('accounts'); SELECT complete_vantage_sync('accounts', {i}, 0, 0);"
         ));
     }
-    sql(&app, &script).await;
+    app.sql(&script).await;
     let mut previous: Option<String> = None;
     for i in 0..1500 {
         let running = change(&mut client).await;

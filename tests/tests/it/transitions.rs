@@ -5,17 +5,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::{Executor, PgConnection, Row};
-use vantage_sync_tests::{TestDb, sql_error};
+use vantage_sync_tests::{TestDb, sql_error, state_row};
 
 /// The row of `resource` as JSON, or null.
-async fn row(conn: &mut PgConnection, resource: &str) -> Value {
-    sqlx::query_scalar("SELECT coalesce((SELECT to_jsonb(s) FROM vantage_sync_state s WHERE resource = $1), 'null')")
-        .bind(resource)
-        .fetch_one(conn)
-        .await
-        .unwrap()
-}
-
 async fn start(conn: &mut PgConnection, resource: &str) -> Result<Value, sqlx::Error> {
     sqlx::query_scalar("SELECT to_jsonb(s) FROM start_vantage_sync($1) s")
         .bind(resource)
@@ -63,7 +55,7 @@ async fn start_marks_running_and_returns_the_row() {
     assert_eq!(started["completed_at"], Value::Null);
     assert_eq!(started["duration_ms"], Value::Null);
     assert_eq!(started["last_sync_time"], Value::Null);
-    assert_eq!(row(&mut conn, "accounts").await, started);
+    assert_eq!(state_row(&mut conn, "accounts").await, started);
 }
 
 #[tokio::test]
@@ -101,7 +93,7 @@ async fn complete_records_counts_watermark_and_duration() {
     let computed =
         (time(&completed["completed_at"]) - time(&completed["started_at"])).num_milliseconds();
     assert_eq!(duration, computed);
-    assert_eq!(row(&mut conn, "accounts").await, completed);
+    assert_eq!(state_row(&mut conn, "accounts").await, completed);
 }
 
 #[tokio::test]
@@ -132,7 +124,7 @@ async fn start_while_running_is_refused_unless_forced() {
     let first = start(&mut conn, "cashflows").await.unwrap();
     assert_eq!(sql_error(start(&mut conn, "cashflows").await).0, "VS001");
     assert_eq!(
-        row(&mut conn, "cashflows").await,
+        state_row(&mut conn, "cashflows").await,
         first,
         "a refused start changed the row"
     );
@@ -172,7 +164,7 @@ async fn complete_or_fail_when_not_running_is_refused_and_changes_nothing() {
     fail(&mut conn, "commitments", json!([])).await.unwrap();
     // never_run, success and failed are all "not running".
     for resource in ["accounts", "valuations", "commitments"] {
-        let before = row(&mut conn, resource).await;
+        let before = state_row(&mut conn, resource).await;
         assert_eq!(
             sql_error(complete(&mut conn, resource, [1, 0, 0]).await).0,
             "VS002",
@@ -183,7 +175,7 @@ async fn complete_or_fail_when_not_running_is_refused_and_changes_nothing() {
             "VS002",
             "{resource}"
         );
-        assert_eq!(row(&mut conn, resource).await, before, "{resource}");
+        assert_eq!(state_row(&mut conn, resource).await, before, "{resource}");
     }
 }
 
@@ -199,7 +191,7 @@ async fn complete_or_fail_of_an_unknown_resource_is_refused_and_creates_nothing(
         sql_error(fail(&mut conn, "unknown_thing", json!([])).await).0,
         "VS003"
     );
-    assert_eq!(row(&mut conn, "unknown_thing").await, Value::Null);
+    assert_eq!(state_row(&mut conn, "unknown_thing").await, Value::Null);
 }
 
 #[tokio::test]
@@ -211,7 +203,7 @@ async fn start_of_an_unknown_resource_creates_it_running() {
     assert_eq!(created["last_sync_status"], "running");
     assert_eq!(created["records_synced"], 0);
     assert_eq!(created["errors"], json!([]));
-    assert_eq!(row(&mut conn, "distributions").await, created);
+    assert_eq!(state_row(&mut conn, "distributions").await, created);
 }
 
 #[tokio::test]
@@ -275,18 +267,18 @@ async fn bad_arguments_are_refused_and_leave_the_running_sync_alone() {
             ("23514".to_owned(), Some("resource_format".to_owned()))
         );
     }
-    assert_eq!(row(&mut conn, "accounts").await, running);
+    assert_eq!(state_row(&mut conn, "accounts").await, running);
 }
 
 #[tokio::test]
 async fn triggers_maintain_updated_at_and_duration() {
     let db = TestDb::migrated().await;
     let mut conn = db.connect().await;
-    let before = row(&mut conn, "accounts").await;
+    let before = state_row(&mut conn, "accounts").await;
     conn.execute("UPDATE vantage_sync_state SET records_synced = 3 WHERE resource = 'accounts'")
         .await
         .unwrap();
-    let after = row(&mut conn, "accounts").await;
+    let after = state_row(&mut conn, "accounts").await;
     assert!(time(&after["updated_at"]) > time(&before["updated_at"]));
     assert_eq!(after["created_at"], before["created_at"]);
 
@@ -298,13 +290,16 @@ async fn triggers_maintain_updated_at_and_duration() {
     )
     .await
     .unwrap();
-    assert_eq!(row(&mut conn, "funds").await["duration_ms"], 2500);
+    assert_eq!(state_row(&mut conn, "funds").await["duration_ms"], 2500);
     conn.execute(
         "UPDATE vantage_sync_state SET started_at = NULL, duration_ms = 7 WHERE resource = 'funds'",
     )
     .await
     .unwrap();
-    assert_eq!(row(&mut conn, "funds").await["duration_ms"], Value::Null);
+    assert_eq!(
+        state_row(&mut conn, "funds").await["duration_ms"],
+        Value::Null
+    );
 }
 
 /// A sync left running past int4's 24.8 days of milliseconds can still be
