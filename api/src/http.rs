@@ -21,7 +21,7 @@ use serde_json::json;
 use crate::auth::TokenKeys;
 use crate::config::WebSocketConfig;
 use crate::cors::{self, CorsOrigins};
-use crate::db::{Pool, RequestDb};
+use crate::db::{Access, Pool, RequestDb};
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
@@ -239,7 +239,11 @@ async fn execute(
     let db = Arc::new(RequestDb::new(
         app.pool.clone(),
         &caller,
-        kind != Some(OperationType::Mutation),
+        if kind == Some(OperationType::Mutation) {
+            Access::Write
+        } else {
+            Access::Read
+        },
         app.request_timeout,
     ));
     let context = RequestContext {

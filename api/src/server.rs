@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::{Caller, Role};
 use crate::config::ServerConfig;
-use crate::db::{Pool, PrivilegeError, RequestDb, events};
+use crate::db::{Access, Pool, PrivilegeError, events};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
 use crate::http::{AppState, router};
@@ -17,6 +17,8 @@ use crate::metrics::Metrics;
 use crate::migrate::{self, MigrateError};
 use crate::{db, graphql};
 
+/// Longest a pruning of the event log may take.
+const PRUNE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Distinct query texts whose parsed documents are kept.
 const DOCUMENT_CACHE_CAPACITY: usize = 512;
 
@@ -112,6 +114,7 @@ impl Server {
             pool.clone(),
             metrics.clone(),
             config.feed_poll_interval,
+            config.request_timeout,
         );
         let state = AppState {
             schema: graphql::builder(config.limits).data(feed.clone()).finish(),
@@ -184,23 +187,15 @@ async fn prune_events(pool: Pool, days: u32, feed: std::sync::Weak<Feed>) {
         if feed.strong_count() == 0 {
             return;
         }
-        let db = RequestDb::new(
-            pool.clone(),
-            &caller,
-            false,
-            std::time::Duration::from_secs(300),
-        );
-        let pruned = match db.txn().await {
-            Ok(txn) => events::prune(&*txn, days)
-                .await
-                .map_err(|error| error.to_string()),
-            Err(error) => Err(error.message()),
-        };
-        let committed = db.commit().await.map_err(|error| error.message());
-        match pruned.and_then(|deleted| committed.map(|()| deleted)) {
+        let pruned = pool
+            .run(&caller, Access::Write, PRUNE_TIMEOUT, async |txn| {
+                events::prune(txn, days).await
+            })
+            .await;
+        match pruned {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, days, "pruned old sync events"),
-            Err(error) => tracing::warn!(%error, "could not prune sync events"),
+            Err(error) => tracing::warn!(error = %error.message(), "could not prune sync events"),
         }
     }
 }

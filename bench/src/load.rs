@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 use vantage_sync::auth::Role;
-use vantage_sync::db::begin_statement;
+use vantage_sync::db::{Access, begin_statement};
 
 use crate::cpu::CpuSample;
 use crate::http::HttpConnection;
@@ -182,8 +182,7 @@ pub async fn floor(
         caller.role,
         &caller.claims,
         Duration::from_secs(30),
-        true,
-        false,
+        Access::Read,
     ));
     let ((samples, elapsed), before, after) = metered(
         target,

@@ -25,6 +25,47 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
 
+/// How a transaction is begun.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// READ ONLY, read committed: queries. Dropped, not committed.
+    Read,
+    /// READ ONLY, REPEATABLE READ: reads that must see one snapshot.
+    Snapshot,
+    /// READ WRITE: mutations and pruning. Committed.
+    Write,
+}
+
+impl Access {
+    fn read_only(self) -> bool {
+        self != Self::Write
+    }
+}
+
+impl Pool {
+    /// Runs `work` in one transaction as `caller`, then ends it: the one
+    /// begin-use-end of every piece of database work outside a GraphQL
+    /// request (whose resolvers share a [`RequestDb`] instead). A failure
+    /// rolls back.
+    pub async fn run<T>(
+        &self,
+        caller: &Caller,
+        access: Access,
+        statement_timeout: Duration,
+        work: impl AsyncFnOnce(&RequestTxn) -> Result<T, DbErr>,
+    ) -> ApiResult<T> {
+        let db = RequestDb::new(self.clone(), caller, access, statement_timeout);
+        let result = {
+            let txn = db.txn().await?;
+            work(&txn)
+                .await
+                .map_err(|error| ApiError::from_db(error, ""))?
+        };
+        db.commit().await?;
+        Ok(result)
+    }
+}
+
 /// The database work of one request: a single transaction, begun on first
 /// use, that first becomes the caller's role (PostgREST's model) so that
 /// PostgreSQL's grants and RLS refuse whatever a guard might miss.
@@ -32,32 +73,21 @@ pub struct RequestDb {
     pool: Pool,
     role: Role,
     claims: Arc<str>,
-    read_only: bool,
-    repeatable_read: bool,
+    access: Access,
     statement_timeout: Duration,
     txn: Mutex<Option<RequestTxn>>,
 }
 
 impl RequestDb {
-    /// Work for `caller`; `read_only` for queries.
-    pub fn new(pool: Pool, caller: &Caller, read_only: bool, statement_timeout: Duration) -> Self {
+    /// Work for `caller`, begun as `access` says.
+    pub fn new(pool: Pool, caller: &Caller, access: Access, statement_timeout: Duration) -> Self {
         Self {
             pool,
             role: caller.role,
             claims: caller.claims.clone(),
-            read_only,
-            repeatable_read: false,
+            access,
             statement_timeout,
             txn: Mutex::new(None),
-        }
-    }
-
-    /// Read-only work for `caller` that must see one snapshot throughout
-    /// (REPEATABLE READ).
-    pub fn snapshot(pool: Pool, caller: &Caller, statement_timeout: Duration) -> Self {
-        Self {
-            repeatable_read: true,
-            ..Self::new(pool, caller, true, statement_timeout)
         }
     }
 
@@ -76,13 +106,8 @@ impl RequestDb {
     }
 
     async fn begin(&self) -> ApiResult<RequestTxn> {
-        let statement = begin_statement(
-            self.role,
-            &self.claims,
-            self.statement_timeout,
-            self.read_only,
-            self.repeatable_read,
-        );
+        let statement =
+            begin_statement(self.role, &self.claims, self.statement_timeout, self.access);
         let txn = self
             .pool
             .sqlx()
@@ -110,7 +135,7 @@ impl RequestDb {
             // A read-only transaction has nothing to commit: dropping it
             // queues a ROLLBACK that goes out with the pool's release ping,
             // saving the request a round trip.
-            Some(txn) if self.read_only => {
+            Some(txn) if self.access.read_only() => {
                 drop(txn);
                 Ok(())
             }
@@ -138,15 +163,13 @@ pub fn begin_statement(
     role: Role,
     claims: &str,
     statement_timeout: Duration,
-    read_only: bool,
-    repeatable_read: bool,
+    access: Access,
 ) -> String {
-    let isolation = if repeatable_read {
-        " ISOLATION LEVEL REPEATABLE READ"
-    } else {
-        ""
+    let (isolation, access) = match access {
+        Access::Read => ("", "READ ONLY"),
+        Access::Snapshot => (" ISOLATION LEVEL REPEATABLE READ", "READ ONLY"),
+        Access::Write => ("", "READ WRITE"),
     };
-    let access = if read_only { "READ ONLY" } else { "READ WRITE" };
     let role = role.as_str();
     let claims = claims.replace('\\', "\\\\").replace('\'', "''");
     format!(
@@ -256,8 +279,7 @@ mod tests {
                 Role::Authenticated,
                 r#"{"sub":"o'brien \ '"}"#,
                 Duration::from_secs(30),
-                true,
-                false
+                Access::Read
             ),
             r#"BEGIN READ ONLY; SET LOCAL ROLE "authenticated"; SET LOCAL request.jwt.claims TO E'{"sub":"o''brien \\ ''"}'; SET LOCAL statement_timeout TO 30000"#
         );
@@ -266,13 +288,12 @@ mod tests {
                 Role::ServiceRole,
                 "{}",
                 Duration::from_secs(1),
-                false,
-                false
+                Access::Write
             )
             .starts_with("BEGIN READ WRITE; SET LOCAL ROLE \"service_role\";")
         );
         assert!(
-            begin_statement(Role::Anon, "{}", Duration::from_secs(1), true, true)
+            begin_statement(Role::Anon, "{}", Duration::from_secs(1), Access::Snapshot)
                 .starts_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;")
         );
     }

@@ -24,7 +24,7 @@ use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::{broadcast, watch};
 
 use crate::auth::{Caller, Role};
-use crate::db::{Pool, RequestDb, events};
+use crate::db::{Access, Pool, RequestTxn, events};
 use crate::metrics::Metrics;
 
 /// Channel the state table's trigger notifies.
@@ -63,6 +63,7 @@ pub struct Feed {
     position: AtomicI64,
     pool: Pool,
     metrics: Arc<Metrics>,
+    read_timeout: Duration,
 }
 
 impl std::fmt::Debug for Feed {
@@ -76,12 +77,14 @@ impl std::fmt::Debug for Feed {
 impl Feed {
     /// Starts the listener task: it LISTENs on a session connection to
     /// `listen_url` (if any: `None` only polls) and reads the log through
-    /// `pool`, at least every `poll_interval`.
+    /// `pool`, at least every `poll_interval`; its reads, and those of
+    /// subscriptions, may take `read_timeout`.
     pub fn start(
         listen_url: Option<String>,
         pool: Pool,
         metrics: Arc<Metrics>,
         poll_interval: Duration,
+        read_timeout: Duration,
     ) -> Arc<Self> {
         let (sender, _) = broadcast::channel(BROADCAST_CAPACITY);
         let (live, _) = watch::channel(false);
@@ -91,6 +94,7 @@ impl Feed {
             position: AtomicI64::new(-1),
             pool,
             metrics,
+            read_timeout,
         });
         tokio::spawn(listen(Arc::downgrade(&feed), listen_url, poll_interval));
         feed
@@ -124,6 +128,22 @@ impl Feed {
         &self.pool
     }
 
+    /// Longest a read of the log (the feed's, a subscription's) may take.
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
+    }
+
+    /// Runs `work` in a read-only transaction as `caller` (see
+    /// [`Pool::run`]), within the read timeout.
+    pub async fn read<T>(
+        &self,
+        caller: &Caller,
+        access: Access,
+        work: impl AsyncFnOnce(&RequestTxn) -> Result<T, sea_orm::DbErr>,
+    ) -> crate::error::ApiResult<T> {
+        self.pool.run(caller, access, self.read_timeout, work).await
+    }
+
     /// The metrics registry.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
@@ -141,22 +161,21 @@ impl Feed {
         let mut sent = Vec::new();
         loop {
             let after = self.position.load(Ordering::Acquire);
-            let db = RequestDb::new(self.pool.clone(), &reader, true, Duration::from_secs(30));
-            let batch = {
-                let txn = db.txn().await.map_err(|error| error.message())?;
-                if after < 0 {
-                    // First connection: live subscribers start from now.
-                    let head = events::newest(&*txn)
-                        .await
-                        .map_err(|error| error.to_string())?;
-                    self.position.store(head, Ordering::Release);
-                    continue;
-                }
-                events::read_after(&*txn, after, BATCH, None)
+            if after < 0 {
+                // First connection: live subscribers start from now.
+                let head = self
+                    .read(&reader, Access::Read, async |txn| events::newest(txn).await)
                     .await
-                    .map_err(|error| error.to_string())?
-            };
-            drop(db);
+                    .map_err(|error| format!("{error:?}"))?;
+                self.position.store(head, Ordering::Release);
+                continue;
+            }
+            let batch = self
+                .read(&reader, Access::Read, async |txn| {
+                    events::read_after(txn, after, BATCH, None).await
+                })
+                .await
+                .map_err(|error| format!("{error:?}"))?;
             let full = batch.len() as u64 == BATCH;
             for event in batch {
                 let id = event.id;

@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_graphql::futures_util::Stream;
 use async_graphql::futures_util::stream;
@@ -15,14 +14,11 @@ use tokio::sync::broadcast::error::RecvError;
 use super::sync_state::SyncState;
 use super::validate;
 use crate::auth::{Caller, Role};
-use crate::db::{RequestDb, events};
+use crate::db::{Access, events};
 use crate::error::{ApiError, ApiResult};
 use crate::feed::cursor::Cursor;
 use crate::feed::{BATCH, Feed, FeedEvent, LIVE_WAIT};
 use crate::metrics::SubscriptionGuard;
-
-/// Longest a subscription's own database read may take.
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What happened to a resource.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,25 +174,15 @@ impl Subscriber {
             .is_none_or(|resources| resources.iter().any(|wanted| wanted == resource))
     }
 
-    fn db(&self, snapshot: bool) -> RequestDb {
-        let pool = self.feed.pool().clone();
-        if snapshot {
-            RequestDb::snapshot(pool, &self.caller, READ_TIMEOUT)
-        } else {
-            RequestDb::new(pool, &self.caller, true, READ_TIMEOUT)
-        }
-    }
-
     /// The current rows and the log position they reflect, as SNAPSHOTs.
     async fn snapshot(&mut self) -> ApiResult<()> {
-        let db = self.db(true);
-        let snapshot = {
-            let txn = db.txn().await?;
-            events::state_snapshot(&*txn, self.resources.as_deref())
-                .await
-                .map_err(|error| ApiError::from_db(error, ""))?
-        };
-        db.commit().await?;
+        let resources = self.resources.as_deref();
+        let snapshot = self
+            .feed
+            .read(&self.caller, Access::Snapshot, async |txn| {
+                events::state_snapshot(txn, resources).await
+            })
+            .await?;
         let cursor = Cursor::at(snapshot.position);
         let now = Utc::now();
         let encoded = cursor.encode();
@@ -217,17 +203,15 @@ impl Subscriber {
     /// Starts after a cursor the client had, if it can still be honoured.
     async fn resume(&mut self, after: &str) -> ApiResult<()> {
         let cursor = Cursor::decode(after).ok_or(ApiError::CursorExpired)?;
-        let db = self.db(false);
-        let (pruned, newest) = {
-            let txn = db.txn().await?;
-            let pruned = events::pruned_through(&*txn).await;
-            let newest = events::newest(&*txn).await;
-            (
-                pruned.map_err(|error| ApiError::from_db(error, ""))?,
-                newest.map_err(|error| ApiError::from_db(error, ""))?,
-            )
-        };
-        db.commit().await?;
+        let (pruned, newest) = self
+            .feed
+            .read(&self.caller, Access::Read, async |txn| {
+                Ok((
+                    events::pruned_through(txn).await?,
+                    events::newest(txn).await?,
+                ))
+            })
+            .await?;
         if cursor.position < pruned || cursor.position > newest {
             return Err(ApiError::CursorExpired);
         }
@@ -263,14 +247,13 @@ impl Subscriber {
 
     /// Reads one batch of the log after the cursor.
     async fn read_log(&mut self) -> ApiResult<()> {
-        let db = self.db(false);
-        let batch = {
-            let txn = db.txn().await?;
-            events::read_after(&*txn, self.cursor.position, BATCH, None)
-                .await
-                .map_err(|error| ApiError::from_db(error, ""))?
-        };
-        db.commit().await?;
+        let after = self.cursor.position;
+        let batch = self
+            .feed
+            .read(&self.caller, Access::Read, async |txn| {
+                events::read_after(txn, after, BATCH, None).await
+            })
+            .await?;
         self.needs_log = batch.len() as u64 == BATCH;
         for event in batch {
             if let Some(change) = self.accept(&FeedEvent::new(event)) {

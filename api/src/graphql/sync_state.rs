@@ -288,19 +288,11 @@ impl SyncStateFields {
                 None => {
                     let caller = ctx.data::<crate::auth::Caller>()?;
                     let feed = ctx.data::<std::sync::Arc<crate::feed::Feed>>()?;
-                    let db = crate::db::RequestDb::new(
-                        feed.pool().clone(),
-                        caller,
-                        true,
-                        std::time::Duration::from_secs(30),
-                    );
-                    let counts = {
-                        let txn = db.txn().await?;
-                        crate::db::events::consecutive_failures(&*txn)
-                            .await
-                            .map_err(|error| crate::error::ApiError::from_db(error, ""))?
-                    };
-                    db.commit().await?;
+                    let counts = feed
+                        .read(caller, crate::db::Access::Read, async |txn| {
+                            crate::db::events::consecutive_failures(txn).await
+                        })
+                        .await?;
                     counts.get(&self.row.resource).copied()
                 }
             })

@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor, PgConnection};
 use vantage_sync::auth::{Caller, Role};
-use vantage_sync::db::{RequestDb, sync_states};
+use vantage_sync::db::{Access, RequestDb, sync_states};
 use vantage_sync::error::ApiError;
 use vantage_sync_tests::{TestApp, state_row};
 
@@ -287,7 +287,7 @@ async fn the_database_refuses_writes_when_the_guard_is_bypassed() {
     let pool = vantage_sync::db::connect(&app.db.url, 2).await.unwrap();
     let caller = Caller::for_role(Role::Authenticated);
     for attempt in 0..3 {
-        let db = RequestDb::new(pool.clone(), &caller, false, Duration::from_secs(5));
+        let db = RequestDb::new(pool.clone(), &caller, Access::Write, Duration::from_secs(5));
         let result = {
             let txn = db.txn().await.unwrap();
             match attempt {
@@ -309,7 +309,7 @@ async fn the_database_refuses_writes_when_the_guard_is_bypassed() {
         drop(db);
     }
     // And reads in such a transaction really run as that role.
-    let db = RequestDb::new(pool.clone(), &caller, true, Duration::from_secs(5));
+    let db = RequestDb::new(pool.clone(), &caller, Access::Read, Duration::from_secs(5));
     let role: Option<String> = {
         use sea_orm::{ConnectionTrait, DbBackend, Statement};
         let txn = db.txn().await.unwrap();
@@ -383,7 +383,7 @@ async fn claims_with_quotes_backslashes_and_dollars_arrive_intact() {
         .mint(Role::Authenticated, Duration::from_secs(60), Some(subject))
         .unwrap();
     let caller = keys.verify(&token).await.unwrap();
-    let request = RequestDb::new(pool, &caller, true, Duration::from_secs(5));
+    let request = RequestDb::new(pool, &caller, Access::Read, Duration::from_secs(5));
     let (claims, user): (String, String) = {
         let txn = request.txn().await.unwrap();
         let row = txn
@@ -416,15 +416,25 @@ async fn request_transactions_begin_as_asked() {
         current_setting('statement_timeout') AS t";
     let cases = [
         (
-            RequestDb::new(pool.clone(), &writer, true, Duration::from_millis(1500)),
+            RequestDb::new(
+                pool.clone(),
+                &writer,
+                Access::Read,
+                Duration::from_millis(1500),
+            ),
             ["on", "read committed", "service_role", "1500ms"],
         ),
         (
-            RequestDb::new(pool.clone(), &writer, false, Duration::from_secs(5)),
+            RequestDb::new(pool.clone(), &writer, Access::Write, Duration::from_secs(5)),
             ["off", "read committed", "service_role", "5s"],
         ),
         (
-            RequestDb::snapshot(pool.clone(), &writer, Duration::from_secs(5)),
+            RequestDb::new(
+                pool.clone(),
+                &writer,
+                Access::Snapshot,
+                Duration::from_secs(5),
+            ),
             ["on", "repeatable read", "service_role", "5s"],
         ),
     ];
@@ -441,7 +451,7 @@ async fn request_transactions_begin_as_asked() {
             .collect();
         assert_eq!(got, expected);
     }
-    let read_only = RequestDb::new(pool, &writer, true, Duration::from_secs(5));
+    let read_only = RequestDb::new(pool, &writer, Access::Read, Duration::from_secs(5));
     let refused = {
         let txn = read_only.txn().await.unwrap();
         sync_states::register(&*txn, "written").await
