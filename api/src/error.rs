@@ -72,6 +72,13 @@ pub enum ApiError {
         /// The argument or input field at fault, when known.
         field: Option<&'static str>,
     },
+    /// The request body is larger than the server accepts.
+    PayloadTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The operation may not be sent with this HTTP method.
+    MethodNotAllowed(&'static str),
     /// No such resource.
     NotFound(String),
     /// The resource exists already.
@@ -108,6 +115,8 @@ impl ApiError {
             Self::Forbidden { role, action } => format!("the {role} role may not {action}"),
             Self::InvalidToken(reason) => format!("invalid token: {reason}"),
             Self::BadUserInput { message, .. } => message.clone(),
+            Self::PayloadTooLarge { limit } => format!("the request body exceeds {limit} bytes"),
+            Self::MethodNotAllowed(message) => (*message).to_owned(),
             Self::NotFound(resource) => format!("resource \"{resource}\" is not registered"),
             Self::AlreadyExists(resource) => {
                 format!("resource \"{resource}\" is already registered")
@@ -133,7 +142,9 @@ impl ApiError {
             Self::Unauthenticated => ErrorCode::Unauthenticated,
             Self::Forbidden { .. } => ErrorCode::Forbidden,
             Self::InvalidToken(_) => ErrorCode::InvalidToken,
-            Self::BadUserInput { .. } => ErrorCode::BadUserInput,
+            Self::BadUserInput { .. }
+            | Self::PayloadTooLarge { .. }
+            | Self::MethodNotAllowed(_) => ErrorCode::BadUserInput,
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::AlreadyRunning(_) => ErrorCode::AlreadyRunning,
@@ -143,12 +154,15 @@ impl ApiError {
         }
     }
 
-    /// The HTTP status for errors that end a request before GraphQL runs.
+    /// The HTTP status for errors that end a request before GraphQL runs
+    /// (errors inside a GraphQL response travel with 200).
     pub fn http_status(&self) -> StatusCode {
         match self {
             Self::InvalidToken(_) | Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::BadUserInput { .. } => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

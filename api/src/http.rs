@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_graphql::parser::types::{DocumentOperations, OperationType};
-use axum::body::{Body, to_bytes};
-use axum::extract::{FromRequestParts, Request, State, WebSocketUpgrade};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -58,9 +60,16 @@ pub struct AppState {
 /// The service's routes.
 pub fn router(state: AppState) -> Router {
     let cors = state.cors.clone();
-    let routes = Router::new()
-        .route("/", get(graphiql))
+    let graphql = Router::new()
         .route("/graphql", get(graphql_get_or_websocket).post(graphql_post))
+        .route_layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            record_requests,
+        ));
+    let routes = Router::new()
+        .merge(graphql)
+        .route("/", get(graphiql))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -77,32 +86,65 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// A GraphQL-shaped error body for requests refused before execution
-/// (HTTP or the WebSocket upgrade).
-pub(crate) fn refuse(status: StatusCode, error: ApiError) -> Response {
+/// (HTTP or the WebSocket upgrade), with the status the error calls for.
+pub(crate) fn refuse(error: ApiError) -> Response {
     let body = json!({
         "errors": [{
             "message": error.message(),
             "extensions": { "code": error.code().as_str() },
         }]
     });
-    (status, Json(body)).into_response()
+    (error.http_status(), Json(body)).into_response()
 }
 
-async fn graphql_post(State(app): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+/// What a GraphQL request ran and how it ended, left in the response for
+/// [`record_requests`]. A response without it was refused before its
+/// operation was known.
+#[derive(Debug, Clone, Copy)]
+struct Ran {
+    operation: Operation,
+    outcome: Outcome,
+}
+
+/// Counts and times every GraphQL HTTP request (not WebSocket upgrades),
+/// by what the handler says it ran.
+async fn record_requests(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
-    let bytes = match to_bytes(body, app.max_body_bytes).await {
+    let response = next.run(request).await;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let ran = response.extensions().get::<Ran>().copied();
+        let Ran { operation, outcome } = ran.unwrap_or(Ran {
+            operation: Operation::Unknown,
+            outcome: Outcome::Rejected,
+        });
+        metrics.record_request(operation, outcome, started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+async fn graphql_post(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    // The limit is axum's (DefaultBodyLimit on the route); its refusal
+    // becomes a GraphQL error like every other.
+    let bytes = match body {
         Ok(bytes) => bytes,
-        Err(_) => {
-            app.metrics
-                .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
-            let message = format!("the request body exceeds {} bytes", app.max_body_bytes);
-            return refuse(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ApiError::BadUserInput {
-                    message,
-                    field: None,
-                },
-            );
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return refuse(ApiError::PayloadTooLarge {
+                limit: app.max_body_bytes,
+            });
+        }
+        Err(rejection) => {
+            return refuse(ApiError::BadUserInput {
+                message: format!("the request body could not be read: {rejection}"),
+                field: None,
+            });
         }
     };
     // async-graphql's Request would also accept an array; only an object is
@@ -113,24 +155,15 @@ async fn graphql_post(State(app): State<AppState>, headers: HeaderMap, body: Bod
     } else {
         Err("expected a JSON object".to_owned())
     };
-    let request = match parsed {
-        Ok(request) => request,
-        Err(error) => {
-            app.metrics
-                .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
-            let message = format!(
+    match parsed {
+        Ok(request) => execute(&app, &headers, request, Method::Post).await,
+        Err(error) => refuse(ApiError::BadUserInput {
+            message: format!(
                 "the body must be a JSON object with a \"query\" string (and optional \"variables\", \"operationName\"): {error}"
-            );
-            return refuse(
-                StatusCode::BAD_REQUEST,
-                ApiError::BadUserInput {
-                    message,
-                    field: None,
-                },
-            );
-        }
-    };
-    execute(app, &headers, request, false, started).await
+            ),
+            field: None,
+        }),
+    }
 }
 
 async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request) -> Response {
@@ -146,26 +179,20 @@ async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request)
             Err(rejection) => rejection.into_response(),
         };
     }
-    graphql_get(app, parts.headers, parts.uri.query()).await
+    match async_graphql::http::parse_query_string(parts.uri.query().unwrap_or_default()) {
+        Ok(request) => execute(&app, &parts.headers, request, Method::Get).await,
+        Err(error) => refuse(ApiError::BadUserInput {
+            message: format!("bad query string: {error}"),
+            field: None,
+        }),
+    }
 }
 
-async fn graphql_get(app: AppState, headers: HeaderMap, query: Option<&str>) -> Response {
-    let started = Instant::now();
-    match async_graphql::http::parse_query_string(query.unwrap_or_default()) {
-        Ok(request) => execute(app, &headers, request, true, started).await,
-        Err(error) => {
-            app.metrics
-                .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
-            let message = format!("bad query string: {error}");
-            refuse(
-                StatusCode::BAD_REQUEST,
-                ApiError::BadUserInput {
-                    message,
-                    field: None,
-                },
-            )
-        }
-    }
+/// How a GraphQL request arrived over HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Get,
+    Post,
 }
 
 /// The type of the operation a request will run, if it parses.
@@ -184,66 +211,46 @@ fn operation_type(request: &mut async_graphql::Request) -> Option<OperationType>
     }
 }
 
+/// Authenticates, classifies and runs one GraphQL request: refused with
+/// the error's own status before execution, a GraphQL response after.
 async fn execute(
-    app: AppState,
+    app: &AppState,
     headers: &HeaderMap,
     mut request: async_graphql::Request,
-    via_get: bool,
-    started: Instant,
+    method: Method,
 ) -> Response {
+    if request.query.trim().is_empty() {
+        return refuse(ApiError::bad_input("query", "the request has no \"query\""));
+    }
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or("\u{0}"));
-    if request.query.trim().is_empty() {
-        app.metrics
-            .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
-        let error = ApiError::bad_input("query", "the request has no \"query\"");
-        return refuse(StatusCode::BAD_REQUEST, error);
-    }
     let caller = match app.keys.caller(authorization).await {
         Ok(caller) => caller,
-        Err(error) => {
-            app.metrics
-                .record_request(Operation::Unknown, Outcome::Rejected, 0.0);
-            return refuse(StatusCode::UNAUTHORIZED, error);
-        }
+        Err(error) => return refuse(error),
     };
     app.documents.prepare(&mut request);
     let kind = operation_type(&mut request);
-    let operation = match kind {
-        Some(OperationType::Mutation) => Operation::Mutation,
-        Some(OperationType::Query) => Operation::Query,
-        _ => Operation::Unknown,
+    let (operation, access) = match kind {
+        Some(OperationType::Mutation) if method == Method::Get => {
+            return refuse(ApiError::MethodNotAllowed(
+                "mutations must be sent with POST",
+            ));
+        }
+        Some(OperationType::Subscription) => {
+            return refuse(ApiError::BadUserInput {
+                message: "subscriptions need a WebSocket connection to /graphql".into(),
+                field: None,
+            });
+        }
+        Some(OperationType::Mutation) => (Operation::Mutation, Access::Write),
+        Some(OperationType::Query) => (Operation::Query, Access::Read),
+        None => (Operation::Unknown, Access::Read),
     };
-    let refusal = match kind {
-        Some(OperationType::Mutation) if via_get => Some((
-            StatusCode::METHOD_NOT_ALLOWED,
-            "mutations must be sent with POST",
-        )),
-        Some(OperationType::Subscription) => Some((
-            StatusCode::BAD_REQUEST,
-            "subscriptions need a WebSocket connection to /graphql",
-        )),
-        _ => None,
-    };
-    if let Some((status, message)) = refusal {
-        app.metrics
-            .record_request(operation, Outcome::Rejected, 0.0);
-        let error = ApiError::BadUserInput {
-            message: message.into(),
-            field: None,
-        };
-        return refuse(status, error);
-    }
-
     let db = Arc::new(RequestDb::new(
         app.pool.clone(),
         &caller,
-        if kind == Some(OperationType::Mutation) {
-            Access::Write
-        } else {
-            Access::Read
-        },
+        access,
         app.request_timeout,
     ));
     let context = RequestContext {
@@ -257,25 +264,15 @@ async fn execute(
         app.schema.execute(request.data(context)),
     )
     .await;
-    let mut response = match executed {
-        Ok(response) => response,
-        Err(_) => {
-            app.metrics.record_request(
-                operation,
-                Outcome::Rejected,
-                started.elapsed().as_secs_f64(),
-            );
-            return refuse(StatusCode::GATEWAY_TIMEOUT, ApiError::Timeout);
-        }
+    let Ok(mut response) = executed else {
+        let mut refused = refuse(ApiError::Timeout);
+        refused.extensions_mut().insert(Ran {
+            operation,
+            outcome: Outcome::Rejected,
+        });
+        return refused;
     };
-    // The schema has let go of its handle; commit what the request did.
-    let committed = match Arc::try_unwrap(db) {
-        Ok(db) => db.commit().await,
-        Err(_) => Err(ApiError::internal(
-            "request transaction still shared after execution",
-        )),
-    };
-    if let Err(error) = committed {
+    if let Err(error) = db.commit().await {
         response = async_graphql::Response::from_errors(vec![
             async_graphql::Error::from(error).into_server_error(Default::default()),
         ]);
@@ -293,9 +290,9 @@ async fn execute(
     } else {
         Outcome::Error
     };
-    app.metrics
-        .record_request(operation, outcome, started.elapsed().as_secs_f64());
-    Json(response).into_response()
+    let mut answer = Json(response).into_response();
+    answer.extensions_mut().insert(Ran { operation, outcome });
+    answer
 }
 
 async fn graphiql() -> Html<&'static str> {

@@ -17,7 +17,7 @@ use async_graphql::Data;
 use async_graphql::futures_util::{SinkExt, StreamExt, future};
 use async_graphql::http::{ClientMessage, WebSocket, WebSocketProtocols as Protocols, WsMessage};
 use axum::extract::ws::{CloseFrame, Message, WebSocket as Socket, WebSocketUpgrade};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, oneshot};
@@ -82,7 +82,7 @@ pub async fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgra
             "Sec-WebSocket-Protocol",
             "use the graphql-transport-ws (or legacy graphql-ws) subprotocol",
         );
-        return refuse(StatusCode::BAD_REQUEST, error);
+        return refuse(error);
     };
     // A token may come with the upgrade request; connection_init may
     // override it. A bad one is refused before upgrading.
@@ -94,7 +94,7 @@ pub async fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgra
             .await
         {
             Ok(caller) => Some(caller),
-            Err(error) => return refuse(StatusCode::UNAUTHORIZED, error),
+            Err(error) => return refuse(error),
         },
     };
     // Small buffers (tungstenite's defaults are 128 KiB each way, which

@@ -130,8 +130,10 @@ impl RequestDb {
 
     /// Ends the transaction, if one was begun: commits a read-write one;
     /// drops a read-only one, which rolls it back (there is nothing to keep).
-    pub async fn commit(self) -> ApiResult<()> {
-        match self.txn.into_inner() {
+    /// Work after this begins a new transaction.
+    pub async fn commit(&self) -> ApiResult<()> {
+        let txn = self.txn.lock().await.take();
+        match txn {
             // A read-only transaction has nothing to commit: dropping it
             // queues a ROLLBACK that goes out with the pool's release ping,
             // saving the request a round trip.
