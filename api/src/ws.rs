@@ -9,7 +9,6 @@
 //! a cap on subscriptions per connection.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -59,9 +58,27 @@ impl Shared {
     }
 }
 
-const INIT_PENDING: u8 = 0;
-const INIT_REFUSED: u8 = 1;
-const INIT_UNAVAILABLE: u8 = 2;
+/// How `connection_init` ended, told by the init callback (inside
+/// async-graphql's machine) to the connection's loop.
+enum InitOutcome {
+    /// Acknowledged for this caller.
+    Accepted(Caller),
+    /// Refused: the machine closes with 1002, which becomes this code.
+    Refused {
+        /// The close code the spec gives the refusal.
+        close_code: u16,
+    },
+}
+
+/// The fields of an outgoing protocol message this layer acts on; the
+/// payload is skipped unread.
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+}
 
 /// Answers a WebSocket upgrade on `/graphql`.
 pub async fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgrade) -> Response {
@@ -151,8 +168,7 @@ fn error_message(protocol: Protocols, id: &str, message: &str) -> String {
 async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller: Option<Caller>) {
     let (mut sink, stream) = socket.split();
     let shared = Arc::new(Shared::default());
-    let init_state = Arc::new(AtomicU8::new(INIT_PENDING));
-    let (accepted, mut accepted_caller) = oneshot::channel::<Caller>();
+    let (init_told, mut init_outcome) = oneshot::channel::<InitOutcome>();
     let settings = app.websocket;
 
     // Incoming: client messages, less what this layer answers itself.
@@ -215,7 +231,6 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
     let on_init = {
         let keys = app.keys.clone();
         let feed = app.feed.clone();
-        let init_state = init_state.clone();
         move |payload: Value| async move {
             let caller = match authorization(&payload) {
                 Some(value) => keys.caller(Some(&value)).await,
@@ -224,18 +239,19 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
             let caller = match caller {
                 Ok(caller) => caller,
                 Err(error) => {
-                    init_state.store(INIT_REFUSED, Ordering::Release);
+                    let _ = init_told.send(InitOutcome::Refused { close_code: 4403 });
                     return Err(async_graphql::Error::new(error.message()));
                 }
             };
             // Acknowledge only once changes can be delivered.
             if !feed.wait_live(LIVE_WAIT).await {
-                init_state.store(INIT_UNAVAILABLE, Ordering::Release);
+                // 1013: try again later.
+                let _ = init_told.send(InitOutcome::Refused { close_code: 1013 });
                 return Err(async_graphql::Error::new(
                     "the live feed is reconnecting; try again shortly",
                 ));
             }
-            let _ = accepted.send(caller.clone());
+            let _ = init_told.send(InitOutcome::Accepted(caller.clone()));
             let mut data = Data::default();
             data.insert(caller);
             Ok(data)
@@ -264,23 +280,23 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
             message = machine.next() => match message {
                 None => break,
                 Some(WsMessage::Text(text)) => {
-                    if !acked && text.starts_with(r#"{"type":"connection_ack""#) {
-                        acked = true;
-                        if let Ok(caller) = accepted_caller.try_recv() {
-                            expiry = caller.expires_at.map(|exp| Box::pin(tokio::time::sleep(until(exp))));
+                    match serde_json::from_str::<Envelope<'_>>(&text) {
+                        Ok(envelope) if envelope.kind == "connection_ack" && !acked => {
+                            acked = true;
+                            if let Ok(InitOutcome::Accepted(caller)) = init_outcome.try_recv() {
+                                expiry = caller.expires_at.map(|exp| Box::pin(tokio::time::sleep(until(exp))));
+                            }
                         }
-                    }
-                    if text.starts_with(r#"{"type":"complete""#)
-                        && let Some(id) = serde_json::from_str::<Value>(&text).ok().and_then(|value| value["id"].as_str().map(str::to_owned))
-                    {
-                        shared.lock().active.remove(&id);
+                        Ok(Envelope { kind, id: Some(id) }) if kind == "complete" => {
+                            shared.lock().active.remove(id.as_ref());
+                        }
+                        _ => {}
                     }
                     Message::Text(text.into())
                 }
                 Some(WsMessage::Close(code, reason)) => {
-                    let code = match (code, init_state.load(Ordering::Acquire)) {
-                        (1002, INIT_REFUSED) => 4403,
-                        (1002, INIT_UNAVAILABLE) => 1013,
+                    let code = match (code, init_outcome.try_recv()) {
+                        (1002, Ok(InitOutcome::Refused { close_code })) => close_code,
                         // Anything else the machine closes with 1002 is a
                         // message it could not parse.
                         (1002, _) => 4400,
