@@ -79,6 +79,27 @@ impl Caller {
         Self::for_role(Role::Anon)
     }
 
+    /// Whether this caller may read (queries and subscriptions): SPEC 4's
+    /// table, written once for every transport.
+    pub fn may_read(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Anon => Err(ApiError::Unauthenticated),
+            Role::Authenticated | Role::ServiceRole => Ok(()),
+        }
+    }
+
+    /// Whether this caller may write (mutations).
+    pub fn may_write(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Anon => Err(ApiError::Unauthenticated),
+            Role::Authenticated => Err(ApiError::Forbidden {
+                role: "authenticated",
+                action: "run mutations; they need a service_role token",
+            }),
+            Role::ServiceRole => Ok(()),
+        }
+    }
+
     /// The server itself acting as `role` (e.g. the feed reading the log).
     pub fn for_role(role: Role) -> Self {
         Self {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_graphql::{Context, Schema, SchemaBuilder};
 use chrono::{DateTime, Utc};
 
-use crate::auth::{Caller, Role};
+use crate::auth::Caller;
 use crate::db::RequestDb;
 use crate::error::ApiError;
 
@@ -75,23 +75,15 @@ impl RequestContext {
     /// The request's context, after checking that its caller may read.
     pub fn reader<'a>(ctx: &Context<'a>) -> Result<&'a RequestContext, ApiError> {
         let request = Self::of(ctx)?;
-        match request.caller.role {
-            Role::Anon => Err(ApiError::Unauthenticated),
-            Role::Authenticated | Role::ServiceRole => Ok(request),
-        }
+        request.caller.may_read()?;
+        Ok(request)
     }
 
     /// The request's context, after checking that its caller may write.
     pub fn writer<'a>(ctx: &Context<'a>) -> Result<&'a RequestContext, ApiError> {
         let request = Self::of(ctx)?;
-        match request.caller.role {
-            Role::Anon => Err(ApiError::Unauthenticated),
-            Role::Authenticated => Err(ApiError::Forbidden {
-                role: "authenticated",
-                action: "run mutations; they need a service_role token",
-            }),
-            Role::ServiceRole => Ok(request),
-        }
+        request.caller.may_write()?;
+        Ok(request)
     }
 
     /// Failed completions since the last success, per resource.

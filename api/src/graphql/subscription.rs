@@ -13,7 +13,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::sync_state::SyncState;
 use super::validate;
-use crate::auth::{Caller, Role};
+use crate::auth::Caller;
 use crate::db::{Access, events};
 use crate::error::{ApiError, ApiResult};
 use crate::feed::cursor::Cursor;
@@ -107,9 +107,7 @@ impl Subscription {
             .data::<Caller>()
             .map_err(|_| ApiError::Unauthenticated)?
             .clone();
-        if caller.role == Role::Anon {
-            return Err(ApiError::Unauthenticated.into());
-        }
+        caller.may_read()?;
         for resource in resources.iter().flatten() {
             validate::resource(resource)?;
         }
