@@ -254,8 +254,27 @@ async fn serve_with(
             dir = args.data_dir.display()
         );
     }
+    if let Some(path) = &args.ready_file {
+        announce(path, addr)?;
+    }
     server.run(shutdown_signal()).await?;
     Ok(())
+}
+
+/// Writes the bound address to `path` as JSON, whole: a reader never sees
+/// half a file.
+fn announce(path: &std::path::Path, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let text = serde_json::json!({ "addr": addr.to_string(), "pid": std::process::id() });
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text.to_string())?;
+    std::fs::rename(&partial, path)
+}
+
+/// The address a server announced in its `--ready-file`, once it has.
+pub fn announced_addr(path: &std::path::Path) -> Option<std::net::SocketAddr> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let announced: serde_json::Value = serde_json::from_str(&text).ok()?;
+    announced.get("addr")?.as_str()?.parse().ok()
 }
 
 /// Resolves on SIGINT or SIGTERM.

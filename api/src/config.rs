@@ -93,6 +93,12 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_migrate: bool,
 
+    /// Once the address is bound, write `{"addr": "host:port", "pid": N}`
+    /// to this file (whole, by rename), for tools that start the server
+    /// with port 0; poll /readyz for readiness.
+    #[arg(long, env = "READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+
     /// Where the managed local PostgreSQL and the generated secret live.
     #[arg(long, env = "VANTAGE_SYNC_DATA_DIR", default_value = ".vantage-sync")]
     pub data_dir: PathBuf,

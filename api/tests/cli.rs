@@ -47,11 +47,16 @@ struct Serving {
     lines: Vec<String>,
 }
 
-/// Starts `serve` and waits for the line announcing its address.
+/// Starts `serve` and waits until it announces its address in its
+/// `--ready-file`.
 fn serve(dir: &Path) -> Serving {
+    let ready = dir.with_extension("ready.json");
+    let _ = std::fs::remove_file(&ready);
     let mut child = vantage_sync()
         .args(["serve", "--listen-addr", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .arg("--ready-file")
+        .arg(&ready)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -70,27 +75,41 @@ fn serve(dir: &Path) -> Serving {
             }
         }
     });
-    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let line = log
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| {
-                panic!("serve did not announce its address:\n{}", lines.join("\n"))
-            });
-        lines.push(line.clone());
-        if let Some(rest) = line.split("serving GraphQL on http://").nth(1) {
-            let addr = rest.split('/').next().unwrap_or_default().to_owned();
+        if let Some(addr) = vantage_sync::cli::announced_addr(&ready) {
+            let _ = std::fs::remove_file(&ready);
             return Serving {
                 child,
-                addr,
+                addr: addr.to_string(),
                 log,
-                lines,
+                lines: Vec::new(),
             };
         }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let lines: Vec<String> = log.try_iter().collect();
+            panic!("serve did not announce its address:\n{}", lines.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 impl Serving {
+    /// The log so far, read until a line containing `needle` (at most 10 s).
+    fn log_until(&mut self, needle: &str) -> &[String] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.lines.iter().any(|line| line.contains(needle)) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) => self.lines.push(line),
+                Err(_) => panic!("no log line with {needle:?} in:\n{}", self.lines.join("\n")),
+            }
+        }
+        &self.lines
+    }
+
     /// SIGTERM, then the exit status and every log line.
     fn stop(mut self) -> (bool, Vec<String>) {
         let status = Command::new("kill")
@@ -142,18 +161,12 @@ fn managed_postgres_running(dir: &Path) -> bool {
 #[tokio::test]
 async fn zero_config_first_run_and_second_run() {
     let dir = data_dir("first-run");
-    let first = serve(&dir);
+    let mut first = serve(&dir);
+    let started = first.log_until("vantage-sync token --role authenticated");
     assert!(
-        first
-            .lines
+        started
             .iter()
             .any(|line| line.contains("creating the managed PostgreSQL cluster"))
-    );
-    assert!(
-        first
-            .lines
-            .iter()
-            .any(|line| line.contains("vantage-sync token --role authenticated"))
     );
     assert!(managed_postgres_running(&dir));
     let reader = token(&dir, "authenticated");
@@ -196,10 +209,10 @@ async fn zero_config_first_run_and_second_run() {
     );
     assert_eq!(mode & 0o777, 0o600);
 
-    let second = serve(&dir);
+    let mut second = serve(&dir);
     assert!(
         !second
-            .lines
+            .log_until("vantage-sync token --role authenticated")
             .iter()
             .any(|line| line.contains("creating the managed"))
     );

@@ -27,41 +27,53 @@ pub struct Target {
     pgbouncer: Option<PgBouncer>,
 }
 
-/// Starts `command` (a `vantage-sync serve`) and waits for the line that
-/// announces its address.
+/// Starts `command` (a `vantage-sync serve`) and waits until it announces
+/// its address in its `--ready-file`.
 fn start_server(mut command: Command, bin: &std::path::Path) -> anyhow::Result<(Child, String)> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ready = std::env::temp_dir().join(format!(
+        "vantage-sync-bench-ready-{}-{}.json",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&ready);
     let mut child = command
+        .arg("--ready-file")
+        .arg(&ready)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {}", bin.display()))?;
     let stderr = child.stderr.take().context("no stderr")?;
-    let (send, receive) = std::sync::mpsc::channel();
+    // Its log is kept for a failure message and drained so that the
+    // server never blocks on a full pipe.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = send.send(line);
+            if let Ok(mut kept) = kept.lock()
+                && kept.len() < 200
+            {
+                kept.push(line);
+            }
         }
     });
-    let mut seen = Vec::new();
-    let addr = loop {
-        match receive.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => {
-                if let Some(rest) = line.split("serving GraphQL on http://").nth(1) {
-                    break rest.split('/').next().unwrap_or_default().to_owned();
-                }
-                seen.push(line);
-            }
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the server did not start:\n{}", seen.join("\n"));
-            }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(addr) = vantage_sync::cli::announced_addr(&ready) {
+            let _ = std::fs::remove_file(&ready);
+            return Ok((child, addr.to_string()));
         }
-    };
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || while receive.recv().is_ok() {});
-    Ok((child, addr))
+        let exited = child.try_wait()?.is_some();
+        if exited || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let seen = log.lock().map(|lines| lines.join("\n")).unwrap_or_default();
+            bail!("the server did not start:\n{seen}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Lets this process (and the server it starts) open as many sockets as
