@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 /// Name of the database the service uses inside the managed cluster.
-const DATABASE: &str = "vantage_sync";
+pub const DATABASE: &str = "vantage_sync";
 /// Longest Unix socket path PostgreSQL accepts (sun_path less the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -153,23 +153,7 @@ impl ManagedPostgres {
     }
 
     fn url(&self, database: &str) -> String {
-        let socket: String = self
-            .socket_dir
-            .to_string_lossy()
-            .chars()
-            .map(|c| match c {
-                'a'..='z' | 'A'..='Z' | '0'..='9' | '/' | '-' | '_' | '.' => c.to_string(),
-                other => {
-                    let mut buffer = [0; 4];
-                    other
-                        .encode_utf8(&mut buffer)
-                        .bytes()
-                        .map(|byte| format!("%{byte:02X}"))
-                        .collect()
-                }
-            })
-            .collect();
-        format!("postgres://postgres@localhost/{database}?host={socket}")
+        socket_url(&self.socket_dir, database)
     }
 
     async fn ensure_database(&self) -> Result<(), ManagedError> {
@@ -212,14 +196,7 @@ impl ManagedPostgres {
     }
 
     fn tool(&self, name: &str) -> Command {
-        let program = self.bin_dir.join(name);
-        if self.as_postgres_user {
-            let mut command = Command::new("runuser");
-            command.args(["-u", "postgres", "--"]).arg(program);
-            command
-        } else {
-            Command::new(program)
-        }
+        server_user_command(&self.bin_dir.join(name))
     }
 
     fn run(&self, tool: &'static str, command: &mut Command) -> Result<Output, ManagedError> {
@@ -324,6 +301,40 @@ fn touch(path: &Path) -> Result<(), ManagedError> {
             path: path.to_owned(),
             source,
         })
+}
+
+/// `program` run as the `postgres` OS user when this process is root
+/// (PostgreSQL's tools refuse root), as itself otherwise: how the managed
+/// cluster, the test harness's clusters and PgBouncer are all started.
+pub fn server_user_command(program: &Path) -> Command {
+    if running_as_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// The URL of `database` on the cluster listening in `socket_dir`, as
+/// `postgres`, with the directory percent-encoded.
+pub fn socket_url(socket_dir: &Path, database: &str) -> String {
+    let socket: String = socket_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '/' | '-' | '_' | '.' => c.to_string(),
+            other => {
+                let mut buffer = [0; 4];
+                other
+                    .encode_utf8(&mut buffer)
+                    .bytes()
+                    .map(|byte| format!("%{byte:02X}"))
+                    .collect()
+            }
+        })
+        .collect();
+    format!("postgres://postgres@localhost/{database}?host={socket}")
 }
 
 /// Whether this process runs as root (PostgreSQL then runs as `postgres`).

@@ -332,13 +332,7 @@ fn running_as_root() -> bool {
 }
 
 fn as_server_user(program: &Path) -> Command {
-    if running_as_root() {
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(program);
-        command
-    } else {
-        Command::new(program)
-    }
+    vantage_sync::managed_postgres::server_user_command(program)
 }
 
 /// A detached shell that outlives this process: once the process is gone it
