@@ -132,3 +132,134 @@ fn merge_objects(into: &mut IndexMap<Name, Value>, object: IndexMap<Name, Value>
         merge(into, key, value);
     }
 }
+
+/// A field's value as the plain walk sends it: what async-graphql's own
+/// resolution of the same type would give.
+pub trait PlainValue {
+    /// The value of `field`, or `None` when it needs the resolvers.
+    fn plain_value(self, field: &Positioned<Field>, walk: &Walk<'_>) -> Option<Value>;
+}
+
+macro_rules! plain_scalars {
+    ($($ty:ty),*) => {$(
+        impl PlainValue for $ty {
+            fn plain_value(self, _: &Positioned<Field>, _: &Walk<'_>) -> Option<Value> {
+                Some(async_graphql::ScalarType::to_value(&self))
+            }
+        }
+    )*};
+}
+plain_scalars!(i32, f64, chrono::DateTime<chrono::Utc>);
+
+impl PlainValue for &str {
+    fn plain_value(self, _: &Positioned<Field>, _: &Walk<'_>) -> Option<Value> {
+        Some(Value::String(self.to_owned()))
+    }
+}
+
+impl<T: serde::Serialize> PlainValue for async_graphql::Json<T> {
+    fn plain_value(self, _: &Positioned<Field>, _: &Walk<'_>) -> Option<Value> {
+        Some(async_graphql::to_value(self).unwrap_or_default())
+    }
+}
+
+impl<T: PlainValue> PlainValue for Option<T> {
+    fn plain_value(self, field: &Positioned<Field>, walk: &Walk<'_>) -> Option<Value> {
+        match self {
+            Some(value) => value.plain_value(field, walk),
+            None => Some(Value::Null),
+        }
+    }
+}
+
+impl<T: PlainValue> PlainValue for Vec<T> {
+    fn plain_value(self, field: &Positioned<Field>, walk: &Walk<'_>) -> Option<Value> {
+        self.into_iter()
+            .map(|item| item.plain_value(field, walk))
+            .collect::<Option<_>>()
+            .map(Value::List)
+    }
+}
+
+/// An enum's value, as async-graphql writes it.
+macro_rules! plain_enums {
+    ($($ty:ty),*) => {$(
+        impl $crate::graphql::plain::PlainValue for $ty {
+            fn plain_value(
+                self,
+                _: &async_graphql::Positioned<async_graphql::parser::types::Field>,
+                _: &$crate::graphql::plain::Walk<'_>,
+            ) -> Option<async_graphql::Value> {
+                Some(async_graphql::resolver_utils::enum_value(self))
+            }
+        }
+    )*};
+}
+pub(crate) use plain_enums;
+
+/// An object whose fields are computed from what is in memory, each field
+/// written once: the list makes both the derived `#[Object]` resolvers
+/// (which give the schema its type, and resolve the object when the walk
+/// cannot) and the walk's table of values. Resolvers that need more (the
+/// database, the context) go in the trailing `resolvers { ... }` block; the
+/// walk hands an object that selects one of them back to async-graphql.
+macro_rules! plain_object {
+    (
+        $(#[$meta:meta])*
+        impl $type:ty as $name:literal $(where lifetime $lt:lifetime)? {
+            $(
+                $(#[doc = $doc:literal])*
+                $field:literal => fn $method:ident(&$this:ident) -> $ty:ty $body:block
+            )*
+        }
+        resolvers { $($resolvers:tt)* }
+    ) => {
+        $(#[$meta])*
+        #[async_graphql::Object(name = $name)]
+        impl $(<$lt>)? $type {
+            $(
+                $(#[doc = $doc])*
+                #[graphql(name = $field)]
+                #[allow(unused_braces)]
+                async fn $method(&self) -> $ty {
+                    let $this = self;
+                    $body
+                }
+            )*
+            $($resolvers)*
+        }
+
+        impl $(<$lt>)? $crate::graphql::plain::PlainValue for $type {
+            fn plain_value(
+                self,
+                field: &async_graphql::Positioned<async_graphql::parser::types::Field>,
+                walk: &$crate::graphql::plain::Walk<'_>,
+            ) -> Option<async_graphql::Value> {
+                walk.object(&self, &field.node.selection_set.node)
+            }
+        }
+
+        impl $(<$lt>)? $crate::graphql::plain::PlainObject for $type {
+            const TYPE_NAME: &'static str = $name;
+
+            #[allow(unused_braces)]
+            fn plain_value(
+                &self,
+                field: &async_graphql::Positioned<async_graphql::parser::types::Field>,
+                walk: &$crate::graphql::plain::Walk<'_>,
+            ) -> Option<async_graphql::Value> {
+                match field.node.name.node.as_str() {
+                    $(
+                        $field => {
+                            let $this = self;
+                            let value: $ty = $body;
+                            $crate::graphql::plain::PlainValue::plain_value(value, field, walk)
+                        }
+                    )*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+pub(crate) use plain_object;

@@ -4,15 +4,12 @@ use std::borrow::Cow;
 
 use async_graphql::parser::types::Field;
 use async_graphql::registry::Registry;
-use async_graphql::resolver_utils::enum_value;
-use async_graphql::{
-    ContextSelectionSet, Json, Object, OutputType, Positioned, ScalarType, ServerResult, Value,
-};
+use async_graphql::{ContextSelectionSet, OutputType, Positioned, ServerResult, Value};
 use chrono::{DateTime, Duration, Utc};
 use entity::SyncStatus as Status;
 use entity::vantage_sync_state::Model;
 
-use super::plain::{PlainObject, Walk};
+use super::plain::{Walk, plain_enums, plain_object};
 use super::types::{SyncError, SyncHealth, SyncStatus};
 
 /// A sync running longer than this is stuck (RED).
@@ -123,155 +120,70 @@ fn records_per_second(row: &Model) -> Option<f64> {
         .then(|| f64::from(row.records_synced) * 1000.0 / f64::from(ms))
 }
 
-/// A scalar or null, as async-graphql resolves `Option<T>`.
-fn nullable<T: ScalarType>(value: Option<T>) -> Value {
-    value.map_or(Value::Null, |value| value.to_value())
-}
+plain_enums!(SyncStatus, SyncHealth);
 
-impl PlainObject for SyncStateFields {
-    const TYPE_NAME: &'static str = "SyncState";
-
-    fn plain_value(&self, field: &Positioned<Field>, walk: &Walk<'_>) -> Option<Value> {
-        let row = &self.row;
-        Some(match field.node.name.node.as_str() {
-            "resource" => Value::String(row.resource.clone()),
-            "lastSyncTime" => nullable(utc(row.last_sync_time)),
-            "lastSyncStatus" => enum_value(row.last_sync_status),
-            "recordsSynced" => row.records_synced.to_value(),
-            "recordsCreated" => row.records_created.to_value(),
-            "recordsUpdated" => row.records_updated.to_value(),
-            "errors" => Value::List(
-                row.errors
-                    .0
-                    .iter()
-                    .map(|error| walk.object(error, &field.node.selection_set.node))
-                    .collect::<Option<_>>()?,
-            ),
-            "startedAt" => nullable(utc(row.started_at)),
-            "completedAt" => nullable(utc(row.completed_at)),
-            "durationMs" => nullable(row.duration_ms),
-            "createdAt" => row.created_at.with_timezone(&Utc).to_value(),
-            "updatedAt" => row.updated_at.with_timezone(&Utc).to_value(),
-            "errorCount" => error_count(row).to_value(),
-            "runningSeconds" => nullable(running_seconds(row, self.now)),
-            "hoursSinceSync" => nullable(hours_since_sync(row, self.now)),
-            "durationSeconds" => nullable(duration_seconds(row)),
-            "recordsPerSecond" => nullable(records_per_second(row)),
-            "health" => enum_value(health(row, self.now)),
-            // consecutiveFailures reads the event log.
-            _ => return None,
-        })
+plain_object! {
+    /// The sync state of one resource.
+    impl SyncStateFields as "SyncState" {
+        /// Resource name in lower snake case (accounts, funds, ...).
+        "resource" => fn resource(&this) -> &str { &this.row.resource }
+        /// Watermark for incremental syncs: completion time of the last successful sync.
+        "lastSyncTime" => fn last_sync_time(&this) -> Option<DateTime<Utc>> {
+            utc(this.row.last_sync_time)
+        }
+        /// Status of the last sync.
+        "lastSyncStatus" => fn last_sync_status(&this) -> SyncStatus {
+            this.row.last_sync_status
+        }
+        /// Records processed by the last successful sync (created + updated + skipped).
+        "recordsSynced" => fn records_synced(&this) -> i32 { this.row.records_synced }
+        /// Records created by the last successful sync.
+        "recordsCreated" => fn records_created(&this) -> i32 { this.row.records_created }
+        /// Records updated by the last successful sync.
+        "recordsUpdated" => fn records_updated(&this) -> i32 { this.row.records_updated }
+        /// Errors of the last failed sync; empty after a success.
+        "errors" => fn errors(&this) -> Vec<SyncError<'_>> {
+            this.row.errors.0.iter().map(SyncError).collect()
+        }
+        /// When the current or last sync started.
+        "startedAt" => fn started_at(&this) -> Option<DateTime<Utc>> { utc(this.row.started_at) }
+        /// When the last sync finished; null while running.
+        "completedAt" => fn completed_at(&this) -> Option<DateTime<Utc>> {
+            utc(this.row.completed_at)
+        }
+        /// Duration of the last finished sync in milliseconds.
+        "durationMs" => fn duration_ms(&this) -> Option<i32> { this.row.duration_ms }
+        /// When the resource was registered.
+        "createdAt" => fn created_at(&this) -> DateTime<Utc> {
+            this.row.created_at.with_timezone(&Utc)
+        }
+        /// When the row last changed.
+        "updatedAt" => fn updated_at(&this) -> DateTime<Utc> {
+            this.row.updated_at.with_timezone(&Utc)
+        }
+        /// Number of errors of the last failed sync.
+        "errorCount" => fn error_count(&this) -> i32 { error_count(&this.row) }
+        /// Seconds the current sync has been running; null unless running.
+        "runningSeconds" => fn running_seconds(&this) -> Option<i32> {
+            running_seconds(&this.row, this.now)
+        }
+        /// Hours since the last successful sync; null if there was none.
+        "hoursSinceSync" => fn hours_since_sync(&this) -> Option<f64> {
+            hours_since_sync(&this.row, this.now)
+        }
+        /// Duration of the last finished sync in seconds.
+        "durationSeconds" => fn duration_seconds(&this) -> Option<f64> {
+            duration_seconds(&this.row)
+        }
+        /// Throughput of the last sync, when it succeeded and took measurable time.
+        "recordsPerSecond" => fn records_per_second(&this) -> Option<f64> {
+            records_per_second(&this.row)
+        }
+        /// Dashboard traffic light: RED failed or stuck over 30 min, YELLOW never
+        /// run or no success in 24 h, GREEN otherwise.
+        "health" => fn health_field(&this) -> SyncHealth { health(&this.row, this.now) }
     }
-}
-
-impl PlainObject for entity::SyncError {
-    const TYPE_NAME: &'static str = "SyncError";
-
-    fn plain_value(&self, field: &Positioned<Field>, _: &Walk<'_>) -> Option<Value> {
-        Some(match field.node.name.node.as_str() {
-            "code" => Value::String(self.code.clone()),
-            "message" => Value::String(self.message.clone()),
-            "recordId" => self
-                .record_id
-                .as_ref()
-                .map_or(Value::Null, |id| Value::String(id.clone())),
-            "timestamp" => nullable(self.timestamp.map(|at| at.with_timezone(&Utc))),
-            "details" => self.details.as_ref().map_or(Value::Null, |details| {
-                async_graphql::to_value(Json(details)).unwrap_or_default()
-            }),
-            _ => return None,
-        })
-    }
-}
-
-/// The sync state of one resource.
-#[Object(name = "SyncState")]
-impl SyncStateFields {
-    /// Resource name in lower snake case (accounts, funds, ...).
-    async fn resource(&self) -> &str {
-        &self.row.resource
-    }
-
-    /// Watermark for incremental syncs: completion time of the last successful sync.
-    async fn last_sync_time(&self) -> Option<DateTime<Utc>> {
-        utc(self.row.last_sync_time)
-    }
-
-    /// Status of the last sync.
-    async fn last_sync_status(&self) -> SyncStatus {
-        self.row.last_sync_status
-    }
-
-    /// Records processed by the last successful sync (created + updated + skipped).
-    async fn records_synced(&self) -> i32 {
-        self.row.records_synced
-    }
-
-    /// Records created by the last successful sync.
-    async fn records_created(&self) -> i32 {
-        self.row.records_created
-    }
-
-    /// Records updated by the last successful sync.
-    async fn records_updated(&self) -> i32 {
-        self.row.records_updated
-    }
-
-    /// Errors of the last failed sync; empty after a success.
-    async fn errors(&self) -> Vec<SyncError> {
-        self.row.errors.0.iter().cloned().map(SyncError).collect()
-    }
-
-    /// When the current or last sync started.
-    async fn started_at(&self) -> Option<DateTime<Utc>> {
-        utc(self.row.started_at)
-    }
-
-    /// When the last sync finished; null while running.
-    async fn completed_at(&self) -> Option<DateTime<Utc>> {
-        utc(self.row.completed_at)
-    }
-
-    /// Duration of the last finished sync in milliseconds.
-    async fn duration_ms(&self) -> Option<i32> {
-        self.row.duration_ms
-    }
-
-    /// When the resource was registered.
-    async fn created_at(&self) -> DateTime<Utc> {
-        self.row.created_at.with_timezone(&Utc)
-    }
-
-    /// When the row last changed.
-    async fn updated_at(&self) -> DateTime<Utc> {
-        self.row.updated_at.with_timezone(&Utc)
-    }
-
-    /// Number of errors of the last failed sync.
-    async fn error_count(&self) -> i32 {
-        error_count(&self.row)
-    }
-
-    /// Seconds the current sync has been running; null unless running.
-    async fn running_seconds(&self) -> Option<i32> {
-        running_seconds(&self.row, self.now)
-    }
-
-    /// Hours since the last successful sync; null if there was none.
-    async fn hours_since_sync(&self) -> Option<f64> {
-        hours_since_sync(&self.row, self.now)
-    }
-
-    /// Duration of the last finished sync in seconds.
-    async fn duration_seconds(&self) -> Option<f64> {
-        duration_seconds(&self.row)
-    }
-
-    /// Throughput of the last sync, when it succeeded and took measurable time.
-    async fn records_per_second(&self) -> Option<f64> {
-        records_per_second(&self.row)
-    }
-
+    resolvers {
     /// Failed completions since the last success, from the event log (the
     /// "failed 3+ times in a row" alert). Counts only events still in the
     /// log (see event retention).
@@ -300,11 +212,5 @@ impl SyncStateFields {
         .await?;
         Ok(counts.unwrap_or(0))
     }
-
-    /// Dashboard traffic light: RED failed or stuck over 30 min, YELLOW never
-    /// run or no success in 24 h, GREEN otherwise.
-    #[graphql(name = "health")]
-    async fn health_field(&self) -> SyncHealth {
-        health(&self.row, self.now)
     }
 }

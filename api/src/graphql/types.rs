@@ -1,6 +1,6 @@
 //! Enums, errors and statistics of the schema.
 
-use async_graphql::{Enum, InputObject, Json, Object, SimpleObject};
+use async_graphql::{Enum, InputObject, Json, SimpleObject};
 use chrono::{DateTime, FixedOffset, Utc};
 
 /// Status of a resource's last sync: the entity's enum, which is also the
@@ -18,36 +18,28 @@ pub enum SyncHealth {
     Green,
 }
 
-/// One error reported by a failed sync.
-pub struct SyncError(pub entity::SyncError);
+/// One error reported by a failed sync, as stored.
+pub struct SyncError<'a>(pub &'a entity::SyncError);
 
-/// One error reported by a failed sync.
-#[Object]
-impl SyncError {
-    /// Machine-readable error code, e.g. `HTTP_500`.
-    async fn code(&self) -> &str {
-        &self.0.code
+super::plain::plain_object! {
+    /// One error reported by a failed sync.
+    impl SyncError<'a> as "SyncError" where lifetime 'a {
+        /// Machine-readable error code, e.g. `HTTP_500`.
+        "code" => fn code(&this) -> &str { &this.0.code }
+        /// Human-readable description.
+        "message" => fn message(&this) -> &str { &this.0.message }
+        /// Identifier of the source record that failed, if any.
+        "recordId" => fn record_id(&this) -> Option<&str> { this.0.record_id.as_deref() }
+        /// When the error happened.
+        "timestamp" => fn timestamp(&this) -> Option<DateTime<Utc>> {
+            this.0.timestamp.map(|at| at.with_timezone(&Utc))
+        }
+        /// Any further structured detail.
+        "details" => fn details(&this) -> Option<Json<&serde_json::Value>> {
+            this.0.details.as_ref().map(Json)
+        }
     }
-
-    /// Human-readable description.
-    async fn message(&self) -> &str {
-        &self.0.message
-    }
-
-    /// Identifier of the source record that failed, if any.
-    async fn record_id(&self) -> Option<&str> {
-        self.0.record_id.as_deref()
-    }
-
-    /// When the error happened.
-    async fn timestamp(&self) -> Option<DateTime<Utc>> {
-        self.0.timestamp.map(|at| at.with_timezone(&Utc))
-    }
-
-    /// Any further structured detail.
-    async fn details(&self) -> Option<Json<&serde_json::Value>> {
-        self.0.details.as_ref().map(Json)
-    }
+    resolvers {}
 }
 
 /// One error to record with `failSync`.
