@@ -8,8 +8,9 @@
 //! their selection set is walked once and each value computed directly.
 //! Whatever the walk does not know (a field that reads the database, a
 //! custom directive) hands the whole object back to async-graphql's own
-//! resolution: the two paths give the same response (a test compares
-//! them), only the cost differs.
+//! resolution. Both paths come from one field list ([`plain_object!`]),
+//! so they compute the same values; a test compares the walk's handling
+//! of aliases, merges and fragments with async-graphql's.
 
 use std::collections::HashMap;
 
