@@ -602,3 +602,43 @@ async fn shutdown_closes_subscriptions_with_going_away() {
         .unwrap()
         .unwrap();
 }
+
+/// `consecutiveFailures` inside a subscription reads the event log as the
+/// subscriber, once per delivered change, and counts the failure streak as
+/// it stands when the change is sent.
+#[tokio::test]
+async fn consecutive_failures_is_current_in_every_change() {
+    let app = TestApp::spawn().await;
+    let mut client = WsClient::ready(&app, "authenticated").await;
+    client
+        .follow(
+            "subscription { syncStateChanged(resources: [\"funds\"]) {
+                state { lastSyncStatus consecutiveFailures } } }",
+            json!({}),
+        )
+        .await;
+    let mut seen = Vec::new();
+    for statement in [
+        "SELECT start_vantage_sync('funds')",
+        "SELECT fail_vantage_sync('funds', '[]')",
+        "SELECT start_vantage_sync('funds')",
+        "SELECT fail_vantage_sync('funds', '[]')",
+        "SELECT start_vantage_sync('funds')",
+        "SELECT complete_vantage_sync('funds', 1, 1, 0)",
+    ] {
+        app.sql(statement).await;
+        let (_, data) = client.next_data().await;
+        seen.push(data["syncStateChanged"]["state"].clone());
+    }
+    assert_eq!(
+        seen,
+        [
+            json!({"lastSyncStatus": "RUNNING", "consecutiveFailures": 0}),
+            json!({"lastSyncStatus": "FAILED", "consecutiveFailures": 1}),
+            json!({"lastSyncStatus": "RUNNING", "consecutiveFailures": 1}),
+            json!({"lastSyncStatus": "FAILED", "consecutiveFailures": 2}),
+            json!({"lastSyncStatus": "RUNNING", "consecutiveFailures": 2}),
+            json!({"lastSyncStatus": "SUCCESS", "consecutiveFailures": 0}),
+        ]
+    );
+}
