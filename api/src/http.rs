@@ -17,7 +17,6 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use chrono::Utc;
 use serde_json::json;
 
 use crate::auth::TokenKeys;
@@ -27,7 +26,7 @@ use crate::db::{Access, Pool, RequestDb};
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
-use crate::graphql::{AppSchema, RequestContext};
+use crate::graphql::{AppSchema, OperationContext};
 use crate::metrics::{Metrics, Operation, Outcome};
 
 /// What every handler shares.
@@ -253,12 +252,7 @@ async fn execute(
         access,
         app.request_timeout,
     ));
-    let context = RequestContext {
-        caller,
-        now: Utc::now(),
-        db: db.clone(),
-        failures: Default::default(),
-    };
+    let context = OperationContext::request(caller, db.clone());
     let executed = tokio::time::timeout(
         app.request_timeout,
         app.schema.execute(request.data(context)),

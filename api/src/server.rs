@@ -117,7 +117,7 @@ impl Server {
             config.request_timeout,
         );
         let state = AppState {
-            schema: graphql::builder(config.limits).data(feed.clone()).finish(),
+            schema: graphql::builder(config.limits).finish(),
             pool,
             keys: config.keys,
             metrics,

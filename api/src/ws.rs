@@ -24,6 +24,7 @@ use tokio::sync::{Notify, oneshot};
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::LIVE_WAIT;
+use crate::graphql::OperationContext;
 use crate::http::{AppState, refuse};
 
 /// What the connection's reader (inside async-graphql's machine) and its
@@ -253,7 +254,7 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
             }
             let _ = init_told.send(InitOutcome::Accepted(caller.clone()));
             let mut data = Data::default();
-            data.insert(caller);
+            data.insert(OperationContext::subscriptions(caller, feed));
             Ok(data)
         }
     };

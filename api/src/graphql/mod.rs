@@ -10,14 +10,16 @@ pub mod sync_state;
 pub mod types;
 pub mod validate;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use async_graphql::{Context, Schema, SchemaBuilder};
 use chrono::{DateTime, Utc};
 
 use crate::auth::Caller;
-use crate::db::RequestDb;
+use crate::db::{Access, RequestDb, RequestTxn};
 use crate::error::ApiError;
+use crate::feed::Feed;
 
 pub use mutation::Mutation;
 pub use query::Query;
@@ -59,47 +61,117 @@ pub fn sdl() -> String {
     builder(QueryLimits::DEFAULT).finish().sdl()
 }
 
-/// What a resolver knows about its request.
-pub struct RequestContext {
+/// What every GraphQL operation knows, whichever transport brought it
+/// (HTTP builds one per request, a WebSocket one per connection): who is
+/// calling, the request's clock, and how it reaches the database.
+pub struct OperationContext {
     /// Who is calling.
     pub caller: Caller,
-    /// The request's clock, so derived fields agree with each other.
+    /// The request's clock, so derived fields agree with each other (a
+    /// subscription's changes each carry their own).
     pub now: DateTime<Utc>,
-    /// The request's database work.
-    pub db: Arc<RequestDb>,
+    db: OperationDb,
     /// Failure streaks from the event log, read once per request if asked.
-    pub failures: tokio::sync::OnceCell<history::FailureCounts>,
+    failures: tokio::sync::OnceCell<history::FailureCounts>,
 }
 
-impl RequestContext {
-    /// The request's context, after checking that its caller may read.
-    pub fn reader<'a>(ctx: &Context<'a>) -> Result<&'a RequestContext, ApiError> {
-        let request = Self::of(ctx)?;
-        request.caller.may_read()?;
-        Ok(request)
+/// How an operation reaches the database.
+enum OperationDb {
+    /// A query or mutation: one transaction for the whole request.
+    Request(Arc<RequestDb>),
+    /// A WebSocket connection's subscriptions: a short transaction per
+    /// read, since the connection lives for hours.
+    PerRead(Arc<Feed>),
+}
+
+impl OperationContext {
+    /// A query or mutation of `caller`, working in `db`.
+    pub fn request(caller: Caller, db: Arc<RequestDb>) -> Self {
+        Self {
+            caller,
+            now: Utc::now(),
+            db: OperationDb::Request(db),
+            failures: Default::default(),
+        }
     }
 
-    /// The request's context, after checking that its caller may write.
-    pub fn writer<'a>(ctx: &Context<'a>) -> Result<&'a RequestContext, ApiError> {
-        let request = Self::of(ctx)?;
-        request.caller.may_write()?;
-        Ok(request)
+    /// The subscriptions of `caller` on one connection, fed by `feed`.
+    pub fn subscriptions(caller: Caller, feed: Arc<Feed>) -> Self {
+        Self {
+            caller,
+            now: Utc::now(),
+            db: OperationDb::PerRead(feed),
+            failures: Default::default(),
+        }
     }
 
-    /// Failed completions since the last success, per resource.
-    pub async fn failures(&self) -> Result<&history::FailureCounts, ApiError> {
-        self.failures
-            .get_or_try_init(|| async {
-                let txn = self.db.txn().await?;
-                crate::db::events::consecutive_failures(&*txn)
-                    .await
-                    .map_err(|error| ApiError::from_db(error, ""))
-            })
-            .await
+    /// The operation's context, after checking that its caller may read.
+    pub fn reader<'a>(ctx: &Context<'a>) -> Result<&'a OperationContext, ApiError> {
+        let operation = Self::of(ctx)?;
+        operation.caller.may_read()?;
+        Ok(operation)
     }
 
-    fn of<'a>(ctx: &Context<'a>) -> Result<&'a RequestContext, ApiError> {
-        ctx.data::<RequestContext>()
-            .map_err(|_| ApiError::internal("request context missing"))
+    /// The operation's context, after checking that its caller may write.
+    pub fn writer<'a>(ctx: &Context<'a>) -> Result<&'a OperationContext, ApiError> {
+        let operation = Self::of(ctx)?;
+        operation.caller.may_write()?;
+        Ok(operation)
+    }
+
+    /// The request's transaction: queries and mutations come over HTTP.
+    pub fn db(&self) -> Result<&RequestDb, ApiError> {
+        match &self.db {
+            OperationDb::Request(db) => Ok(db),
+            OperationDb::PerRead(_) => Err(ApiError::BadUserInput {
+                message:
+                    "send queries and mutations over HTTP; the WebSocket carries subscriptions"
+                        .into(),
+                field: None,
+            }),
+        }
+    }
+
+    /// The live feed that subscriptions follow.
+    pub fn feed(&self) -> Result<&Arc<Feed>, ApiError> {
+        match &self.db {
+            OperationDb::PerRead(feed) => Ok(feed),
+            OperationDb::Request(_) => Err(ApiError::BadUserInput {
+                message: "subscriptions need a WebSocket connection to /graphql".into(),
+                field: None,
+            }),
+        }
+    }
+
+    /// Failed completions since the last success, per resource: read once
+    /// per request, or afresh for each change a subscription sends.
+    pub async fn failures(&self) -> Result<Cow<'_, history::FailureCounts>, ApiError> {
+        let read = async |txn: &RequestTxn| crate::db::events::consecutive_failures(txn).await;
+        match &self.db {
+            OperationDb::Request(db) => self
+                .failures
+                .get_or_try_init(|| async {
+                    let txn = db.txn().await?;
+                    read(&txn)
+                        .await
+                        .map_err(|error| ApiError::from_db(error, ""))
+                })
+                .await
+                .map(Cow::Borrowed),
+            OperationDb::PerRead(feed) => feed
+                .read(&self.caller, Access::Read, read)
+                .await
+                .map(Cow::Owned),
+        }
+    }
+
+    /// Failed completions since the last success of `resource`.
+    pub async fn consecutive_failures(&self, resource: &str) -> Result<i32, ApiError> {
+        Ok(self.failures().await?.get(resource).copied().unwrap_or(0))
+    }
+
+    fn of<'a>(ctx: &Context<'a>) -> Result<&'a OperationContext, ApiError> {
+        ctx.data::<OperationContext>()
+            .map_err(|_| ApiError::internal("operation context missing"))
     }
 }

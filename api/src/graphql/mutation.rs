@@ -6,7 +6,7 @@ use async_graphql::{Context, Object};
 use entity::SyncErrors;
 use sea_orm::DbErr;
 
-use super::RequestContext;
+use super::OperationContext;
 use super::sync_state::SyncState;
 use super::types::SyncErrorInput;
 use super::validate;
@@ -17,14 +17,14 @@ use crate::error::{ApiError, ApiResult};
 /// Write operations; they need a `service_role` token.
 pub struct Mutation;
 
-impl RequestContext {
+impl OperationContext {
     /// Runs `work` in a savepoint: kept if it succeeds, rolled back if not.
     async fn in_savepoint<T>(
         &self,
         resource: &str,
         work: impl AsyncFnOnce(&RequestTxn) -> Result<T, DbErr>,
     ) -> ApiResult<T> {
-        let txn = self.db.txn().await?;
+        let txn = self.db()?.txn().await?;
         txn.in_savepoint(work)
             .await
             .map_err(|error| ApiError::from_db(error, resource))
@@ -41,7 +41,7 @@ impl Mutation {
         resource: String,
         #[graphql(default_with = "Some(false)")] force: Option<bool>,
     ) -> async_graphql::Result<SyncState> {
-        let request = RequestContext::writer(ctx)?;
+        let request = OperationContext::writer(ctx)?;
         validate::resource(&resource)?;
         let row = request
             .in_savepoint(&resource, async |txn| {
@@ -62,7 +62,7 @@ impl Mutation {
         records_created: i32,
         records_updated: i32,
     ) -> async_graphql::Result<SyncState> {
-        let request = RequestContext::writer(ctx)?;
+        let request = OperationContext::writer(ctx)?;
         validate::resource(&resource)?;
         validate::record_counts(records_synced, records_created, records_updated)?;
         let counts = RecordCounts {
@@ -86,7 +86,7 @@ impl Mutation {
         resource: String,
         errors: Vec<SyncErrorInput>,
     ) -> async_graphql::Result<SyncState> {
-        let request = RequestContext::writer(ctx)?;
+        let request = OperationContext::writer(ctx)?;
         validate::resource(&resource)?;
         let errors = validate_errors(errors)?;
         let row = request
@@ -103,7 +103,7 @@ impl Mutation {
         ctx: &Context<'_>,
         resource: String,
     ) -> async_graphql::Result<SyncState> {
-        let request = RequestContext::writer(ctx)?;
+        let request = OperationContext::writer(ctx)?;
         validate::resource(&resource)?;
         let row = request
             .in_savepoint(&resource, async |txn| {
@@ -119,7 +119,7 @@ impl Mutation {
         ctx: &Context<'_>,
         resource: String,
     ) -> async_graphql::Result<SyncState> {
-        let request = RequestContext::writer(ctx)?;
+        let request = OperationContext::writer(ctx)?;
         validate::resource(&resource)?;
         let row = request
             .in_savepoint(&resource, async |txn| {

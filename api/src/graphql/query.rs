@@ -4,7 +4,7 @@ use async_graphql::{Context, Object};
 use chrono::Duration;
 use entity::SyncStatus as Status;
 
-use super::RequestContext;
+use super::OperationContext;
 use super::history::SyncEventConnection;
 use super::sync_state::SyncState;
 use super::types::{SyncHealth, SyncStats, SyncStatus};
@@ -16,7 +16,7 @@ use crate::feed::cursor::Cursor;
 /// Read operations; they need an `authenticated` or `service_role` token.
 pub struct Query;
 
-impl RequestContext {
+impl OperationContext {
     fn states(&self, rows: Vec<entity::vantage_sync_state::Model>) -> Vec<SyncState> {
         rows.into_iter()
             .map(|row| SyncState::new(row, self.now))
@@ -41,9 +41,9 @@ impl Query {
         ctx: &Context<'_>,
         resource: String,
     ) -> async_graphql::Result<Option<SyncState>> {
-        let request = RequestContext::reader(ctx)?;
+        let request = OperationContext::reader(ctx)?;
         validate::resource(&resource)?;
-        let row = sync_states::find(&*request.db.txn().await?, &resource)
+        let row = sync_states::find(&*request.db()?.txn().await?, &resource)
             .await
             .map_err(|error| ApiError::from_db(error, &resource))?;
         Ok(row.map(|row| SyncState::new(row, request.now)))
@@ -57,8 +57,8 @@ impl Query {
         status: Option<Vec<SyncStatus>>,
         health: Option<Vec<SyncHealth>>,
     ) -> async_graphql::Result<Vec<SyncState>> {
-        let request = RequestContext::reader(ctx)?;
-        let rows = sync_states::list(&*request.db.txn().await?, status.as_deref())
+        let request = OperationContext::reader(ctx)?;
+        let rows = sync_states::list(&*request.db()?.txn().await?, status.as_deref())
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
         let mut states = request.states(rows);
@@ -72,8 +72,8 @@ impl Query {
 
     /// Resources whose last sync failed, most recent failure first.
     async fn failed_syncs(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<SyncState>> {
-        let request = RequestContext::reader(ctx)?;
-        let rows = sync_states::failed(&*request.db.txn().await?)
+        let request = OperationContext::reader(ctx)?;
+        let rows = sync_states::failed(&*request.db()?.txn().await?)
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
         Ok(request.states(rows))
@@ -86,7 +86,7 @@ impl Query {
         ctx: &Context<'_>,
         #[graphql(default_with = "Some(24.0)")] older_than_hours: Option<f64>,
     ) -> async_graphql::Result<Vec<SyncState>> {
-        let request = RequestContext::reader(ctx)?;
+        let request = OperationContext::reader(ctx)?;
         let hours = validate::within(
             "olderThanHours",
             older_than_hours.unwrap_or(24.0),
@@ -94,7 +94,7 @@ impl Query {
             24.0 * 366.0 * 100.0,
         )?;
         let cutoff = request.now - Duration::milliseconds((hours * 3_600_000.0) as i64);
-        let rows = sync_states::stale(&*request.db.txn().await?, cutoff)
+        let rows = sync_states::stale(&*request.db()?.txn().await?, cutoff)
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
         Ok(request.states(rows))
@@ -106,9 +106,9 @@ impl Query {
         ctx: &Context<'_>,
         #[graphql(default_with = "Some(5)")] limit: Option<i32>,
     ) -> async_graphql::Result<Vec<SyncState>> {
-        let request = RequestContext::reader(ctx)?;
+        let request = OperationContext::reader(ctx)?;
         let limit = validate::within("limit", limit.unwrap_or(5), 1, 1000)?;
-        let rows = sync_states::slowest(&*request.db.txn().await?, limit.unsigned_abs().into())
+        let rows = sync_states::slowest(&*request.db()?.txn().await?, limit.unsigned_abs().into())
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
         Ok(request.states(rows))
@@ -120,7 +120,7 @@ impl Query {
         ctx: &Context<'_>,
         #[graphql(default_with = "Some(30)")] running_longer_than_minutes: Option<i32>,
     ) -> async_graphql::Result<Vec<SyncState>> {
-        let request = RequestContext::reader(ctx)?;
+        let request = OperationContext::reader(ctx)?;
         let minutes = validate::within(
             "runningLongerThanMinutes",
             running_longer_than_minutes.unwrap_or(30),
@@ -128,7 +128,7 @@ impl Query {
             60 * 24 * 366,
         )?;
         let cutoff = request.now - Duration::minutes(minutes.into());
-        let rows = sync_states::stuck(&*request.db.txn().await?, cutoff)
+        let rows = sync_states::stuck(&*request.db()?.txn().await?, cutoff)
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
         Ok(request.states(rows))
@@ -141,10 +141,10 @@ impl Query {
         ctx: &Context<'_>,
         #[graphql(default_with = "Some(3)")] min_consecutive: Option<i32>,
     ) -> async_graphql::Result<Vec<SyncState>> {
-        let request = RequestContext::reader(ctx)?;
+        let request = OperationContext::reader(ctx)?;
         let min = validate::within("minConsecutive", min_consecutive.unwrap_or(3), 1, 1_000_000)?;
         let failures = request.failures().await?;
-        let rows = sync_states::list(&*request.db.txn().await?, None)
+        let rows = sync_states::list(&*request.db()?.txn().await?, None)
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
         let count = |resource: &str| failures.get(resource).copied().unwrap_or(0);
@@ -166,12 +166,12 @@ impl Query {
         #[graphql(default_with = "Some(50)")] first: Option<i32>,
         after: Option<String>,
     ) -> async_graphql::Result<SyncEventConnection> {
-        let request = RequestContext::reader(ctx)?;
+        let request = OperationContext::reader(ctx)?;
         if let Some(resource) = &resource {
             validate::resource(resource)?;
         }
         let first = validate::within("first", first.unwrap_or(50), 1, 500)?;
-        let txn = request.db.txn().await?;
+        let txn = request.db()?.txn().await?;
         let position = match after {
             None => 0,
             Some(after) => {
@@ -203,8 +203,8 @@ impl Query {
 
     /// Totals over every resource.
     async fn sync_stats(&self, ctx: &Context<'_>) -> async_graphql::Result<SyncStats> {
-        let request = RequestContext::reader(ctx)?;
-        let totals = sync_states::totals(&*request.db.txn().await?)
+        let request = OperationContext::reader(ctx)?;
+        let totals = sync_states::totals(&*request.db()?.txn().await?)
             .await
             .map_err(|error| ApiError::from_db(error, ""))?;
         let mut stats = SyncStats::default();

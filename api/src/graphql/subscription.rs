@@ -18,6 +18,7 @@ use crate::db::{Access, events};
 use crate::error::{ApiError, ApiResult};
 use crate::feed::cursor::Cursor;
 use crate::feed::{BATCH, Feed, FeedEvent, LIVE_WAIT};
+use crate::graphql::OperationContext;
 use crate::metrics::SubscriptionGuard;
 
 /// What happened to a resource.
@@ -103,11 +104,8 @@ impl Subscription {
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<SyncStateChange>> + use<>>
     {
         let initial = initial.unwrap_or(false);
-        let caller = ctx
-            .data::<Caller>()
-            .map_err(|_| ApiError::Unauthenticated)?
-            .clone();
-        caller.may_read()?;
+        let operation = OperationContext::reader(ctx)?;
+        let caller = operation.caller.clone();
         for resource in resources.iter().flatten() {
             validate::resource(resource)?;
         }
@@ -118,10 +116,7 @@ impl Subscription {
             )
             .into());
         }
-        let feed = ctx
-            .data::<Arc<Feed>>()
-            .map_err(|_| ApiError::internal("live feed missing"))?
-            .clone();
+        let feed = operation.feed()?.clone();
         if !feed.wait_live(LIVE_WAIT).await {
             return Err(ApiError::Unavailable.into());
         }

@@ -193,24 +193,13 @@ plain_object! {
     ) -> async_graphql::Result<i32> {
         // Boxed: async-graphql sizes every field's future of this type by
         // the largest, and this one holds database reads.
-        let counts = Box::pin(async {
-            Ok::<_, async_graphql::Error>(match ctx.data_opt::<super::RequestContext>() {
-                Some(request) => request.failures().await?.get(&self.row.resource).copied(),
-                // Inside a subscription: read as the subscriber.
-                None => {
-                    let caller = ctx.data::<crate::auth::Caller>()?;
-                    let feed = ctx.data::<std::sync::Arc<crate::feed::Feed>>()?;
-                    let counts = feed
-                        .read(caller, crate::db::Access::Read, async |txn| {
-                            crate::db::events::consecutive_failures(txn).await
-                        })
-                        .await?;
-                    counts.get(&self.row.resource).copied()
-                }
-            })
+        let count = Box::pin(async {
+            super::OperationContext::reader(ctx)?
+                .consecutive_failures(&self.row.resource)
+                .await
         })
         .await?;
-        Ok(counts.unwrap_or(0))
+        Ok(count)
     }
     }
 }

@@ -642,3 +642,27 @@ async fn consecutive_failures_is_current_in_every_change() {
         ]
     );
 }
+
+/// A query sent over the WebSocket is told where it belongs, with a code.
+#[tokio::test]
+async fn queries_over_the_websocket_are_sent_to_http() {
+    let app = TestApp::spawn().await;
+    let mut client = WsClient::ready(&app, "authenticated").await;
+    client
+        .subscribe(
+            "q",
+            "{ syncState(resource: \"funds\") { resource } }",
+            json!({}),
+        )
+        .await;
+    let message = client.recv().await;
+    assert_eq!(
+        message["payload"]["errors"][0]["message"],
+        "send queries and mutations over HTTP; the WebSocket carries subscriptions",
+        "{message}"
+    );
+    assert_eq!(
+        message["payload"]["errors"][0]["extensions"]["code"],
+        "BAD_USER_INPUT"
+    );
+}
