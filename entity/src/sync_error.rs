@@ -10,18 +10,23 @@ use sea_orm::FromJsonQueryResult;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
-/// One error reported by a failed sync.
+/// One error to record with `failSync`.
+// Also the GraphQL input `SyncErrorInput` (feature `graphql`), so its
+// fields are written once; the output type wraps it (the API's
+// `graphql::types::SyncError`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::InputObject))]
+#[cfg_attr(feature = "graphql", graphql(name = "SyncErrorInput"))]
 #[serde(rename_all = "camelCase")]
 pub struct SyncError {
-    /// Machine-readable error code, e.g. `HTTP_500` or `VALIDATION`.
+    /// Machine-readable error code, e.g. `HTTP_500`; not empty.
     pub code: String,
     /// Human-readable description.
     pub message: String,
     /// Identifier of the source record that failed, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub record_id: Option<String>,
-    /// When the error happened.
+    /// When the error happened (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<DateTime<FixedOffset>>,
     /// Any further structured detail.

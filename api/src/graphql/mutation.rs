@@ -8,7 +8,6 @@ use sea_orm::DbErr;
 
 use super::OperationContext;
 use super::sync_state::SyncState;
-use super::types::SyncErrorInput;
 use super::validate;
 use crate::db::RequestTxn;
 use crate::db::sync_states::{self, RecordCounts};
@@ -84,7 +83,7 @@ impl Mutation {
         &self,
         ctx: &Context<'_>,
         resource: String,
-        errors: Vec<SyncErrorInput>,
+        errors: Vec<entity::SyncError>,
     ) -> async_graphql::Result<SyncState> {
         let request = OperationContext::writer(ctx)?;
         validate::resource(&resource)?;
@@ -131,7 +130,7 @@ impl Mutation {
     }
 }
 
-fn validate_errors(errors: Vec<SyncErrorInput>) -> ApiResult<SyncErrors> {
+fn validate_errors(errors: Vec<entity::SyncError>) -> ApiResult<SyncErrors> {
     if errors.len() > validate::MAX_ERRORS {
         return Err(ApiError::bad_input(
             "errors",
@@ -147,7 +146,7 @@ fn validate_errors(errors: Vec<SyncErrorInput>) -> ApiResult<SyncErrors> {
             format!("errors[{index}].code must not be empty"),
         ));
     }
-    let errors = SyncErrors(errors.into_iter().map(entity::SyncError::from).collect());
+    let errors = SyncErrors(errors);
     let size = serde_json::to_vec(&errors)
         .map(|json| json.len())
         .unwrap_or(usize::MAX);

@@ -1,7 +1,7 @@
 //! Enums, errors and statistics of the schema.
 
-use async_graphql::{Enum, InputObject, Json, SimpleObject};
-use chrono::{DateTime, FixedOffset, Utc};
+use async_graphql::{Enum, Json, SimpleObject};
+use chrono::{DateTime, Utc};
 
 /// Status of a resource's last sync: the entity's enum, which is also the
 /// GraphQL enum.
@@ -40,33 +40,6 @@ super::plain::plain_object! {
         }
     }
     resolvers {}
-}
-
-/// One error to record with `failSync`.
-#[derive(InputObject, Debug, Clone)]
-pub struct SyncErrorInput {
-    /// Machine-readable error code, e.g. `HTTP_500`; not empty.
-    pub code: String,
-    /// Human-readable description.
-    pub message: String,
-    /// Identifier of the source record that failed, if any.
-    pub record_id: Option<String>,
-    /// When the error happened (RFC 3339).
-    pub timestamp: Option<DateTime<FixedOffset>>,
-    /// Any further structured detail.
-    pub details: Option<Json<serde_json::Value>>,
-}
-
-impl From<SyncErrorInput> for entity::SyncError {
-    fn from(input: SyncErrorInput) -> Self {
-        Self {
-            code: input.code,
-            message: input.message,
-            record_id: input.record_id,
-            timestamp: input.timestamp,
-            details: input.details.map(|Json(details)| details),
-        }
-    }
 }
 
 /// Totals over every resource.
