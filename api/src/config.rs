@@ -9,9 +9,9 @@ use clap::Args;
 use clap::builder::RangedU64ValueParser;
 
 use crate::auth::{ClaimRules, JwksSource, KeySettings, TokenKeys};
-use crate::cors::CorsOrigins;
 use crate::db::PreparedStatements;
 use crate::graphql::QueryLimits;
+use crate::transport::cors::CorsOrigins;
 
 /// Address served when none is given.
 pub const DEFAULT_LISTEN_ADDR: SocketAddr =

@@ -3,14 +3,14 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
-pub mod cors;
 pub mod db;
 pub mod error;
-pub mod feed;
+mod feed;
 pub mod graphql;
-pub mod http;
 pub mod managed_postgres;
-pub mod metrics;
+mod metrics;
 pub mod migrate;
 pub mod server;
-pub mod ws;
+mod transport;
+
+pub use transport::cors;

@@ -12,9 +12,9 @@ use crate::config::ServerConfig;
 use crate::db::{Access, Pool, PrivilegeError, events};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
-use crate::http::{AppState, router};
 use crate::metrics::Metrics;
 use crate::migrate::{self, MigrateError};
+use crate::transport::http::{AppState, router};
 use crate::{db, graphql};
 
 /// Longest a pruning of the event log may take.

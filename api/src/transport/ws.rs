@@ -25,7 +25,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::LIVE_WAIT;
 use crate::graphql::OperationContext;
-use crate::http::{AppState, refuse};
+use crate::transport::http::{AppState, refuse};
 
 /// What the connection's reader (inside async-graphql's machine) and its
 /// writer loop share. Kept small: every idle subscriber holds one.

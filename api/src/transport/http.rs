@@ -21,13 +21,13 @@ use serde_json::json;
 
 use crate::auth::TokenKeys;
 use crate::config::WebSocketConfig;
-use crate::cors::{self, CorsOrigins};
 use crate::db::{Access, Pool, RequestDb};
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
 use crate::graphql::{AppSchema, OperationContext};
 use crate::metrics::{Metrics, Operation, Outcome};
+use crate::transport::cors::{self, CorsOrigins};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -174,7 +174,7 @@ async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request)
         .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
     if wants_websocket {
         return match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(upgrade) => crate::ws::upgrade(app, &parts.headers, upgrade).await,
+            Ok(upgrade) => crate::transport::ws::upgrade(app, &parts.headers, upgrade).await,
             Err(rejection) => rejection.into_response(),
         };
     }
