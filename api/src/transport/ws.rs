@@ -71,6 +71,12 @@ enum InitOutcome {
     },
 }
 
+/// Longest subscription id a client may use.
+const MAX_ID_BYTES: usize = 128;
+/// Longest outgoing message that can be a `connection_ack` or a `complete`
+/// (`{"type":"complete","id":"..."}` with the longest id).
+const MAX_ENVELOPE_BYTES: usize = MAX_ID_BYTES + 64;
+
 /// The fields of an outgoing protocol message this layer acts on; the
 /// payload is skipped unread.
 #[derive(serde::Deserialize)]
@@ -199,6 +205,15 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
                                         reason: format!("Subscriber for {id} already exists")
                                             .into(),
                                     })))
+                                } else if id.len() > MAX_ID_BYTES {
+                                    let text = error_message(
+                                        protocol,
+                                        id,
+                                        &format!(
+                                            "subscription ids are at most {MAX_ID_BYTES} bytes"
+                                        ),
+                                    );
+                                    Some(Message::Text(text.into()))
                                 } else if active.len() >= settings.max_subscriptions {
                                     let text = error_message(
                                         protocol,
@@ -281,14 +296,19 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
             message = machine.next() => match message {
                 None => break,
                 Some(WsMessage::Text(text)) => {
-                    match serde_json::from_str::<Envelope<'_>>(&text) {
-                        Ok(envelope) if envelope.kind == "connection_ack" && !acked => {
+                    // Only short messages can be an ack or a complete (ids
+                    // are capped): the changes themselves are not read again.
+                    let envelope = (text.len() <= MAX_ENVELOPE_BYTES)
+                        .then(|| serde_json::from_str::<Envelope<'_>>(&text).ok())
+                        .flatten();
+                    match envelope {
+                        Some(envelope) if envelope.kind == "connection_ack" && !acked => {
                             acked = true;
                             if let Ok(InitOutcome::Accepted(caller)) = init_outcome.try_recv() {
                                 expiry = caller.expires_at.map(|exp| Box::pin(tokio::time::sleep(until(exp))));
                             }
                         }
-                        Ok(Envelope { kind, id: Some(id) }) if kind == "complete" => {
+                        Some(Envelope { kind, id: Some(id) }) if kind == "complete" => {
                             shared.lock().active.remove(id.as_ref());
                         }
                         _ => {}

@@ -471,6 +471,18 @@ async fn protocol_errors_get_the_spec_close_codes() {
         (Some("error"), Some("c")),
         "{refused}"
     );
+    // An id longer than 128 bytes: an error for that subscription.
+    let long = "x".repeat(129);
+    client.subscribe(&long, CHANGES, json!({})).await;
+    let refused = client.recv().await;
+    assert_eq!(
+        (
+            refused["type"].as_str(),
+            refused["payload"][0]["message"].as_str()
+        ),
+        (Some("error"), Some("subscription ids are at most 128 bytes")),
+        "{refused}"
+    );
     // A duplicate id: 4409.
     client.subscribe("a", CHANGES, json!({})).await;
     assert_eq!(client.closed().await.0, 4409);
@@ -665,4 +677,20 @@ async fn queries_over_the_websocket_are_sent_to_http() {
         message["payload"]["errors"][0]["extensions"]["code"],
         "BAD_USER_INPUT"
     );
+}
+
+/// An operation the server completes frees its id for reuse (the server
+/// sees its own `complete` going out).
+#[tokio::test]
+async fn a_completed_operation_frees_its_id() {
+    let app = TestApp::spawn().await;
+    let mut client = WsClient::ready(&app, "authenticated").await;
+    for _ in 0..2 {
+        client.subscribe("q", "{ __typename }", json!({})).await;
+        let next = client.recv().await;
+        assert_eq!(next["type"], "next", "{next}");
+        assert_eq!(next["payload"]["data"], json!({"__typename": "Query"}));
+        let complete = client.recv().await;
+        assert_eq!(complete, json!({"type": "complete", "id": "q"}));
+    }
 }
