@@ -71,14 +71,16 @@ pub struct OperationContext {
     /// subscription's changes each carry their own).
     pub now: DateTime<Utc>,
     db: OperationDb,
-    /// Failure streaks from the event log, read once per request if asked.
-    failures: tokio::sync::OnceCell<history::FailureCounts>,
 }
 
 /// How an operation reaches the database.
 enum OperationDb {
-    /// A query or mutation: one transaction for the whole request.
-    Request(Arc<RequestDb>),
+    /// A query or mutation: one transaction for the whole request, and the
+    /// failure streaks from the event log, read once if asked.
+    Request {
+        db: Arc<RequestDb>,
+        failures: tokio::sync::OnceCell<history::FailureCounts>,
+    },
     /// A WebSocket connection's subscriptions: a short transaction per
     /// read, since the connection lives for hours.
     PerRead(Arc<Feed>),
@@ -90,8 +92,10 @@ impl OperationContext {
         Self {
             caller,
             now: Utc::now(),
-            db: OperationDb::Request(db),
-            failures: Default::default(),
+            db: OperationDb::Request {
+                db,
+                failures: Default::default(),
+            },
         }
     }
 
@@ -101,7 +105,6 @@ impl OperationContext {
             caller,
             now: Utc::now(),
             db: OperationDb::PerRead(feed),
-            failures: Default::default(),
         }
     }
 
@@ -122,7 +125,7 @@ impl OperationContext {
     /// The request's transaction: queries and mutations come over HTTP.
     pub fn db(&self) -> Result<&RequestDb, ApiError> {
         match &self.db {
-            OperationDb::Request(db) => Ok(db),
+            OperationDb::Request { db, .. } => Ok(db),
             OperationDb::PerRead(_) => Err(ApiError::BadUserInput {
                 message:
                     "send queries and mutations over HTTP; the WebSocket carries subscriptions"
@@ -136,7 +139,7 @@ impl OperationContext {
     pub fn feed(&self) -> Result<&Arc<Feed>, ApiError> {
         match &self.db {
             OperationDb::PerRead(feed) => Ok(feed),
-            OperationDb::Request(_) => Err(ApiError::BadUserInput {
+            OperationDb::Request { .. } => Err(ApiError::BadUserInput {
                 message: "subscriptions need a WebSocket connection to /graphql".into(),
                 field: None,
             }),
@@ -148,8 +151,7 @@ impl OperationContext {
     pub async fn failures(&self) -> Result<Cow<'_, history::FailureCounts>, ApiError> {
         let read = async |txn: &RequestTxn| crate::db::events::consecutive_failures(txn).await;
         match &self.db {
-            OperationDb::Request(db) => self
-                .failures
+            OperationDb::Request { db, failures } => failures
                 .get_or_try_init(|| async {
                     let txn = db.txn().await?;
                     read(&txn)

@@ -480,7 +480,10 @@ async fn protocol_errors_get_the_spec_close_codes() {
             refused["type"].as_str(),
             refused["payload"][0]["message"].as_str()
         ),
-        (Some("error"), Some("subscription ids are at most 128 bytes")),
+        (
+            Some("error"),
+            Some("subscription ids are at most 128 bytes")
+        ),
         "{refused}"
     );
     // A duplicate id: 4409.
