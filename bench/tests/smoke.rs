@@ -60,25 +60,7 @@ fn smoke_runs_every_scenario_correctly() {
 /// fails, no transition is lost, no change is missed.
 #[test]
 fn smoke_through_pgbouncer_loses_nothing() {
-    let output = Command::new(env!("CARGO_BIN_EXE_vantage-sync-bench"))
-        .args([
-            "query",
-            "mutate",
-            "fanout",
-            "--smoke",
-            "--json",
-            "--through-pgbouncer",
-        ])
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "bench failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let report = smoke(&["query", "mutate", "fanout", "--through-pgbouncer"]);
     assert_eq!(report["through_pgbouncer"], true);
     for scenario in ["query", "mutate"] {
         assert!(

@@ -58,15 +58,8 @@ impl Cluster {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        if running_as_root() {
-            // initdb and postgres refuse to run as root.
-            let status = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap();
-            assert!(status.success(), "chown of {} failed", dir.display());
-        }
+        // initdb and postgres refuse to run as root.
+        hand_to_server_user(&dir);
         spawn_watchdog(&dir, "data/postmaster.pid", "QUIT");
         let output = as_server_user(&bin_dir.join("initdb"))
             .arg("-D")
@@ -329,6 +322,19 @@ fn server_bin_dir() -> PathBuf {
 
 fn running_as_root() -> bool {
     vantage_sync::managed_postgres::running_as_root()
+}
+
+/// Gives `dir` to the `postgres` OS user when running as root, so that
+/// the server tools run as that user can write there.
+fn hand_to_server_user(dir: &Path) {
+    if running_as_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "chown of {} failed", dir.display());
+    }
 }
 
 fn as_server_user(program: &Path) -> Command {

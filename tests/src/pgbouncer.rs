@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
 
-use crate::{as_server_user, free_port, running_as_root, spawn_watchdog};
+use crate::{as_server_user, free_port, hand_to_server_user, spawn_watchdog};
 
 /// A PgBouncer process and its directory; stopped and removed on drop.
 pub struct PgBouncer {
@@ -52,14 +52,7 @@ impl PgBouncer {
             dir = dir.display(),
         );
         std::fs::write(dir.join("pgbouncer.ini"), config).unwrap();
-        if running_as_root() {
-            let status = std::process::Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap();
-            assert!(status.success(), "chown of {} failed", dir.display());
-        }
+        hand_to_server_user(&dir);
         spawn_watchdog(&dir, "pgbouncer.pid", "TERM");
         let output = as_server_user(&pgbouncer_binary())
             .arg("-d")
