@@ -125,6 +125,16 @@ async fn record_requests(
     response
 }
 
+/// A refusal of an operation whose kind is known, counted as such.
+fn refused_as(operation: Operation, error: ApiError) -> Response {
+    let mut refused = refuse(error);
+    refused.extensions_mut().insert(Ran {
+        operation,
+        outcome: Outcome::Rejected,
+    });
+    refused
+}
+
 async fn graphql_post(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -232,9 +242,10 @@ async fn execute(
     let kind = operation_type(&mut request);
     let (operation, access) = match kind {
         Some(OperationType::Mutation) if method == Method::Get => {
-            return refuse(ApiError::MethodNotAllowed(
-                "mutations must be sent with POST",
-            ));
+            return refused_as(
+                Operation::Mutation,
+                ApiError::MethodNotAllowed("mutations must be sent with POST"),
+            );
         }
         Some(OperationType::Subscription) => {
             return refuse(ApiError::BadUserInput {
@@ -259,12 +270,7 @@ async fn execute(
     )
     .await;
     let Ok(mut response) = executed else {
-        let mut refused = refuse(ApiError::Timeout);
-        refused.extensions_mut().insert(Ran {
-            operation,
-            outcome: Outcome::Rejected,
-        });
-        return refused;
+        return refused_as(operation, ApiError::Timeout);
     };
     if let Err(error) = db.commit().await {
         response = async_graphql::Response::from_errors(vec![

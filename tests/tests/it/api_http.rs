@@ -163,11 +163,19 @@ async fn probes_metrics_and_graphiql() {
     .await;
     app.post(Some("Bearer garbage"), &json!({"query": "{ __typename }"}))
         .await;
+    let refused = app
+        .client
+        .get(app.url("/graphql?query=mutation%20%7B%20registerResource(resource%3A%20%22x%22)%20%7B%20resource%20%7D%20%7D"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::METHOD_NOT_ALLOWED);
     let metrics = get("/metrics").await.text().await.unwrap();
     for line in [
         "vantage_sync_graphql_requests_total{operation=\"Query\",outcome=\"Ok\"} 1",
         "vantage_sync_graphql_requests_total{operation=\"Mutation\",outcome=\"Error\"} 1",
         "vantage_sync_graphql_requests_total{operation=\"Unknown\",outcome=\"Rejected\"} 1",
+        "vantage_sync_graphql_requests_total{operation=\"Mutation\",outcome=\"Rejected\"} 1",
         "vantage_sync_graphql_request_duration_seconds_count{operation=\"Query\"} 1",
         "vantage_sync_db_pool_connections{state=\"idle\"}",
     ] {
