@@ -209,3 +209,44 @@ async fn without_a_session_connection_changes_arrive_by_polling_and_the_server_s
         warning[0]
     );
 }
+
+/// Migrations need one session: through a transaction pooler they run
+/// over LISTEN_DATABASE_URL, and without one the start is refused.
+#[tokio::test]
+async fn start_up_migrations_never_run_through_a_transaction_pooler() {
+    let db = TestDb::empty().await;
+    let bouncer = PgBouncer::start(&db.url, &["postgres"]);
+    let config = |listen: Option<String>| {
+        let mut config = vantage_sync::config::ServerConfig::new(
+            bouncer.url(&db.url),
+            vantage_sync_tests::SECRET.as_bytes(),
+        )
+        .unwrap();
+        config.listen_addr = "127.0.0.1:0".parse().unwrap();
+        config.listen_database_url = listen;
+        config
+    };
+    match vantage_sync::server::Server::bind(config(None)).await {
+        Ok(_) => panic!("migrated through the pooler"),
+        Err(error) => assert!(
+            matches!(
+                error,
+                vantage_sync::server::ServeError::MigrateThroughPooler
+            ),
+            "{error}"
+        ),
+    }
+    let server = vantage_sync::server::Server::bind(config(Some(db.url.clone())))
+        .await
+        .unwrap();
+    drop(server);
+    let mut conn = db.connect().await;
+    let (tables,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' \
+         AND tablename IN ('vantage_sync_state', 'vantage_sync_events')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(tables, 2);
+}
