@@ -88,10 +88,11 @@ pub struct TokenArgs {
 }
 
 fn read_signing_key(path: &std::path::Path, kid: Option<String>) -> Result<SigningKey, CliError> {
-    let pem = std::fs::read(path)
-        .map_err(|error| CliError::Token(format!("cannot read {}: {error}", path.display())))?;
+    let pem = std::fs::read(path).map_err(|error| {
+        CliError::PrivateKey(format!("cannot read {}: {error}", path.display()))
+    })?;
     SigningKey::from_pem(&pem, kid)
-        .map_err(|error| CliError::Token(format!("{}: {error}", path.display())))
+        .map_err(|error| CliError::PrivateKey(format!("{}: {error}", path.display())))
 }
 
 /// Why a command failed.
@@ -112,6 +113,9 @@ pub enum CliError {
     /// Minting a token failed.
     #[error("token: {0}")]
     Token(String),
+    /// The private key could not be used.
+    #[error("private key: {0}")]
+    PrivateKey(String),
     /// Writing output failed.
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
@@ -190,7 +194,7 @@ impl Cli {
             Command::Jwks(args) => {
                 let key = read_signing_key(&args.private_key, args.kid)?;
                 let set = serde_json::to_string_pretty(&key.key_set())
-                    .map_err(|error| CliError::Token(error.to_string()))?;
+                    .map_err(|error| CliError::PrivateKey(error.to_string()))?;
                 println!("{set}");
                 Ok(())
             }
