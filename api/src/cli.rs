@@ -6,9 +6,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::auth::{Role, SigningKey, TokenKeys};
-use crate::config::{ClaimArgs, ConfigError, ServeArgs, ServerConfig};
-use crate::managed_postgres::{self, ManagedError, ManagedPostgres};
-use crate::migrate::{self, MigrateCommand, MigrateError};
+use crate::db::migrate::{self, MigrateCommand, MigrateError};
+use crate::infra::config::{ClaimArgs, ConfigError, ServeArgs, ServerConfig};
+use crate::infra::managed_postgres::{self, ManagedError, ManagedPostgres};
 use crate::server::{ServeError, Server};
 
 /// The Vantage sync state service.

@@ -2,14 +2,11 @@
 
 pub mod auth;
 pub mod cli;
-pub mod config;
 pub mod db;
 pub mod error;
 mod feed;
 pub mod graphql;
-pub mod managed_postgres;
-mod metrics;
-pub mod migrate;
+pub mod infra;
 pub mod server;
 mod transport;
 

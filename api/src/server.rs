@@ -8,12 +8,12 @@ use sea_orm::DbErr;
 use tokio::net::TcpListener;
 
 use crate::auth::{Caller, Role};
-use crate::config::ServerConfig;
+use crate::db::migrate::{self, MigrateError};
 use crate::db::{Access, Pool, PrivilegeError, events};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
-use crate::metrics::Metrics;
-use crate::migrate::{self, MigrateError};
+use crate::infra::config::ServerConfig;
+use crate::infra::metrics::Metrics;
 use crate::transport::http::{AppState, router};
 use crate::{db, graphql};
 

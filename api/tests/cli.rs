@@ -410,11 +410,13 @@ async fn private_key_tokens_verify_against_the_printed_key_set() {
 async fn serve_refuses_a_login_role_without_a_grant() {
     use sea_orm::ConnectionTrait;
     let dir = data_dir("grant");
-    let managed = vantage_sync::managed_postgres::ManagedPostgres::start(&dir)
+    let managed = vantage_sync::infra::managed_postgres::ManagedPostgres::start(&dir)
         .await
         .unwrap();
     let url = managed.database_url();
-    vantage_sync::migrate::apply_pending(&url).await.unwrap();
+    vantage_sync::db::migrate::apply_pending(&url)
+        .await
+        .unwrap();
     let admin = vantage_sync::db::connect_session(&url).await.unwrap();
     admin
         .execute_unprepared(

@@ -134,9 +134,9 @@ impl Target {
         let (child, addr) = start_server(command, &bin)?;
         let dir = dir.canonicalize()?;
         let secret = std::fs::read_to_string(dir.join("jwt_secret"))?;
-        let database_url = vantage_sync::managed_postgres::socket_url(
+        let database_url = vantage_sync::infra::managed_postgres::socket_url(
             &dir.join("run"),
-            vantage_sync::managed_postgres::DATABASE,
+            vantage_sync::infra::managed_postgres::DATABASE,
         );
         let mut target = Self {
             base: format!("http://{addr}"),

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use vantage_sync::auth::{Role, TokenKeys};
-use vantage_sync::config::ServerConfig;
+use vantage_sync::infra::config::ServerConfig;
 use vantage_sync::server::Server;
 
 use crate::TestDb;

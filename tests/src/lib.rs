@@ -17,6 +17,7 @@ use migration::{Migrator, MigratorTrait};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor, PgConnection, PgPool, raw_sql};
 use tokio::sync::OnceCell;
+use vantage_sync::infra::managed_postgres::{PostgresCluster, Shutdown};
 
 mod app;
 mod jwks;
@@ -29,12 +30,12 @@ pub use logs::LogCapture;
 pub use pgbouncer::PgBouncer;
 pub use ws::WsClient;
 
-/// A PostgreSQL cluster started for the tests.
+/// A PostgreSQL cluster started for the tests: the server's own
+/// [`PostgresCluster`], on a TCP port of 127.0.0.1, tuned for throwaway data.
 pub struct Cluster {
     dir: PathBuf,
-    bin_dir: PathBuf,
+    cluster: PostgresCluster,
     port: u16,
-    tls: bool,
 }
 
 impl Cluster {
@@ -50,7 +51,6 @@ impl Cluster {
     }
 
     fn start_with(tls: bool) -> Cluster {
-        let bin_dir = server_bin_dir();
         let dir = std::env::temp_dir().join(format!(
             "vantage-sync-pg-{}-{}",
             std::process::id(),
@@ -61,17 +61,19 @@ impl Cluster {
         // initdb and postgres refuse to run as root.
         hand_to_server_user(&dir);
         spawn_watchdog(&dir, "data/postmaster.pid", "QUIT");
-        let output = as_server_user(&bin_dir.join("initdb"))
-            .arg("-D")
-            .arg(dir.join("data"))
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&output.stderr)
+        let port = free_port();
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c synchronous_commit=off -c full_page_writes=off \
+             -c max_connections=400 -c shared_buffers=64MB{}",
+            dir.display(),
+            if tls { " -c ssl=on" } else { "" }
         );
+        let cluster = PostgresCluster::new(dir.join("data"), dir.join("server.log"), options)
+            .unwrap_or_else(|error| {
+                panic!("{error}; or point the tests at a server with TEST_DATABASE_URL")
+            });
+        cluster.init(&["--auth-host=trust", "--no-sync"]).unwrap();
         if tls {
             let status = as_server_user(Path::new("openssl"))
                 .args([
@@ -95,15 +97,8 @@ impl Cluster {
                 .expect("openssl is needed for the TLS test cluster");
             assert!(status.success(), "openssl could not make a certificate");
         }
-        let mut cluster = Cluster {
-            dir,
-            bin_dir,
-            port: 0,
-            tls,
-        };
-        cluster.port = free_port();
-        cluster.run_server();
-        cluster
+        cluster.start().unwrap();
+        Cluster { dir, cluster, port }
     }
 
     /// Superuser URL of the database `name` on this cluster.
@@ -113,57 +108,19 @@ impl Cluster {
 
     /// Stops the server (fast shutdown), keeping its data.
     pub fn stop(&self) {
-        let status = as_server_user(&self.bin_dir.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "fast", "-w", "stop"])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success(), "pg_ctl stop failed");
+        self.cluster.stop(Shutdown::Fast).unwrap();
     }
 
     /// Starts the server again on the same port, after [`Cluster::stop`].
     pub fn restart(&self) {
-        self.run_server();
-    }
-
-    fn run_server(&self) {
-        let log = self.dir.join("server.log");
-        let status = as_server_user(&self.bin_dir.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .arg("-l")
-            .arg(&log)
-            .arg("-o")
-            .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-                 -c synchronous_commit=off -c full_page_writes=off \
-                 -c max_connections=400 -c shared_buffers=64MB{}",
-                self.port,
-                self.dir.display(),
-                if self.tls { " -c ssl=on" } else { "" }
-            ))
-            .args(["-w", "-t", "60", "start"])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-        // `-w` returns once the server accepts connections.
-        assert!(status.success(), "postgres did not start:\n{log_text}");
+        self.cluster.start().unwrap();
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         // Immediate: the data is thrown away anyway.
-        let _ = as_server_user(&self.bin_dir.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = self.cluster.stop(Shutdown::Immediate);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -313,15 +270,8 @@ fn database_url(admin_url: &str, name: &str) -> String {
     options.database(name).to_url_lossy().to_string()
 }
 
-fn server_bin_dir() -> PathBuf {
-    vantage_sync::managed_postgres::server_bin_dir().expect(
-        "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin: \
-         install postgresql (see .ci/run), set PG_BIN_DIR, or set TEST_DATABASE_URL",
-    )
-}
-
 fn running_as_root() -> bool {
-    vantage_sync::managed_postgres::running_as_root()
+    vantage_sync::infra::managed_postgres::running_as_root()
 }
 
 /// Gives `dir` to the `postgres` OS user when running as root, so that
@@ -338,7 +288,7 @@ fn hand_to_server_user(dir: &Path) {
 }
 
 fn as_server_user(program: &Path) -> Command {
-    vantage_sync::managed_postgres::server_user_command(program)
+    vantage_sync::infra::managed_postgres::server_user_command(program)
 }
 
 /// A detached shell that outlives this process: once the process is gone it

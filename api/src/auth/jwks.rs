@@ -14,7 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::metrics::{JwksOutcome, Metrics};
+use crate::infra::metrics::{JwksOutcome, Metrics};
 
 /// Fetches for unknown key ids are at most this frequent.
 pub const UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(10);

@@ -16,7 +16,7 @@ pub use jwks::{Jwks, JwksSource, UNKNOWN_KID_INTERVAL, VerifyingKey};
 pub use signing::SigningKey;
 
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::infra::metrics::Metrics;
 
 /// Shortest accepted JWT secret, in bytes (HS256 wants at least 256 bits).
 pub const MIN_SECRET_BYTES: usize = 32;

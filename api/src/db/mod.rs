@@ -2,6 +2,7 @@
 //! transaction that runs as the caller's role.
 
 pub mod events;
+pub mod migrate;
 mod pool;
 pub mod sync_states;
 

@@ -25,7 +25,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::auth::{Caller, Role};
 use crate::db::{Access, Pool, RequestTxn, events};
-use crate::metrics::Metrics;
+use crate::infra::metrics::Metrics;
 
 /// Channel the state table's trigger notifies.
 pub const CHANNEL: &str = "vantage_sync_state_changes";

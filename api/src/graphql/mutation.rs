@@ -3,7 +3,7 @@
 //! the others of the same request.
 
 use async_graphql::{Context, Object};
-use entity::SyncErrors;
+use entity::vantage_sync_state::Model;
 use sea_orm::DbErr;
 
 use super::OperationContext;
@@ -16,18 +16,28 @@ use crate::error::{ApiError, ApiResult};
 /// Write operations; they need a `service_role` token.
 pub struct Mutation;
 
-impl OperationContext {
-    /// Runs `work` in a savepoint: kept if it succeeds, rolled back if not.
-    async fn in_savepoint<T>(
-        &self,
-        resource: &str,
-        work: impl AsyncFnOnce(&RequestTxn) -> Result<T, DbErr>,
-    ) -> ApiResult<T> {
-        let txn = self.db()?.txn().await?;
-        txn.in_savepoint(work)
-            .await
-            .map_err(|error| ApiError::from_db(error, resource))
-    }
+/// The shape every mutation shares: a writer's request, a valid resource
+/// name, the work in a savepoint of the request transaction (kept if it
+/// succeeds, rolled back if not), and the row it leaves as the answer.
+/// `input` is the mutation's other arguments, checked; its refusal is
+/// reported only after the caller's role and the resource name, so a
+/// reader learns nothing about which inputs would pass.
+async fn write<I>(
+    ctx: &Context<'_>,
+    resource: &str,
+    input: ApiResult<I>,
+    work: impl AsyncFnOnce(&RequestTxn, I) -> Result<Option<Model>, DbErr>,
+) -> async_graphql::Result<SyncState> {
+    let request = OperationContext::writer(ctx)?;
+    validate::resource(resource)?;
+    let input = input?;
+    let txn = request.db()?.txn().await?;
+    let row = txn
+        .in_savepoint(async |txn| work(txn, input).await)
+        .await
+        .map_err(|error| ApiError::from_db(error, resource))?
+        .ok_or_else(|| ApiError::NotFound(resource.to_owned()))?;
+    Ok(SyncState::new(row, request.now))
 }
 
 #[Object]
@@ -40,14 +50,12 @@ impl Mutation {
         resource: String,
         #[graphql(default_with = "Some(false)")] force: Option<bool>,
     ) -> async_graphql::Result<SyncState> {
-        let request = OperationContext::writer(ctx)?;
-        validate::resource(&resource)?;
-        let row = request
-            .in_savepoint(&resource, async |txn| {
-                sync_states::start(txn, &resource, force.unwrap_or(false)).await
-            })
-            .await?;
-        Ok(SyncState::new(row, request.now))
+        write(ctx, &resource, Ok(()), async |txn, ()| {
+            sync_states::start(txn, &resource, force.unwrap_or(false))
+                .await
+                .map(Some)
+        })
+        .await
     }
 
     /// Marks the running sync of `resource` successful with its counts
@@ -61,20 +69,20 @@ impl Mutation {
         records_created: i32,
         records_updated: i32,
     ) -> async_graphql::Result<SyncState> {
-        let request = OperationContext::writer(ctx)?;
-        validate::resource(&resource)?;
-        validate::record_counts(records_synced, records_created, records_updated)?;
-        let counts = RecordCounts {
-            synced: records_synced,
-            created: records_created,
-            updated: records_updated,
-        };
-        let row = request
-            .in_savepoint(&resource, async |txn| {
-                sync_states::complete(txn, &resource, counts).await
-            })
-            .await?;
-        Ok(SyncState::new(row, request.now))
+        let counts =
+            validate::record_counts(records_synced, records_created, records_updated).map(|()| {
+                RecordCounts {
+                    synced: records_synced,
+                    created: records_created,
+                    updated: records_updated,
+                }
+            });
+        write(ctx, &resource, counts, async |txn, counts| {
+            sync_states::complete(txn, &resource, counts)
+                .await
+                .map(Some)
+        })
+        .await
     }
 
     /// Marks the running sync of `resource` failed with `errors` (at most
@@ -85,15 +93,11 @@ impl Mutation {
         resource: String,
         errors: Vec<entity::SyncError>,
     ) -> async_graphql::Result<SyncState> {
-        let request = OperationContext::writer(ctx)?;
-        validate::resource(&resource)?;
-        let errors = validate_errors(errors)?;
-        let row = request
-            .in_savepoint(&resource, async |txn| {
-                sync_states::fail(txn, &resource, &errors).await
-            })
-            .await?;
-        Ok(SyncState::new(row, request.now))
+        let errors = validate::errors(errors);
+        write(ctx, &resource, errors, async |txn, errors| {
+            sync_states::fail(txn, &resource, &errors).await.map(Some)
+        })
+        .await
     }
 
     /// Registers a new resource, never run. ALREADY_EXISTS if it is.
@@ -102,14 +106,10 @@ impl Mutation {
         ctx: &Context<'_>,
         resource: String,
     ) -> async_graphql::Result<SyncState> {
-        let request = OperationContext::writer(ctx)?;
-        validate::resource(&resource)?;
-        let row = request
-            .in_savepoint(&resource, async |txn| {
-                sync_states::register(txn, &resource).await
-            })
-            .await?;
-        Ok(SyncState::new(row, request.now))
+        write(ctx, &resource, Ok(()), async |txn, ()| {
+            sync_states::register(txn, &resource).await.map(Some)
+        })
+        .await
     }
 
     /// Removes a resource and returns its last state. NOT_FOUND if unknown.
@@ -118,46 +118,9 @@ impl Mutation {
         ctx: &Context<'_>,
         resource: String,
     ) -> async_graphql::Result<SyncState> {
-        let request = OperationContext::writer(ctx)?;
-        validate::resource(&resource)?;
-        let row = request
-            .in_savepoint(&resource, async |txn| {
-                sync_states::remove(txn, &resource).await
-            })
-            .await?
-            .ok_or_else(|| ApiError::NotFound(resource.clone()))?;
-        Ok(SyncState::new(row, request.now))
+        write(ctx, &resource, Ok(()), async |txn, ()| {
+            sync_states::remove(txn, &resource).await
+        })
+        .await
     }
-}
-
-fn validate_errors(errors: Vec<entity::SyncError>) -> ApiResult<SyncErrors> {
-    if errors.len() > validate::MAX_ERRORS {
-        return Err(ApiError::bad_input(
-            "errors",
-            format!(
-                "at most {} errors may be recorded per sync",
-                validate::MAX_ERRORS
-            ),
-        ));
-    }
-    if let Some(index) = errors.iter().position(|error| error.code.trim().is_empty()) {
-        return Err(ApiError::bad_input(
-            "errors",
-            format!("errors[{index}].code must not be empty"),
-        ));
-    }
-    let errors = SyncErrors(errors);
-    let size = serde_json::to_vec(&errors)
-        .map(|json| json.len())
-        .unwrap_or(usize::MAX);
-    if size > validate::MAX_ERRORS_BYTES {
-        return Err(ApiError::bad_input(
-            "errors",
-            format!(
-                "errors take {size} bytes as JSON; at most {} are accepted",
-                validate::MAX_ERRORS_BYTES
-            ),
-        ));
-    }
-    Ok(errors)
 }

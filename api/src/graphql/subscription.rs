@@ -19,7 +19,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::feed::cursor::Cursor;
 use crate::feed::{BATCH, Feed, FeedEvent, LIVE_WAIT};
 use crate::graphql::OperationContext;
-use crate::metrics::SubscriptionGuard;
+use crate::infra::metrics::SubscriptionGuard;
 
 /// What happened to a resource.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]

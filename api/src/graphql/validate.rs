@@ -2,6 +2,8 @@
 //! gets a precise message and never starts a transaction. The database
 //! enforces the same rules again (constraints), as the last word.
 
+use entity::SyncErrors;
+
 use crate::error::{ApiError, ApiResult};
 
 /// Most errors one `failSync` may record.
@@ -65,6 +67,37 @@ pub fn within<T: PartialOrd + std::fmt::Display + Copy>(
             format!("{field} must be between {min} and {max}"),
         ))
     }
+}
+
+/// The errors of a failed sync: at most [`MAX_ERRORS`], each with a code,
+/// and at most [`MAX_ERRORS_BYTES`] as JSON.
+pub fn errors(errors: Vec<entity::SyncError>) -> ApiResult<SyncErrors> {
+    if errors.len() > MAX_ERRORS {
+        return Err(ApiError::bad_input(
+            "errors",
+            format!("at most {} errors may be recorded per sync", MAX_ERRORS),
+        ));
+    }
+    if let Some(index) = errors.iter().position(|error| error.code.trim().is_empty()) {
+        return Err(ApiError::bad_input(
+            "errors",
+            format!("errors[{index}].code must not be empty"),
+        ));
+    }
+    let errors = SyncErrors(errors);
+    let size = serde_json::to_vec(&errors)
+        .map(|json| json.len())
+        .unwrap_or(usize::MAX);
+    if size > MAX_ERRORS_BYTES {
+        return Err(ApiError::bad_input(
+            "errors",
+            format!(
+                "errors take {size} bytes as JSON; at most {} are accepted",
+                MAX_ERRORS_BYTES
+            ),
+        ));
+    }
+    Ok(errors)
 }
 
 #[cfg(test)]

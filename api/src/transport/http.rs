@@ -20,13 +20,13 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::auth::TokenKeys;
-use crate::config::WebSocketConfig;
 use crate::db::{Access, Pool, RequestDb};
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
 use crate::graphql::{AppSchema, OperationContext};
-use crate::metrics::{Metrics, Operation, Outcome};
+use crate::infra::config::WebSocketConfig;
+use crate::infra::metrics::{Metrics, Operation, Outcome};
 use crate::transport::cors::{self, CorsOrigins};
 
 /// What every handler shares.

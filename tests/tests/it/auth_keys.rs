@@ -200,7 +200,7 @@ async fn readiness_waits_for_the_key_set() {
     })
     .unwrap();
     let db = TestDb::migrated().await;
-    let mut config = vantage_sync::config::ServerConfig::with_keys(db.url.clone(), keys);
+    let mut config = vantage_sync::infra::config::ServerConfig::with_keys(db.url.clone(), keys);
     config.listen_addr = "127.0.0.1:0".parse().unwrap();
     config.migrate = false;
     let server = vantage_sync::server::Server::bind(config).await.unwrap();

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vantage_sync::config::ServerConfig;
+use vantage_sync::infra::config::ServerConfig;
 use vantage_sync::server::{ServeError, Server};
 use vantage_sync_tests::{SECRET, TestApp, TestDb, WsClient};
 

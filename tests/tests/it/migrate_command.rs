@@ -1,6 +1,6 @@
 //! `vantage-sync migrate`, driven through the same code the binary runs.
 
-use vantage_sync::migrate::{self, MigrateCommand, MigrateError};
+use vantage_sync::db::migrate::{self, MigrateCommand, MigrateError};
 use vantage_sync_tests::TestDb;
 
 async fn run(command: MigrateCommand, url: Option<&str>) -> Result<String, MigrateError> {

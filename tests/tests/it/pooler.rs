@@ -217,7 +217,7 @@ async fn start_up_migrations_never_run_through_a_transaction_pooler() {
     let db = TestDb::empty().await;
     let bouncer = PgBouncer::start(&db.url, &["postgres"]);
     let config = |listen: Option<String>| {
-        let mut config = vantage_sync::config::ServerConfig::new(
+        let mut config = vantage_sync::infra::config::ServerConfig::new(
             bouncer.url(&db.url),
             vantage_sync_tests::SECRET.as_bytes(),
         )

@@ -56,13 +56,123 @@ pub enum ManagedError {
     },
 }
 
-/// A running managed cluster; [`ManagedPostgres::stop`] shuts it down.
+/// One PostgreSQL cluster run with the installed server binaries, as the
+/// server's own user: the managed mode's, and the test harness's.
 #[derive(Debug)]
-pub struct ManagedPostgres {
+pub struct PostgresCluster {
     bin_dir: PathBuf,
     pgdata: PathBuf,
+    log: PathBuf,
+    options: String,
+}
+
+/// How [`PostgresCluster::stop`] ends open sessions.
+#[derive(Debug, Clone, Copy)]
+pub enum Shutdown {
+    /// Sessions are ended cleanly, then the server stops.
+    Fast,
+    /// The server stops at once; recovery runs at the next start.
+    Immediate,
+}
+
+impl PostgresCluster {
+    /// A cluster in `pgdata` logging to `log`, whose server is started with
+    /// `options` (postgres command-line settings).
+    pub fn new(pgdata: PathBuf, log: PathBuf, options: String) -> Result<Self, ManagedError> {
+        Ok(Self {
+            bin_dir: server_bin_dir().ok_or(ManagedError::NoServerBinaries)?,
+            pgdata,
+            log,
+            options,
+        })
+    }
+
+    /// Whether the cluster's data directory has been initialised.
+    pub fn exists(&self) -> bool {
+        self.pgdata.join("PG_VERSION").exists()
+    }
+
+    /// Creates the cluster: superuser `postgres`, UTF-8, local connections
+    /// trusted, `extra` initdb arguments.
+    pub fn init(&self, extra: &[&str]) -> Result<(), ManagedError> {
+        run(
+            "initdb",
+            self.tool("initdb")
+                .arg("-D")
+                .arg(&self.pgdata)
+                .args(["-U", "postgres", "-E", "UTF8", "--auth-local=trust"])
+                .args(extra),
+        )
+        .map(drop)
+    }
+
+    /// Whether a server runs on this cluster's data.
+    pub fn is_running(&self) -> bool {
+        self.pg_ctl()
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+
+    /// Starts the server and waits until it accepts connections.
+    pub fn start(&self) -> Result<(), ManagedError> {
+        let mut command = self.pg_ctl();
+        command
+            .arg("-l")
+            .arg(&self.log)
+            .arg("-o")
+            .arg(&self.options)
+            .args(["-w", "-t", "60", "start"]);
+        run("pg_ctl start", &mut command)
+            .map(drop)
+            .map_err(|error| {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                match error {
+                    ManagedError::Tool { tool, detail } if !tail.is_empty() => ManagedError::Tool {
+                        tool,
+                        detail: format!(
+                            "{detail}; the end of {}:\n{}",
+                            self.log.display(),
+                            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                        ),
+                    },
+                    other => other,
+                }
+            })
+    }
+
+    /// Stops the server, keeping its data.
+    pub fn stop(&self, mode: Shutdown) -> Result<(), ManagedError> {
+        let mode = match mode {
+            Shutdown::Fast => "fast",
+            Shutdown::Immediate => "immediate",
+        };
+        run(
+            "pg_ctl stop",
+            self.pg_ctl().args(["-m", mode, "-w", "stop"]),
+        )
+        .map(drop)
+    }
+
+    fn pg_ctl(&self) -> Command {
+        let mut command = self.tool("pg_ctl");
+        command.arg("-D").arg(&self.pgdata);
+        command
+    }
+
+    fn tool(&self, name: &str) -> Command {
+        server_user_command(&self.bin_dir.join(name))
+    }
+}
+
+/// The managed cluster of `serve`; [`ManagedPostgres::stop`] shuts it down.
+#[derive(Debug)]
+pub struct ManagedPostgres {
+    cluster: PostgresCluster,
     socket_dir: PathBuf,
-    as_postgres_user: bool,
 }
 
 impl ManagedPostgres {
@@ -70,15 +180,9 @@ impl ManagedPostgres {
     /// adopting one left running by a crashed predecessor).
     pub async fn start(data_dir: &Path) -> Result<Self, ManagedError> {
         let data_dir = prepare_dir(data_dir, 0o755)?;
-        let bin_dir = server_bin_dir().ok_or(ManagedError::NoServerBinaries)?;
-        let as_postgres_user = running_as_root();
-        let managed = Self {
-            bin_dir,
-            pgdata: data_dir.join("pgdata"),
-            socket_dir: data_dir.join("run"),
-            as_postgres_user,
-        };
-        let socket = managed.socket_dir.join(".s.PGSQL.5432");
+        let pgdata = data_dir.join("pgdata");
+        let socket_dir = data_dir.join("run");
+        let socket = socket_dir.join(".s.PGSQL.5432");
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             return Err(ManagedError::DataDir {
                 path: data_dir,
@@ -90,59 +194,33 @@ impl ManagedPostgres {
             });
         }
         let log = data_dir.join("postgres.log");
-        for dir in [&managed.pgdata, &managed.socket_dir] {
+        for dir in [&pgdata, &socket_dir] {
             prepare_dir(dir, 0o700)?;
-            managed.own(dir)?;
+            own(dir)?;
         }
-        if as_postgres_user {
-            managed.check_reachable(&data_dir)?;
+        if running_as_root() {
+            check_reachable(&data_dir)?;
             touch(&log)?;
-            managed.own(&log)?;
+            own(&log)?;
         }
-        if !managed.pgdata.join("PG_VERSION").exists() {
-            tracing::info!(pgdata = %managed.pgdata.display(), "creating the managed PostgreSQL cluster");
-            managed.run(
-                "initdb",
-                managed.tool("initdb").arg("-D").arg(&managed.pgdata).args([
-                    "-U",
-                    "postgres",
-                    "-E",
-                    "UTF8",
-                    "--auth-local=trust",
-                    "--auth-host=reject",
-                ]),
-            )?;
+        let options = format!(
+            "-c listen_addresses='' -k {} -c unix_socket_permissions=0700",
+            socket_dir.display()
+        );
+        let cluster = PostgresCluster::new(pgdata, log, options)?;
+        if !cluster.exists() {
+            tracing::info!(pgdata = %cluster.pgdata.display(), "creating the managed PostgreSQL cluster");
+            cluster.init(&["--auth-host=reject"])?;
         }
-        let running = managed
-            .tool("pg_ctl")
-            .arg("-D")
-            .arg(&managed.pgdata)
-            .arg("status")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|status| status.success())
-            .unwrap_or(false);
-        if running {
+        if cluster.is_running() {
             tracing::warn!("adopting a managed PostgreSQL left running by an earlier process");
         } else {
-            let options = format!(
-                "-c listen_addresses='' -k {} -c unix_socket_permissions=0700",
-                managed.socket_dir.display()
-            );
-            managed.run(
-                "pg_ctl start",
-                managed
-                    .tool("pg_ctl")
-                    .arg("-D")
-                    .arg(&managed.pgdata)
-                    .arg("-l")
-                    .arg(&log)
-                    .arg("-o")
-                    .arg(options)
-                    .args(["-w", "-t", "60", "start"]),
-            )?;
+            cluster.start()?;
         }
+        let managed = Self {
+            cluster,
+            socket_dir,
+        };
         managed.ensure_database().await?;
         Ok(managed)
     }
@@ -185,68 +263,56 @@ impl ManagedPostgres {
 
     /// Stops the cluster (fast shutdown: open sessions are ended cleanly).
     pub fn stop(&self) -> Result<(), ManagedError> {
-        self.run(
-            "pg_ctl stop",
-            self.tool("pg_ctl")
-                .arg("-D")
-                .arg(&self.pgdata)
-                .args(["-m", "fast", "-w", "stop"]),
-        )
-        .map(drop)
+        self.cluster.stop(Shutdown::Fast)
     }
+}
 
-    fn tool(&self, name: &str) -> Command {
-        server_user_command(&self.bin_dir.join(name))
+fn run(tool: &'static str, command: &mut Command) -> Result<Output, ManagedError> {
+    let output = command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| ManagedError::Tool {
+            tool,
+            detail: error.to_string(),
+        })?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(ManagedError::Tool {
+            tool,
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
     }
+}
 
-    fn run(&self, tool: &'static str, command: &mut Command) -> Result<Output, ManagedError> {
-        let output = command
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|error| ManagedError::Tool {
-                tool,
-                detail: error.to_string(),
-            })?;
-        if output.status.success() {
-            Ok(output)
-        } else {
-            Err(ManagedError::Tool {
-                tool,
-                detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-            })
-        }
+/// Hands `path` to the `postgres` user when running as root.
+fn own(path: &Path) -> Result<(), ManagedError> {
+    if !running_as_root() {
+        return Ok(());
     }
+    run(
+        "chown",
+        Command::new("chown").arg("postgres:postgres").arg(path),
+    )
+    .map(drop)
+}
 
-    /// Hands `path` to the `postgres` user when running as root.
-    fn own(&self, path: &Path) -> Result<(), ManagedError> {
-        if !self.as_postgres_user {
-            return Ok(());
-        }
-        self.run(
-            "chown",
-            Command::new("chown").arg("postgres:postgres").arg(path),
-        )
-        .map(drop)
-    }
-
-    fn check_reachable(&self, data_dir: &Path) -> Result<(), ManagedError> {
-        let reachable = Command::new("runuser")
-            .args(["-u", "postgres", "--", "test", "-x"])
-            .arg(data_dir)
-            .status()
-            .map(|status| status.success())
-            .unwrap_or(false);
-        if reachable {
-            Ok(())
-        } else {
-            Err(ManagedError::DataDir {
-                path: data_dir.to_owned(),
-                reason: "the postgres OS user (which runs the managed PostgreSQL when started as \
-                         root) cannot enter it; pass a --data-dir under a directory it can reach, \
-                         e.g. /var/lib/vantage-sync"
-                    .into(),
-            })
-        }
+fn check_reachable(data_dir: &Path) -> Result<(), ManagedError> {
+    let reachable = Command::new("runuser")
+        .args(["-u", "postgres", "--", "test", "-x"])
+        .arg(data_dir)
+        .status()
+        .is_ok_and(|status| status.success());
+    if reachable {
+        Ok(())
+    } else {
+        Err(ManagedError::DataDir {
+            path: data_dir.to_owned(),
+            reason: "the postgres OS user (which runs the managed PostgreSQL when started as \
+                     root) cannot enter it; pass a --data-dir under a directory it can reach, \
+                     e.g. /var/lib/vantage-sync"
+                .into(),
+        })
     }
 }
 
