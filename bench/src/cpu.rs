@@ -15,12 +15,12 @@ pub struct CpuMeter {
     ticks_per_second: f64,
 }
 
-/// CPU ticks used so far (user + system), per process group.
+/// CPU seconds used so far (user + system), per process group.
 #[derive(Clone, Copy)]
 pub struct CpuSample {
-    server: Option<u64>,
-    postgres: Option<u64>,
-    load_tool: Option<u64>,
+    server: Option<f64>,
+    postgres: Option<f64>,
+    load_tool: Option<f64>,
 }
 
 /// Fields of `/proc/PID/stat` after the command name: (ppid, utime +
@@ -51,9 +51,15 @@ impl CpuMeter {
             server: self
                 .server
                 .and_then(|pid| stat(&pid.to_string()))
-                .map(|(_, own, _)| own),
-            postgres: self.postgres(),
-            load_tool: stat("self").map(|(_, own, _)| own),
+                .map(|(_, own, _)| own as f64 / self.ticks_per_second),
+            postgres: self
+                .postgres()
+                .map(|ticks| ticks as f64 / self.ticks_per_second),
+            // Nanoseconds, not /proc's 10 ms ticks: a smoke-sized run of
+            // this process can use less than one tick.
+            load_tool: Some(seconds(rustix::time::clock_gettime(
+                rustix::time::ClockId::ProcessCPUTime,
+            ))),
         }
     }
 
@@ -81,9 +87,9 @@ impl CpuMeter {
     /// Microseconds of CPU per request (or transaction) between `before`
     /// and `after`, by group.
     pub fn per_request(&self, before: CpuSample, after: CpuSample, requests: u64) -> Value {
-        let each = |before: Option<u64>, after: Option<u64>| {
-            let used = after?.checked_sub(before?)?;
-            (requests > 0).then(|| used as f64 / self.ticks_per_second * 1e6 / requests as f64)
+        let each = |before: Option<f64>, after: Option<f64>| {
+            let used = after? - before?;
+            (requests > 0).then(|| used * 1e6 / requests as f64)
         };
         json!({
             "server": each(before.server, after.server),
@@ -91,4 +97,8 @@ impl CpuMeter {
             "load_tool": each(before.load_tool, after.load_tool),
         })
     }
+}
+
+fn seconds(time: rustix::time::Timespec) -> f64 {
+    time.tv_sec as f64 + time.tv_nsec as f64 / 1e9
 }

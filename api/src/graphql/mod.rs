@@ -135,6 +135,19 @@ impl OperationContext {
         }
     }
 
+    /// Runs `work` in the request transaction; a database error is reported
+    /// as concerning `resource` (empty when the read spans resources).
+    pub async fn read<T>(
+        &self,
+        resource: &str,
+        work: impl AsyncFnOnce(&RequestTxn) -> Result<T, sea_orm::DbErr>,
+    ) -> Result<T, ApiError> {
+        let txn = self.db()?.txn().await?;
+        work(&txn)
+            .await
+            .map_err(|error| ApiError::from_db(error, resource))
+    }
+
     /// The live feed that subscriptions follow.
     pub fn feed(&self) -> Result<&Arc<Feed>, ApiError> {
         match &self.db {
@@ -151,13 +164,8 @@ impl OperationContext {
     pub async fn failures(&self) -> Result<Cow<'_, history::FailureCounts>, ApiError> {
         let read = async |txn: &RequestTxn| crate::db::events::consecutive_failures(txn).await;
         match &self.db {
-            OperationDb::Request { db, failures } => failures
-                .get_or_try_init(|| async {
-                    let txn = db.txn().await?;
-                    read(&txn)
-                        .await
-                        .map_err(|error| ApiError::from_db(error, ""))
-                })
+            OperationDb::Request { failures, .. } => failures
+                .get_or_try_init(|| self.read("", read))
                 .await
                 .map(Cow::Borrowed),
             OperationDb::PerRead(feed) => feed

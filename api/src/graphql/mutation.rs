@@ -31,11 +31,11 @@ async fn write<I>(
     let request = OperationContext::writer(ctx)?;
     validate::resource(resource)?;
     let input = input?;
-    let txn = request.db()?.txn().await?;
-    let row = txn
-        .in_savepoint(async |txn| work(txn, input).await)
-        .await
-        .map_err(|error| ApiError::from_db(error, resource))?
+    let row = request
+        .read(resource, async |txn| {
+            txn.in_savepoint(async |txn| work(txn, input).await).await
+        })
+        .await?
         .ok_or_else(|| ApiError::NotFound(resource.to_owned()))?;
     Ok(SyncState::new(row, request.now))
 }

@@ -43,9 +43,11 @@ impl Query {
     ) -> async_graphql::Result<Option<SyncState>> {
         let request = OperationContext::reader(ctx)?;
         validate::resource(&resource)?;
-        let row = sync_states::find(&*request.db()?.txn().await?, &resource)
-            .await
-            .map_err(|error| ApiError::from_db(error, &resource))?;
+        let row = request
+            .read(&resource, async |txn| {
+                sync_states::find(txn, &resource).await
+            })
+            .await?;
         Ok(row.map(|row| SyncState::new(row, request.now)))
     }
 
@@ -58,9 +60,11 @@ impl Query {
         health: Option<Vec<SyncHealth>>,
     ) -> async_graphql::Result<Vec<SyncState>> {
         let request = OperationContext::reader(ctx)?;
-        let rows = sync_states::list(&*request.db()?.txn().await?, status.as_deref())
-            .await
-            .map_err(|error| ApiError::from_db(error, ""))?;
+        let rows = request
+            .read("", async |txn| {
+                sync_states::list(txn, status.as_deref()).await
+            })
+            .await?;
         let mut states = request.states(rows);
         if let Some(health) = health {
             states.retain(|state| health.contains(&state.health()));
@@ -73,9 +77,9 @@ impl Query {
     /// Resources whose last sync failed, most recent failure first.
     async fn failed_syncs(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<SyncState>> {
         let request = OperationContext::reader(ctx)?;
-        let rows = sync_states::failed(&*request.db()?.txn().await?)
-            .await
-            .map_err(|error| ApiError::from_db(error, ""))?;
+        let rows = request
+            .read("", async |txn| sync_states::failed(txn).await)
+            .await?;
         Ok(request.states(rows))
     }
 
@@ -94,9 +98,9 @@ impl Query {
             24.0 * 366.0 * 100.0,
         )?;
         let cutoff = request.now - Duration::milliseconds((hours * 3_600_000.0) as i64);
-        let rows = sync_states::stale(&*request.db()?.txn().await?, cutoff)
-            .await
-            .map_err(|error| ApiError::from_db(error, ""))?;
+        let rows = request
+            .read("", async |txn| sync_states::stale(txn, cutoff).await)
+            .await?;
         Ok(request.states(rows))
     }
 
@@ -108,9 +112,11 @@ impl Query {
     ) -> async_graphql::Result<Vec<SyncState>> {
         let request = OperationContext::reader(ctx)?;
         let limit = validate::within("limit", limit.unwrap_or(5), 1, 1000)?;
-        let rows = sync_states::slowest(&*request.db()?.txn().await?, limit.unsigned_abs().into())
-            .await
-            .map_err(|error| ApiError::from_db(error, ""))?;
+        let rows = request
+            .read("", async |txn| {
+                sync_states::slowest(txn, limit.unsigned_abs().into()).await
+            })
+            .await?;
         Ok(request.states(rows))
     }
 
@@ -128,9 +134,9 @@ impl Query {
             60 * 24 * 366,
         )?;
         let cutoff = request.now - Duration::minutes(minutes.into());
-        let rows = sync_states::stuck(&*request.db()?.txn().await?, cutoff)
-            .await
-            .map_err(|error| ApiError::from_db(error, ""))?;
+        let rows = request
+            .read("", async |txn| sync_states::stuck(txn, cutoff).await)
+            .await?;
         Ok(request.states(rows))
     }
 
@@ -144,9 +150,9 @@ impl Query {
         let request = OperationContext::reader(ctx)?;
         let min = validate::within("minConsecutive", min_consecutive.unwrap_or(3), 1, 1_000_000)?;
         let failures = request.failures().await?;
-        let rows = sync_states::list(&*request.db()?.txn().await?, None)
-            .await
-            .map_err(|error| ApiError::from_db(error, ""))?;
+        let rows = request
+            .read("", async |txn| sync_states::list(txn, None).await)
+            .await?;
         let count = |resource: &str| failures.get(resource).copied().unwrap_or(0);
         let mut rows: Vec<_> = rows
             .into_iter()
@@ -171,29 +177,27 @@ impl Query {
             validate::resource(resource)?;
         }
         let first = validate::within("first", first.unwrap_or(50), 1, 500)?;
-        let txn = request.db()?.txn().await?;
-        let position = match after {
-            None => 0,
-            Some(after) => {
-                let cursor = Cursor::decode(&after).ok_or(ApiError::CursorExpired)?;
-                let pruned = events::pruned_through(&*txn)
-                    .await
-                    .map_err(|error| ApiError::from_db(error, ""))?;
-                if cursor.position < pruned {
-                    return Err(ApiError::CursorExpired.into());
-                }
-                cursor.position
-            }
+        let cursor = match after {
+            None => None,
+            Some(after) => Some(Cursor::decode(&after).ok_or(ApiError::CursorExpired)?),
         };
         // One more than asked: tells whether a next page exists.
-        let rows = events::history(
-            &*txn,
-            resource.as_deref(),
-            position,
-            u64::from(first.unsigned_abs()) + 1,
-        )
-        .await
-        .map_err(|error| ApiError::from_db(error, ""))?;
+        let limit = u64::from(first.unsigned_abs()) + 1;
+        let rows = request
+            .read("", async |txn| {
+                let position = match cursor {
+                    Some(cursor) if cursor.position < events::pruned_through(txn).await? => {
+                        return Ok(None);
+                    }
+                    Some(cursor) => cursor.position,
+                    None => 0,
+                };
+                events::history(txn, resource.as_deref(), position, limit)
+                    .await
+                    .map(Some)
+            })
+            .await?
+            .ok_or(ApiError::CursorExpired)?;
         Ok(SyncEventConnection::page(
             rows,
             first.unsigned_abs() as usize,
@@ -204,9 +208,9 @@ impl Query {
     /// Totals over every resource.
     async fn sync_stats(&self, ctx: &Context<'_>) -> async_graphql::Result<SyncStats> {
         let request = OperationContext::reader(ctx)?;
-        let totals = sync_states::totals(&*request.db()?.txn().await?)
-            .await
-            .map_err(|error| ApiError::from_db(error, ""))?;
+        let totals = request
+            .read("", async |txn| sync_states::totals(txn).await)
+            .await?;
         let mut stats = SyncStats::default();
         let (mut durations, mut duration_sum) = (0_i64, 0_i64);
         for total in totals {
