@@ -23,11 +23,13 @@ mod app;
 mod jwks;
 mod logs;
 mod pgbouncer;
+mod sse;
 mod ws;
 pub use app::{SECRET, TestApp, base64url};
 pub use jwks::{JwksServer, KeyKind, TestKey, private_key_pem};
 pub use logs::LogCapture;
 pub use pgbouncer::PgBouncer;
+pub use sse::{SseEvent, SseStream};
 pub use ws::WsClient;
 
 /// A PostgreSQL cluster started for the tests: the server's own
@@ -326,6 +328,51 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Waits for a subscription to start on the server whose `/metrics` is at
+/// `metrics_url`: it counts a subscription as open once it receives the
+/// live feed, after which a live-only subscription misses nothing.
+pub fn subscription_started(metrics_url: &str) -> SubscriptionStart {
+    SubscriptionStart {
+        metrics_url: metrics_url.to_owned(),
+    }
+}
+
+/// See [`subscription_started`].
+pub struct SubscriptionStart {
+    metrics_url: String,
+}
+
+impl SubscriptionStart {
+    /// Runs `subscribe` and returns its output once the server's count of
+    /// open subscriptions has grown past what it was before.
+    pub async fn wait<T>(self, subscribe: impl std::future::Future<Output = T>) -> T {
+        let before = self.open().await;
+        let output = subscribe.await;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.open().await <= before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the subscription did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        output
+    }
+
+    async fn open(&self) -> i64 {
+        let text = reqwest::get(&self.metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix("vantage_sync_subscriptions_active "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no subscription gauge in:\n{text}"))
+    }
 }
 
 /// The row of `resource` as `to_jsonb` gives it, or JSON null.

@@ -154,33 +154,11 @@ impl WsClient {
     }
 
     /// Subscribes as "1" and waits until the subscription has started (a
-    /// live-only subscription delivers changes from then on): the server
-    /// counts a subscription as open once it receives the live feed.
+    /// live-only subscription delivers changes from then on).
     pub async fn follow(&mut self, query: &str, variables: Value) {
-        let before = self.open_subscriptions().await;
-        self.subscribe("1", query, variables).await;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while self.open_subscriptions().await <= before {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the subscription did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// The server's count of open subscriptions.
-    async fn open_subscriptions(&self) -> i64 {
-        let text = reqwest::get(&self.metrics_url)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix("vantage_sync_subscriptions_active "))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no subscription gauge in:\n{text}"))
+        let started = crate::subscription_started(&self.metrics_url);
+        let subscribe = self.subscribe("1", query, variables);
+        started.wait(subscribe).await;
     }
 
     /// The next `next` payload's data for any subscription, with its id.

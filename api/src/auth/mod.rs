@@ -74,6 +74,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Time left until the token expires (zero if past); `None` for anon.
+    pub fn expires_in(&self) -> Option<std::time::Duration> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.expires_at
+            .map(|exp| std::time::Duration::from_secs(exp).saturating_sub(now))
+    }
+
     /// The caller without a token.
     pub fn anon() -> Self {
         Self::for_role(Role::Anon)

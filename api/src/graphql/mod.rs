@@ -81,9 +81,68 @@ enum OperationDb {
         db: Arc<RequestDb>,
         failures: tokio::sync::OnceCell<history::FailureCounts>,
     },
-    /// A WebSocket connection's subscriptions: a short transaction per
-    /// read, since the connection lives for hours.
-    PerRead(Arc<Feed>),
+    /// A live connection's subscriptions: a short transaction per read,
+    /// since the connection lives for hours. An SSE stream also shares
+    /// its event ids with the transport.
+    PerRead {
+        feed: Arc<Feed>,
+        event_stream: Option<Arc<EventStream>>,
+    },
+}
+
+/// What an SSE stream and its subscription tell each other: the cursor it
+/// resumes after (the request's `Last-Event-ID`), the cursor of the change
+/// last sent (which the transport writes as that event's `id`), and
+/// whether the subscription was cut short by an outage (the stream then
+/// ends without `complete`, so the client reconnects).
+#[derive(Debug, Default)]
+pub struct EventStream {
+    resume_after: Option<String>,
+    last: std::sync::Mutex<Option<String>>,
+    interrupted: std::sync::atomic::AtomicBool,
+}
+
+impl EventStream {
+    /// A stream that resumes after `resume_after`, if given.
+    pub fn resuming(resume_after: Option<String>) -> Self {
+        Self {
+            resume_after,
+            ..Default::default()
+        }
+    }
+
+    /// Marks the subscription as cut short by an outage.
+    pub fn interrupt(&self) {
+        self.interrupted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the subscription was cut short by an outage.
+    pub fn interrupted(&self) -> bool {
+        self.interrupted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The cursor the stream resumes after, if any.
+    pub fn resume_after(&self) -> Option<&str> {
+        self.resume_after.as_deref()
+    }
+
+    /// Records `cursor` as the id of the change about to be sent.
+    pub fn sent(&self, cursor: &str) {
+        *self.lock() = Some(cursor.to_owned());
+    }
+
+    /// The id of the change last sent, taken (each is written once).
+    pub fn take(&self) -> Option<String> {
+        self.lock().take()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // A single assignment: a panic cannot leave it half-written.
+        self.last
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
 }
 
 impl OperationContext {
@@ -99,12 +158,17 @@ impl OperationContext {
         }
     }
 
-    /// The subscriptions of `caller` on one connection, fed by `feed`.
-    pub fn subscriptions(caller: Caller, feed: Arc<Feed>) -> Self {
+    /// The subscriptions of `caller` on one connection, fed by `feed`;
+    /// an SSE stream passes its `event_stream`.
+    pub fn subscriptions(
+        caller: Caller,
+        feed: Arc<Feed>,
+        event_stream: Option<Arc<EventStream>>,
+    ) -> Self {
         Self {
             caller,
             now: Utc::now(),
-            db: OperationDb::PerRead(feed),
+            db: OperationDb::PerRead { feed, event_stream },
         }
     }
 
@@ -126,7 +190,7 @@ impl OperationContext {
     pub fn db(&self) -> Result<&RequestDb, ApiError> {
         match &self.db {
             OperationDb::Request { db, .. } => Ok(db),
-            OperationDb::PerRead(_) => Err(ApiError::BadUserInput {
+            OperationDb::PerRead { .. } => Err(ApiError::BadUserInput {
                 message:
                     "send queries and mutations over HTTP; the WebSocket carries subscriptions"
                         .into(),
@@ -151,11 +215,19 @@ impl OperationContext {
     /// The live feed that subscriptions follow.
     pub fn feed(&self) -> Result<&Arc<Feed>, ApiError> {
         match &self.db {
-            OperationDb::PerRead(feed) => Ok(feed),
+            OperationDb::PerRead { feed, .. } => Ok(feed),
             OperationDb::Request { .. } => Err(ApiError::BadUserInput {
                 message: "subscriptions need a WebSocket connection to /graphql".into(),
                 field: None,
             }),
+        }
+    }
+
+    /// The SSE stream's event ids, when the operation runs on one.
+    pub fn event_stream(&self) -> Option<&Arc<EventStream>> {
+        match &self.db {
+            OperationDb::PerRead { event_stream, .. } => event_stream.as_ref(),
+            OperationDb::Request { .. } => None,
         }
     }
 
@@ -168,7 +240,7 @@ impl OperationContext {
                 .get_or_try_init(|| self.read("", read))
                 .await
                 .map(Cow::Borrowed),
-            OperationDb::PerRead(feed) => feed
+            OperationDb::PerRead { feed, .. } => feed
                 .read(&self.caller, Access::Read, read)
                 .await
                 .map(Cow::Owned),

@@ -18,7 +18,7 @@ use crate::db::{Access, events};
 use crate::error::{ApiError, ApiResult};
 use crate::feed::cursor::Cursor;
 use crate::feed::{BATCH, Feed, FeedEvent, LIVE_WAIT};
-use crate::graphql::OperationContext;
+use crate::graphql::{EventStream, OperationContext};
 use crate::infra::metrics::SubscriptionGuard;
 
 /// What happened to a resource.
@@ -103,9 +103,18 @@ impl Subscription {
         after: Option<String>,
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<SyncStateChange>> + use<>>
     {
-        let initial = initial.unwrap_or(false);
         let operation = OperationContext::reader(ctx)?;
         let caller = operation.caller.clone();
+        let event_stream = operation.event_stream().cloned();
+        // An SSE stream resuming (`Last-Event-ID`) already had its
+        // snapshot: it continues after its last event, as `after` would.
+        let resume_after = event_stream
+            .as_ref()
+            .and_then(|ids| ids.resume_after().map(str::to_owned));
+        let (initial, after) = match resume_after {
+            Some(resume_after) => (false, Some(resume_after)),
+            None => (initial.unwrap_or(false), after),
+        };
         for resource in resources.iter().flatten() {
             validate::resource(resource)?;
         }
@@ -129,6 +138,7 @@ impl Subscription {
             caller,
             resources,
             rx,
+            event_stream,
             pending: VecDeque::new(),
             needs_log: false,
             done: false,
@@ -151,6 +161,8 @@ struct Subscriber {
     caller: Caller,
     resources: Option<Vec<String>>,
     rx: Receiver<Arc<FeedEvent>>,
+    /// An SSE stream's ids, told each change's cursor as it is sent.
+    event_stream: Option<Arc<EventStream>>,
     cursor: Cursor,
     pending: VecDeque<SyncStateChange>,
     /// Read the log from the cursor before taking from `rx` again.
@@ -238,6 +250,23 @@ impl Subscriber {
         })
     }
 
+    /// Tells an SSE stream the id of the change about to be sent. The
+    /// SNAPSHOTs all carry the snapshot's cursor, and only the last one
+    /// gets it as its id: a stream cut during the snapshot resumes without
+    /// one, so it is sent again whole.
+    fn sending(&self, change: &SyncStateChange) {
+        let Some(ids) = &self.event_stream else {
+            return;
+        };
+        let more_snapshots = self
+            .pending
+            .front()
+            .is_some_and(|next| next.operation == ChangeOperation::Snapshot);
+        if change.operation != ChangeOperation::Snapshot || !more_snapshots {
+            ids.sent(&change.cursor);
+        }
+    }
+
     /// Reads one batch of the log after the cursor.
     async fn read_log(&mut self) -> ApiResult<()> {
         let after = self.cursor.position;
@@ -259,6 +288,7 @@ impl Subscriber {
     async fn next(mut self) -> Option<(async_graphql::Result<SyncStateChange>, Self)> {
         loop {
             if let Some(change) = self.pending.pop_front() {
+                self.sending(&change);
                 if self.pending.is_empty() {
                     // Live changes skip the queue; an idle subscriber
                     // keeps no buffer from its last catch-up.
@@ -275,6 +305,9 @@ impl Subscriber {
                     // last cursor and loses nothing.
                     tracing::warn!(error = ?error, "subscription could not read the log");
                     self.done = true;
+                    if let Some(stream) = &self.event_stream {
+                        stream.interrupt();
+                    }
                     return Some((Err(ApiError::Unavailable.into()), self));
                 }
                 continue;
@@ -282,6 +315,7 @@ impl Subscriber {
             match self.rx.recv().await {
                 Ok(event) => {
                     if let Some(change) = self.accept(&event) {
+                        self.sending(&change);
                         return Some((Ok(change), self));
                     }
                 }

@@ -146,7 +146,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub ws_init_timeout_secs: u64,
 
-    /// Seconds between server keep-alive pings on WebSocket connections.
+    /// Seconds between server keep-alive pings on WebSocket connections
+    /// (and between SSE keep-alive comments, which go at least every 15 s).
     #[arg(long, env = "WS_PING_INTERVAL_SECS",
           default_value_t = WebSocketConfig::DEFAULT.ping_interval.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=3600))]

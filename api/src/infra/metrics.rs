@@ -16,6 +16,8 @@ pub enum Operation {
     Query,
     /// A mutation.
     Mutation,
+    /// A subscription over GraphQL over SSE (timed to its first byte).
+    Subscription,
     /// Refused before it could be classified (bad JSON, bad token, ...).
     Unknown,
 }

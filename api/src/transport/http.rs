@@ -19,7 +19,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::auth::TokenKeys;
+use crate::auth::{Caller, TokenKeys};
 use crate::db::{Access, Pool, RequestDb};
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::Feed;
@@ -100,9 +100,9 @@ pub(crate) fn refuse(error: ApiError) -> Response {
 /// [`record_requests`]. A response without it was refused before its
 /// operation was known.
 #[derive(Debug, Clone, Copy)]
-struct Ran {
-    operation: Operation,
-    outcome: Outcome,
+pub(crate) struct Ran {
+    pub operation: Operation,
+    pub outcome: Outcome,
 }
 
 /// Counts and times every GraphQL HTTP request (not WebSocket upgrades),
@@ -126,7 +126,7 @@ async fn record_requests(
 }
 
 /// A refusal of an operation whose kind is known, counted as such.
-fn refused_as(operation: Operation, error: ApiError) -> Response {
+pub(crate) fn refused_as(operation: Operation, error: ApiError) -> Response {
     let mut refused = refuse(error);
     refused.extensions_mut().insert(Ran {
         operation,
@@ -165,6 +165,12 @@ async fn graphql_post(
         Err("expected a JSON object".to_owned())
     };
     match parsed {
+        Ok(request) if crate::transport::sse::wanted(&headers) => {
+            match admit(&app, &headers, request, Method::Post).await {
+                Ok(admitted) => crate::transport::sse::respond(app, &headers, admitted).await,
+                Err(refused) => refused,
+            }
+        }
         Ok(request) => execute(&app, &headers, request, Method::Post).await,
         Err(error) => refuse(ApiError::BadUserInput {
             message: format!(
@@ -220,42 +226,99 @@ fn operation_type(request: &mut async_graphql::Request) -> Option<OperationType>
     }
 }
 
-/// Authenticates, classifies and runs one GraphQL request: refused with
-/// the error's own status before execution, a GraphQL response after.
-async fn execute(
+/// A GraphQL request let in: its caller known, its operation classified.
+pub(crate) struct Admitted {
+    pub caller: Caller,
+    pub request: async_graphql::Request,
+    pub operation: Operation,
+    pub kind: Option<OperationType>,
+}
+
+/// Authenticates and classifies one GraphQL request, or refuses it with
+/// the error's own status before anything runs.
+async fn admit(
     app: &AppState,
     headers: &HeaderMap,
     mut request: async_graphql::Request,
     method: Method,
-) -> Response {
+) -> Result<Admitted, Response> {
     if request.query.trim().is_empty() {
-        return refuse(ApiError::bad_input("query", "the request has no \"query\""));
+        return Err(refuse(ApiError::bad_input(
+            "query",
+            "the request has no \"query\"",
+        )));
     }
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or("\u{0}"));
-    let caller = match app.keys.caller(authorization).await {
-        Ok(caller) => caller,
-        Err(error) => return refuse(error),
-    };
+    let caller = app.keys.caller(authorization).await.map_err(refuse)?;
     app.documents.prepare(&mut request);
     let kind = operation_type(&mut request);
-    let (operation, access) = match kind {
+    let operation = match kind {
         Some(OperationType::Mutation) if method == Method::Get => {
-            return refused_as(
+            return Err(refused_as(
                 Operation::Mutation,
                 ApiError::MethodNotAllowed("mutations must be sent with POST"),
-            );
+            ));
         }
-        Some(OperationType::Subscription) => {
-            return refuse(ApiError::BadUserInput {
-                message: "subscriptions need a WebSocket connection to /graphql".into(),
-                field: None,
-            });
+        Some(OperationType::Mutation) => Operation::Mutation,
+        Some(OperationType::Query) => Operation::Query,
+        Some(OperationType::Subscription) => Operation::Subscription,
+        None => Operation::Unknown,
+    };
+    Ok(Admitted {
+        caller,
+        request,
+        operation,
+        kind,
+    })
+}
+
+/// Answers a query or mutation as one JSON response.
+async fn execute(
+    app: &AppState,
+    headers: &HeaderMap,
+    request: async_graphql::Request,
+    method: Method,
+) -> Response {
+    let admitted = match admit(app, headers, request, method).await {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
+    };
+    if admitted.kind == Some(OperationType::Subscription) {
+        return refuse(ApiError::BadUserInput {
+            message: "subscriptions need a WebSocket connection to /graphql, or a POST with \
+                      Accept: text/event-stream"
+                .into(),
+            field: None,
+        });
+    }
+    let operation = admitted.operation;
+    match run(app, admitted).await {
+        Ok((response, outcome)) => {
+            let mut answer = Json(response).into_response();
+            answer.extensions_mut().insert(Ran { operation, outcome });
+            answer
         }
-        Some(OperationType::Mutation) => (Operation::Mutation, Access::Write),
-        Some(OperationType::Query) => (Operation::Query, Access::Read),
-        None => (Operation::Unknown, Access::Read),
+        Err(refused) => refused,
+    }
+}
+
+/// Runs an admitted query or mutation in one request transaction, as its
+/// caller, within the request timeout.
+pub(crate) async fn run(
+    app: &AppState,
+    admitted: Admitted,
+) -> Result<(async_graphql::Response, Outcome), Response> {
+    let Admitted {
+        caller,
+        request,
+        operation,
+        kind,
+    } = admitted;
+    let access = match kind {
+        Some(OperationType::Mutation) => Access::Write,
+        _ => Access::Read,
     };
     let db = Arc::new(RequestDb::new(
         app.pool.clone(),
@@ -270,29 +333,31 @@ async fn execute(
     )
     .await;
     let Ok(mut response) = executed else {
-        return refused_as(operation, ApiError::Timeout);
+        return Err(refused_as(operation, ApiError::Timeout));
     };
     if let Err(error) = db.commit().await {
         response = async_graphql::Response::from_errors(vec![
             async_graphql::Error::from(error).into_server_error(Default::default()),
         ]);
     }
-    for error in &mut response.errors {
-        // Parse, validation and limit errors come from async-graphql
-        // without a code: they are all the client's to fix.
-        let extensions = error.extensions.get_or_insert_with(Default::default);
-        if extensions.get("code").is_none() {
-            extensions.set("code", ErrorCode::BadUserInput.as_str());
-        }
-    }
+    fill_codes(&mut response);
     let outcome = if response.errors.is_empty() {
         Outcome::Ok
     } else {
         Outcome::Error
     };
-    let mut answer = Json(response).into_response();
-    answer.extensions_mut().insert(Ran { operation, outcome });
-    answer
+    Ok((response, outcome))
+}
+
+/// Gives every error a code: parse, validation and limit errors come from
+/// async-graphql without one, and they are all the client's to fix.
+pub(crate) fn fill_codes(response: &mut async_graphql::Response) {
+    for error in &mut response.errors {
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", ErrorCode::BadUserInput.as_str());
+        }
+    }
 }
 
 async fn graphiql() -> Html<&'static str> {

@@ -4,4 +4,5 @@
 
 pub mod cors;
 pub mod http;
+pub mod sse;
 pub mod ws;

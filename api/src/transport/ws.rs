@@ -10,7 +10,6 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_graphql::Data;
 use async_graphql::futures_util::{SinkExt, StreamExt, future};
@@ -269,7 +268,7 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
             }
             let _ = init_told.send(InitOutcome::Accepted(caller.clone()));
             let mut data = Data::default();
-            data.insert(OperationContext::subscriptions(caller, feed));
+            data.insert(OperationContext::subscriptions(caller, feed, None));
             Ok(data)
         }
     };
@@ -305,7 +304,7 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
                         Some(envelope) if envelope.kind == "connection_ack" && !acked => {
                             acked = true;
                             if let Ok(InitOutcome::Accepted(caller)) = init_outcome.try_recv() {
-                                expiry = caller.expires_at.map(|exp| Box::pin(tokio::time::sleep(until(exp))));
+                                expiry = caller.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
                             }
                         }
                         Some(Envelope { kind, id: Some(id) }) if kind == "complete" => {
@@ -367,12 +366,4 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
         }
     }
     let _ = sink.close().await;
-}
-
-/// Time left until `exp` (seconds since the epoch); zero if past.
-fn until(exp: u64) -> Duration {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    Duration::from_secs(exp).saturating_sub(now)
 }

@@ -20,5 +20,6 @@ mod migrate_command;
 mod migration;
 mod notify;
 mod pooler;
+mod sse;
 mod state_table;
 mod transitions;

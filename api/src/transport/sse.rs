@@ -1,0 +1,168 @@
+//! GraphQL over Server-Sent Events on `POST /graphql` (the graphql-sse
+//! protocol, distinct connections mode): a request with
+//! `Accept: text/event-stream` gets its results as `next` events, then a
+//! `complete` event.
+//!
+//! A subscription's events carry the change's cursor as their SSE `id`, so
+//! a client that reconnects with `Last-Event-ID` resumes exactly as `after`
+//! would. Refusals before the stream starts (token, body, method) are the
+//! plain POST's statuses and codes; everything after is a `next` event.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_graphql::futures_util::future::BoxFuture;
+use async_graphql::futures_util::stream::BoxStream;
+use async_graphql::futures_util::{Stream, StreamExt, stream};
+use async_graphql::parser::types::OperationType;
+use axum::http::{HeaderMap, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+
+use crate::error::ApiError;
+use crate::feed::LIVE_WAIT;
+use crate::graphql::{EventStream, OperationContext};
+use crate::infra::metrics::{Operation, Outcome};
+use crate::transport::http::{Admitted, AppState, Ran, fill_codes, refused_as, run};
+
+/// Longest silence on a stream (or the WebSocket ping interval, if
+/// shorter): a comment line goes out at least this often, so proxies keep
+/// the stream open and a client notices a dead one.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// Whether the client asked for an event stream.
+pub fn wanted(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|media| {
+            media
+                .split(';')
+                .next()
+                .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
+/// Answers an admitted request as an event stream.
+pub async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> Response {
+    let operation = admitted.operation;
+    if admitted.kind != Some(OperationType::Subscription) {
+        // A query or mutation: its one result, then `complete`.
+        return match run(&app, admitted).await {
+            Ok((response, outcome)) => {
+                let events = stream::iter([next(&response, None), complete()]);
+                ran(stream_response(events, KEEP_ALIVE), operation, outcome)
+            }
+            Err(refused) => refused,
+        };
+    }
+    let resume_after = match headers.get("last-event-id").map(|value| value.to_str()) {
+        None => None,
+        Some(Ok(cursor)) if !cursor.trim().is_empty() => Some(cursor.trim().to_owned()),
+        Some(Ok(_)) => None,
+        Some(Err(_)) => return refused_as(operation, ApiError::CursorExpired),
+    };
+    if !app.feed.wait_live(LIVE_WAIT).await {
+        return refused_as(operation, ApiError::Unavailable);
+    }
+    let Admitted {
+        caller, request, ..
+    } = admitted;
+    let expiry = caller.expires_in();
+    let event_stream = Arc::new(EventStream::resuming(resume_after));
+    let context =
+        OperationContext::subscriptions(caller, app.feed.clone(), Some(event_stream.clone()));
+    let mut shutting_down = app.shutting_down.clone();
+    let live = Live {
+        results: app.schema.execute_stream(request.data(context)),
+        event_stream,
+        expiry: Box::pin(async move {
+            match expiry {
+                Some(left) => tokio::time::sleep(left).await,
+                None => std::future::pending().await,
+            }
+        }),
+        shutdown: Box::pin(async move { drop(shutting_down.wait_for(|down| *down).await) }),
+        done: false,
+    };
+    let events = stream::unfold(live, Live::next).flat_map(stream::iter);
+    let keep_alive = app.websocket.ping_interval.min(KEEP_ALIVE);
+    ran(stream_response(events, keep_alive), operation, Outcome::Ok)
+}
+
+/// A subscription's stream of events.
+struct Live {
+    results: BoxStream<'static, async_graphql::Response>,
+    event_stream: Arc<EventStream>,
+    expiry: BoxFuture<'static, ()>,
+    shutdown: BoxFuture<'static, ()>,
+    done: bool,
+}
+
+impl Live {
+    /// The next events: a change; or the end (`complete`) when the
+    /// subscription ends or the token expires. On shutdown, or when an
+    /// outage cut the subscription, the stream stops without `complete`,
+    /// so the client reconnects with its `Last-Event-ID`.
+    async fn next(mut self) -> Option<(Vec<Event>, Self)> {
+        if self.done {
+            return None;
+        }
+        let events = tokio::select! {
+            result = self.results.next() => match result {
+                Some(mut response) => {
+                    fill_codes(&mut response);
+                    vec![next(&response, self.event_stream.take())]
+                }
+                None if self.event_stream.interrupted() => return None,
+                None => {
+                    self.done = true;
+                    vec![complete()]
+                }
+            },
+            () = &mut self.expiry => {
+                self.done = true;
+                let expired = async_graphql::Response::from_errors(vec![
+                    async_graphql::Error::from(ApiError::InvalidToken("token expired".into()))
+                        .into_server_error(Default::default()),
+                ]);
+                vec![next(&expired, None), complete()]
+            }
+            () = &mut self.shutdown => return None,
+        };
+        Some((events, self))
+    }
+}
+
+fn stream_response(
+    events: impl Stream<Item = Event> + Send + 'static,
+    keep_alive: Duration,
+) -> Response {
+    Sse::new(events.map(Ok::<_, Infallible>))
+        .keep_alive(KeepAlive::new().interval(keep_alive).text(""))
+        .into_response()
+}
+
+fn ran(mut response: Response, operation: Operation, outcome: Outcome) -> Response {
+    response.extensions_mut().insert(Ran { operation, outcome });
+    response
+}
+
+/// A `next` event carrying `response`, with `id` when it has one.
+fn next(response: &async_graphql::Response, id: Option<String>) -> Event {
+    let event = Event::default().event("next");
+    let event = match id {
+        Some(id) => event.id(id),
+        None => event,
+    };
+    event
+        .json_data(response)
+        .unwrap_or_else(|_| Event::default().event("next").data("{}"))
+}
+
+fn complete() -> Event {
+    Event::default().event("complete").data("")
+}
