@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use entity::vantage_sync_event::{Column, Entity, Model};
 use entity::vantage_sync_state::Model as StateRow;
+use sea_orm::prelude::DateTimeWithTimeZone;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter,
     QueryOrder, QuerySelect, Statement,
@@ -116,6 +117,43 @@ pub async fn consecutive_failures(
             )
         })
         .collect())
+}
+
+/// One ended run of a sync (see `sync_runs.sql`), or a resource without
+/// any (every run field `None`).
+#[derive(Debug, FromQueryResult)]
+pub struct RunRow {
+    /// The resource.
+    pub resource: String,
+    /// When the run started.
+    pub started_at: Option<DateTimeWithTimeZone>,
+    /// When it completed, failed or was abandoned.
+    pub completed_at: Option<DateTimeWithTimeZone>,
+    /// SUCCESS, FAILED or ABANDONED; `None` for a resource without runs.
+    pub status: Option<String>,
+    /// How long a completed or failed run took.
+    pub duration_ms: Option<i32>,
+    /// Records of a successful run.
+    pub records_synced: Option<i32>,
+    /// Errors a failed run recorded.
+    pub error_count: Option<i32>,
+}
+
+/// The newest `last` runs of each of `resources` (every registered
+/// resource when `None`), by resource, newest first, in one read.
+pub async fn runs(
+    db: &impl ConnectionTrait,
+    resources: Option<&[String]>,
+    last: i32,
+) -> Result<Vec<RunRow>, DbErr> {
+    let resources = resources.map(|resources| Box::new(serde_json::json!(resources)));
+    RunRow::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        include_str!("sync_runs.sql"),
+        [sea_orm::Value::Json(resources), last.into()],
+    ))
+    .all(db)
+    .await
 }
 
 /// The newest event id of the log, 0 when empty.

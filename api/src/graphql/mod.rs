@@ -7,6 +7,7 @@ pub mod plain;
 pub mod query;
 pub mod subscription;
 pub mod sync_state;
+pub mod trend;
 pub mod types;
 pub mod validate;
 

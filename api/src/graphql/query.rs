@@ -7,6 +7,7 @@ use entity::SyncStatus as Status;
 use super::OperationContext;
 use super::history::SyncEventConnection;
 use super::sync_state::SyncState;
+use super::trend::SyncTrend;
 use super::types::{SyncHealth, SyncStats, SyncStatus};
 use super::validate;
 use crate::db::{events, sync_states};
@@ -205,6 +206,32 @@ impl Query {
         ))
     }
 
+    /// The newest `last` runs of `resource` (from the event log) and their
+    /// success rate and durations. Unknown and removed resources have none.
+    async fn sync_trend(
+        &self,
+        ctx: &Context<'_>,
+        resource: String,
+        #[graphql(default_with = "Some(20)")] last: Option<i32>,
+    ) -> async_graphql::Result<SyncTrend> {
+        let resources = vec![resource];
+        let mut trends = trends(ctx, Some(resources), last).await?;
+        trends
+            .pop()
+            .ok_or_else(|| ApiError::internal("a trend per resource asked").into())
+    }
+
+    /// `syncTrend` of each of `resources` (every registered resource when
+    /// null), by resource, in one database read.
+    async fn sync_trends(
+        &self,
+        ctx: &Context<'_>,
+        resources: Option<Vec<String>>,
+        #[graphql(default_with = "Some(20)")] last: Option<i32>,
+    ) -> async_graphql::Result<Vec<SyncTrend>> {
+        trends(ctx, resources, last).await
+    }
+
     /// Totals over every resource.
     async fn sync_stats(&self, ctx: &Context<'_>) -> async_graphql::Result<SyncStats> {
         let request = OperationContext::reader(ctx)?;
@@ -230,4 +257,37 @@ impl Query {
         stats.avg_duration_ms = (durations > 0).then(|| duration_sum as f64 / durations as f64);
         Ok(stats)
     }
+}
+
+/// Most resources one `syncTrends` may name.
+const MAX_TREND_RESOURCES: usize = 1_000;
+/// Most runs a trend may list.
+const MAX_TREND_RUNS: i32 = 100;
+
+async fn trends(
+    ctx: &Context<'_>,
+    resources: Option<Vec<String>>,
+    last: Option<i32>,
+) -> async_graphql::Result<Vec<SyncTrend>> {
+    let request = OperationContext::reader(ctx)?;
+    for resource in resources.iter().flatten() {
+        validate::resource(resource)?;
+    }
+    if resources
+        .as_ref()
+        .is_some_and(|resources| resources.len() > MAX_TREND_RESOURCES)
+    {
+        return Err(ApiError::bad_input(
+            "resources",
+            format!("at most {MAX_TREND_RESOURCES} resources per request"),
+        )
+        .into());
+    }
+    let last = validate::within("last", last.unwrap_or(20), 1, MAX_TREND_RUNS)?;
+    let rows = request
+        .read("", async |txn| {
+            events::runs(txn, resources.as_deref(), last).await
+        })
+        .await?;
+    Ok(SyncTrend::from_rows(rows))
 }

@@ -23,3 +23,4 @@ mod pooler;
 mod sse;
 mod state_table;
 mod transitions;
+mod trends;
