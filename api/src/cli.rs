@@ -241,6 +241,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
     result
 }
 
+/// How long the zero-config start's status board link stays signed in.
+const BOARD_LINK_TTL: Duration = Duration::from_secs(12 * 3600);
+
 async fn serve_with(
     args: &ServeArgs,
     database_url: String,
@@ -248,14 +251,35 @@ async fn serve_with(
     managed: bool,
 ) -> Result<(), CliError> {
     let config = ServerConfig::from_args(args, database_url, secret)?;
+    let board_token = managed
+        .then(|| {
+            config
+                .keys
+                .mint(Role::Authenticated, BOARD_LINK_TTL, Some("status-board"))
+        })
+        .transpose()
+        .map_err(CliError::Token)?;
     let server = Server::bind(config).await?;
     let addr = server.local_addr();
-    if managed {
+    if let Some(token) = board_token {
+        // Browsers cannot open an unspecified address.
+        let host = match addr.ip() {
+            ip if ip.is_unspecified() => {
+                std::net::SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+            }
+            _ => addr,
+        };
         tracing::info!(
             "zero-config mode: managed PostgreSQL in {dir}. Get a token with \
-             `vantage-sync token --role authenticated` (or service_role to write), then open \
-             http://{addr}/ or POST to http://{addr}/graphql with `Authorization: Bearer <token>`",
+             `vantage-sync token --role authenticated` (or service_role to write) and POST to \
+             http://{addr}/graphql with `Authorization: Bearer <token>`",
             dir = args.data_dir.display()
+        );
+        // The token rides in the fragment, which the browser never sends;
+        // the board moves it to session storage and out of the address bar.
+        tracing::info!(
+            "status board (signed in for {hours} hours): http://{host}/#token={token}",
+            hours = BOARD_LINK_TTL.as_secs() / 3600
         );
     }
     if let Some(path) = &args.ready_file {

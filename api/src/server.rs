@@ -160,7 +160,7 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let addr = self.addr;
-        tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, GraphiQL on http://{addr}/");
+        tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, the status board on http://{addr}/, GraphiQL on http://{addr}/graphiql");
         let pool = self.state.pool.clone();
         let shutting_down = self.shutting_down;
         axum::serve(self.listener, router(self.state))

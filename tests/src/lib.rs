@@ -20,12 +20,14 @@ use tokio::sync::OnceCell;
 use vantage_sync::infra::managed_postgres::{PostgresCluster, Shutdown};
 
 mod app;
+mod browser;
 mod jwks;
 mod logs;
 mod pgbouncer;
 mod sse;
 mod ws;
 pub use app::{SECRET, TestApp, base64url};
+pub use browser::Browser;
 pub use jwks::{JwksServer, KeyKind, TestKey, private_key_pem};
 pub use logs::LogCapture;
 pub use pgbouncer::PgBouncer;
@@ -322,7 +324,7 @@ fn spawn_watchdog(dir: &Path, pidfile: &str, signal: &str) {
     assert!(status.success(), "cannot start the cluster watchdog");
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

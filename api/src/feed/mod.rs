@@ -115,6 +115,11 @@ impl Feed {
         *self.live.borrow()
     }
 
+    /// Watches whether the listener is live (false while it reconnects).
+    pub fn liveness(&self) -> watch::Receiver<bool> {
+        self.live.subscribe()
+    }
+
     /// Waits until the listener is live, at most `timeout`.
     pub async fn wait_live(&self, timeout: Duration) -> bool {
         let mut live = self.live.subscribe();

@@ -1,5 +1,5 @@
-//! HTTP routes: `/graphql` (POST, GET), GraphiQL at `/`, `/healthz`,
-//! `/readyz`, `/metrics`.
+//! HTTP routes: `/graphql` (POST, GET; SSE in `sse`), the status board at
+//! `/`, GraphiQL at `/graphiql`, `/healthz`, `/readyz`, `/metrics`.
 //!
 //! The GraphQL handlers are written here rather than taken from
 //! async-graphql-axum (not a dependency), whose extractor ignores the body
@@ -27,6 +27,7 @@ use crate::graphql::documents::DocumentCache;
 use crate::graphql::{AppSchema, OperationContext};
 use crate::infra::config::WebSocketConfig;
 use crate::infra::metrics::{Metrics, Operation, Outcome};
+use crate::transport::board;
 use crate::transport::cors::{self, CorsOrigins};
 
 /// What every handler shares.
@@ -68,7 +69,10 @@ pub fn router(state: AppState) -> Router {
         ));
     let routes = Router::new()
         .merge(graphql)
-        .route("/", get(graphiql))
+        .route("/", get(board::page))
+        .route("/board.css", get(board::style))
+        .route("/board.js", get(board::script))
+        .route("/graphiql", get(graphiql))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

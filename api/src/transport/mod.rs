@@ -2,6 +2,7 @@
 //! (or a stream of them) back to bytes. The schema and the database are
 //! the same for every transport (`graphql::OperationContext`).
 
+pub mod board;
 pub mod cors;
 pub mod http;
 pub mod sse;

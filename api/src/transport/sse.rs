@@ -76,6 +76,7 @@ pub async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> 
     let context =
         OperationContext::subscriptions(caller, app.feed.clone(), Some(event_stream.clone()));
     let mut shutting_down = app.shutting_down.clone();
+    let mut liveness = app.feed.liveness();
     let live = Live {
         results: app.schema.execute_stream(request.data(context)),
         event_stream,
@@ -86,6 +87,9 @@ pub async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> 
             }
         }),
         shutdown: Box::pin(async move { drop(shutting_down.wait_for(|down| *down).await) }),
+        // While the feed reconnects, changes may wait for minutes: the
+        // client is told at once (the stream ends), shows it, and resumes.
+        feed_lost: Box::pin(async move { drop(liveness.wait_for(|live| !*live).await) }),
         done: false,
     };
     let events = stream::unfold(live, Live::next).flat_map(stream::iter);
@@ -99,14 +103,16 @@ struct Live {
     event_stream: Arc<EventStream>,
     expiry: BoxFuture<'static, ()>,
     shutdown: BoxFuture<'static, ()>,
+    feed_lost: BoxFuture<'static, ()>,
     done: bool,
 }
 
 impl Live {
     /// The next events: a change; or the end (`complete`) when the
-    /// subscription ends or the token expires. On shutdown, or when an
-    /// outage cut the subscription, the stream stops without `complete`,
-    /// so the client reconnects with its `Last-Event-ID`.
+    /// subscription ends or the token expires. On shutdown, when the live
+    /// feed is lost, or when an outage cut the subscription, the stream
+    /// stops without `complete`, so the client reconnects with its
+    /// `Last-Event-ID`.
     async fn next(mut self) -> Option<(Vec<Event>, Self)> {
         if self.done {
             return None;
@@ -132,6 +138,7 @@ impl Live {
                 vec![next(&expired, None), complete()]
             }
             () = &mut self.shutdown => return None,
+            () = &mut self.feed_lost => return None,
         };
         Some((events, self))
     }

@@ -9,6 +9,7 @@ mod api_http;
 mod api_mutations;
 mod api_queries;
 mod auth_keys;
+mod board;
 mod cors;
 mod entity;
 mod graphql_schema;
