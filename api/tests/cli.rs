@@ -169,6 +169,36 @@ async fn zero_config_first_run_and_second_run() {
             .any(|line| line.contains("creating the managed PostgreSQL cluster"))
     );
     assert!(managed_postgres_running(&dir));
+    // A ready-to-open status board link, signed in (as a reader) by its
+    // fragment.
+    let started = first.log_until("status board").to_vec();
+    let link = started
+        .iter()
+        .find_map(|line| {
+            line.split_whitespace()
+                .find(|word| word.contains("/#token="))
+        })
+        .unwrap_or_else(|| panic!("no board link in:\n{}", started.join("\n")))
+        .to_owned();
+    let (page, board_token) = link.split_once("#token=").unwrap();
+    assert_eq!(page, format!("http://{}/", first.addr));
+    let board = reqwest::get(page).await.unwrap();
+    assert_eq!(board.status(), reqwest::StatusCode::OK);
+    assert!(board.text().await.unwrap().contains("/board.js"));
+    let body = graphql(
+        &first.addr,
+        board_token,
+        "{ syncState(resource: \"funds\") { resource } }",
+    )
+    .await;
+    assert_eq!(body, json!({"data": {"syncState": {"resource": "funds"}}}));
+    let body = graphql(
+        &first.addr,
+        board_token,
+        "mutation { registerResource(resource: \"x\") { resource } }",
+    )
+    .await;
+    assert_eq!(body["errors"][0]["extensions"]["code"], "FORBIDDEN");
     let reader = token(&dir, "authenticated");
     let writer = token(&dir, "service_role");
     let body = graphql(

@@ -14,7 +14,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
@@ -72,7 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(board::page))
         .route("/board.css", get(board::style))
         .route("/board.js", get(board::script))
-        .route("/graphiql", get(graphiql))
+        .merge(crate::transport::graphiql::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -362,10 +362,6 @@ pub(crate) fn fill_codes(response: &mut async_graphql::Response) {
             extensions.set("code", ErrorCode::BadUserInput.as_str());
         }
     }
-}
-
-async fn graphiql() -> Html<&'static str> {
-    Html(include_str!("graphiql.html"))
 }
 
 async fn healthz() -> &'static str {

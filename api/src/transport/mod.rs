@@ -4,6 +4,7 @@
 
 pub mod board;
 pub mod cors;
+pub mod graphiql;
 pub mod http;
 pub mod sse;
 pub mod ws;

@@ -399,3 +399,34 @@ async fn the_board_is_readable_at_375_pixels() {
     browser.screenshot().await;
     browser.close().await;
 }
+
+#[tokio::test]
+async fn graphiql_loads_from_the_server_alone_and_reads_the_schema() {
+    let app = TestApp::spawn().await;
+    let browser = Browser::start("graphiql", 1280, 900).await;
+    browser.client.goto(&app.url("/graphiql")).await.unwrap();
+    eventually(
+        &browser,
+        "document.querySelector('.graphiql-container .graphiql-query-editor') !== null",
+        Duration::from_secs(15),
+        "GraphiQL's editor",
+    )
+    .await;
+    // Its introspection query ran (the schema loads even without a token).
+    let origin = app.url("/");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut requests = Vec::new();
+    while !requests.iter().any(|url| url == &app.url("/graphql")) {
+        assert!(tokio::time::Instant::now() < deadline, "{requests:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        requests.extend(browser.page_requests(&origin).await);
+    }
+    let foreign: Vec<&String> = requests
+        .iter()
+        .filter(|url| !url.starts_with(&origin) && !url.starts_with("data:"))
+        .collect();
+    assert_eq!(foreign, Vec::<&String>::new());
+    browser.screenshot().await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+    browser.close().await;
+}
