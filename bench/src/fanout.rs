@@ -1,6 +1,7 @@
-//! `fanout`: S WebSocket subscribers, then K changes made in the database;
-//! for every subscriber and change the delay from commit to receipt, what
-//! was missed, and the server's memory per subscriber.
+//! `fanout` and `sse`: S subscribers (over WebSocket, or GraphQL over
+//! SSE), then K changes made in the database; for every subscriber and
+//! change the delay from commit to receipt, what was missed, and the
+//! server's memory per subscriber.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,8 +24,18 @@ const SUBSCRIPTION: &str = "subscription { syncStateChanged(resources: [\"fanout
 /// What one subscriber saw: (change number, when it arrived).
 type Received = Vec<(u64, Instant)>;
 
+/// How subscribers follow the changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// graphql-transport-ws.
+    WebSocket,
+    /// graphql-sse, distinct connections.
+    Sse,
+}
+
 pub async fn run(
     target: &Target,
+    transport: Transport,
     subscribers: usize,
     changes: usize,
     interval: Duration,
@@ -52,42 +63,21 @@ pub async fn run(
             stop.clone(),
             arrived.clone(),
         );
+        let base = target.base.clone();
         tasks.push(tokio::spawn(async move {
             let permit = connecting.acquire_owned().await;
-            let socket = subscribe(&url, &token).await;
-            drop(permit);
-            let Ok(mut socket) = socket else {
-                let _ = ready_send.send(false).await;
-                return (Received::new(), 1_u64);
-            };
-            let _ = ready_send.send(true).await;
-            let mut received = Received::new();
-            let mut errors = 0;
-            loop {
-                tokio::select! {
-                    message = socket.next() => {
-                        let Some(Ok(Message::Text(text))) = message else {
-                            if !matches!(message, Some(Ok(_))) { errors += 1; break; }
-                            continue;
-                        };
-                        let at = Instant::now();
-                        let Ok(value) = serde_json::from_str::<Value>(&text) else { errors += 1; continue };
-                        match value["type"].as_str() {
-                            Some("next") => match value["payload"]["data"]["syncStateChanged"]["state"]["recordsSynced"].as_u64() {
-                                Some(change) => {
-                                    received.push((change, at));
-                                    arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                }
-                                None => errors += 1,
-                            },
-                            Some("ping") => { let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await; }
-                            _ => {}
-                        }
-                    }
-                    _ = stop.changed() => break,
+            match transport {
+                Transport::WebSocket => {
+                    let socket = subscribe(&url, &token).await;
+                    drop(permit);
+                    follow_ws(socket, ready_send, &mut stop, &arrived).await
+                }
+                Transport::Sse => {
+                    let stream = crate::sse::EventStream::open(&base, &token, SUBSCRIPTION).await;
+                    drop(permit);
+                    follow_sse(stream, ready_send, &mut stop, &arrived).await
                 }
             }
-            (received, errors)
         }));
     }
     drop(ready_send);
@@ -165,6 +155,97 @@ pub async fn run(
         "rss_kib_after": rss_after,
         "rss_kib_per_subscriber": per_subscriber,
     }))
+}
+
+/// Counts what one WebSocket subscriber receives until told to stop.
+async fn follow_ws(
+    socket: anyhow::Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    >,
+    ready_send: tokio::sync::mpsc::Sender<bool>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    arrived: &std::sync::atomic::AtomicU64,
+) -> (Received, u64) {
+    let Ok(mut socket) = socket else {
+        let _ = ready_send.send(false).await;
+        return (Received::new(), 1_u64);
+    };
+    let _ = ready_send.send(true).await;
+    let mut received = Received::new();
+    let mut errors = 0;
+    loop {
+        tokio::select! {
+            message = socket.next() => {
+                let Some(Ok(Message::Text(text))) = message else {
+                    if !matches!(message, Some(Ok(_))) { errors += 1; break; }
+                    continue;
+                };
+                let at = Instant::now();
+                let Ok(value) = serde_json::from_str::<Value>(&text) else { errors += 1; continue };
+                match value["type"].as_str() {
+                    Some("next") => match change_number(&value["payload"]) {
+                        Some(change) => {
+                            received.push((change, at));
+                            arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        None => errors += 1,
+                    },
+                    Some("ping") => { let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await; }
+                    _ => {}
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    (received, errors)
+}
+
+/// Counts what one SSE subscriber receives until told to stop; every
+/// `next` event must carry an id (its cursor).
+async fn follow_sse(
+    stream: anyhow::Result<crate::sse::EventStream>,
+    ready_send: tokio::sync::mpsc::Sender<bool>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    arrived: &std::sync::atomic::AtomicU64,
+) -> (Received, u64) {
+    let Ok(mut stream) = stream else {
+        let _ = ready_send.send(false).await;
+        return (Received::new(), 1_u64);
+    };
+    let _ = ready_send.send(true).await;
+    let mut received = Received::new();
+    let mut errors = 0;
+    loop {
+        tokio::select! {
+            event = stream.next_event() => {
+                let at = Instant::now();
+                match event {
+                    Ok(event) if event.kind == "next" && event.id.is_some() => {
+                        let change = serde_json::from_str::<Value>(&event.data).ok()
+                            .and_then(|payload| change_number(&payload));
+                        match change {
+                            Some(change) => {
+                                received.push((change, at));
+                                arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            None => errors += 1,
+                        }
+                    }
+                    Ok(_) => errors += 1,
+                    Err(_) => { errors += 1; break; }
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    (received, errors)
+}
+
+/// The change number a `next` payload carries (the probe's recordsSynced).
+fn change_number(payload: &Value) -> Option<u64> {
+    payload["data"]["syncStateChanged"]["state"]["recordsSynced"].as_u64()
 }
 
 async fn subscribe(

@@ -12,6 +12,7 @@ mod fanout;
 mod http;
 mod load;
 mod mutate;
+mod sse;
 mod stats;
 mod target;
 
@@ -62,13 +63,13 @@ struct Args {
     /// Seconds each of query, floor and mutate runs.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// WebSocket subscribers for fanout.
+    /// Subscribers for fanout (WebSocket) and sse (GraphQL over SSE).
     #[arg(long, default_value_t = 10_000)]
     subscribers: usize,
-    /// Changes made during fanout.
+    /// Changes made during fanout and sse.
     #[arg(long, default_value_t = 20)]
     changes: usize,
-    /// Milliseconds between fanout changes.
+    /// Milliseconds between fanout and sse changes.
     #[arg(long, default_value_t = 200)]
     interval_ms: u64,
 }
@@ -83,6 +84,8 @@ enum Scenario {
     Mutate,
     /// Many WebSocket subscribers, changes made in the database.
     Fanout,
+    /// The same over GraphQL over SSE (one stream per subscriber).
+    Sse,
 }
 
 #[tokio::main]
@@ -94,6 +97,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Floor,
             Scenario::Mutate,
             Scenario::Fanout,
+            Scenario::Sse,
         ];
     }
     if args.smoke {
@@ -139,9 +143,15 @@ async fn run(args: &Args, target: &Target) -> anyhow::Result<Value> {
             Scenario::Query => load::query(target, args.concurrency, duration).await?,
             Scenario::Floor => load::floor(target, args.concurrency, duration).await?,
             Scenario::Mutate => mutate::run(target, args.concurrency, duration).await?,
-            Scenario::Fanout => {
+            Scenario::Fanout | Scenario::Sse => {
+                let transport = if *scenario == Scenario::Sse {
+                    fanout::Transport::Sse
+                } else {
+                    fanout::Transport::WebSocket
+                };
                 fanout::run(
                     target,
+                    transport,
                     args.subscribers,
                     args.changes,
                     Duration::from_millis(args.interval_ms),
@@ -166,6 +176,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Floor => "floor",
         Scenario::Mutate => "mutate",
         Scenario::Fanout => "fanout",
+        Scenario::Sse => "sse",
     }
 }
 
@@ -179,6 +190,8 @@ fn failures(report: &Value) -> Vec<String> {
         ("mutate", "lost"),
         ("fanout", "missed"),
         ("fanout", "errors"),
+        ("sse", "missed"),
+        ("sse", "errors"),
     ] {
         if let Some(count) = report[scenario][field].as_u64()
             && count > 0
@@ -262,11 +275,14 @@ fn print_table(args: &Args, report: &Value) {
             us(&cpu["load_tool"]),
         );
     }
-    let fanout = &report["fanout"];
-    if !fanout.is_null() {
+    for name in ["fanout", "sse"] {
+        let fanout = &report[name];
+        if fanout.is_null() {
+            continue;
+        }
         println!(
             "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt; missed {}, server RSS {} -> {} KiB = {:.1} KiB per subscriber",
-            "fanout",
+            name,
             format!("S={} K={}", args.subscribers, args.changes),
             "-",
             ms(&fanout["delay_ms"]["p50"]),

@@ -46,13 +46,17 @@ fn smoke_runs_every_scenario_correctly() {
         }
     }
     assert_eq!(report["mutate"]["lost"], 0);
-    let fanout = &report["fanout"];
-    assert_eq!(fanout["missed"], 0);
-    assert_eq!(fanout["connected"], fanout["subscribers"]);
-    assert_eq!(
-        fanout["delivered"].as_u64(),
-        Some(fanout["subscribers"].as_u64().unwrap() * fanout["changes"].as_u64().unwrap())
-    );
+    for transport in ["fanout", "sse"] {
+        let fanout = &report[transport];
+        assert_eq!(fanout["missed"], 0, "{transport}");
+        assert_eq!(fanout["errors"], 0, "{transport}");
+        assert_eq!(fanout["connected"], fanout["subscribers"], "{transport}");
+        assert_eq!(
+            fanout["delivered"].as_u64(),
+            Some(fanout["subscribers"].as_u64().unwrap() * fanout["changes"].as_u64().unwrap()),
+            "{transport}"
+        );
+    }
     assert!(report["query_to_floor_throughput"].as_f64().unwrap() > 0.0);
 }
 
