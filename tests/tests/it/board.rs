@@ -63,12 +63,55 @@ async fn holds(browser: &Browser, condition: &str) -> bool {
 #[tokio::test]
 async fn every_resource_shows_in_order_with_its_health_and_nothing_leaves_the_origin() {
     let app = TestApp::spawn().await;
+    // One transaction each: now() is fixed, so a start moved back by N
+    // seconds completes in exactly N seconds.
+    let run = |resource: &str, seconds: u32, end: &str| {
+        format!(
+            "SELECT start_vantage_sync('{resource}');
+             UPDATE vantage_sync_state SET started_at = now() - interval '{seconds} seconds' WHERE resource = '{resource}';
+             SELECT {end};"
+        )
+    };
+    for seconds in [40, 55, 38, 70] {
+        app.sql(&run(
+            "accounts",
+            seconds,
+            "complete_vantage_sync('accounts', 1200, 20, 1000)",
+        ))
+        .await;
+    }
+    app.sql(&run(
+        "funds",
+        20,
+        "complete_vantage_sync('funds', 80, 0, 80)",
+    ))
+    .await;
+    app.sql(&run(
+        "funds",
+        5,
+        "fail_vantage_sync('funds', '[{\"code\":\"HTTP_500\",\"message\":\"upstream failed\",\"recordId\":\"f-17\"}]')",
+    ))
+    .await;
+    app.sql(&run(
+        "investments",
+        12,
+        "complete_vantage_sync('investments', 9, 1, 8)",
+    ))
+    .await;
+    app.sql("SELECT start_vantage_sync('investments')").await;
     app.sql(
-        "SELECT start_vantage_sync('accounts'); SELECT complete_vantage_sync('accounts', 120, 20, 100);
-         SELECT start_vantage_sync('funds'); SELECT fail_vantage_sync('funds', '[{\"code\":\"HTTP_500\",\"message\":\"upstream failed\",\"recordId\":\"f-17\"}]');
-         SELECT start_vantage_sync('cashflows');",
+        &run(
+            "investments",
+            15,
+            "complete_vantage_sync('investments', 10, 2, 8)",
+        )
+        .replace(
+            "start_vantage_sync('investments')",
+            "start_vantage_sync('investments', true)",
+        ),
     )
     .await;
+    app.sql("SELECT start_vantage_sync('cashflows')").await;
     let (browser, token) = open(&app, "seeded", 1280, 7).await;
     let body = app
         .query(
@@ -115,13 +158,30 @@ async fn every_resource_shows_in_order_with_its_health_and_nothing_leaves_the_or
     // Trends drawn from syncTrends: one successful and one failed run.
     let marks = browser
         .js(
-            "return ['accounts', 'funds'].map((resource) =>
+            "return ['accounts', 'funds', 'investments'].map((resource) =>
                  [...document.querySelectorAll(`[data-resource=\"${resource}\"] svg rect[class^=bar-]`)]
                      .map((bar) => bar.getAttribute('class')));",
             vec![],
         )
         .await;
-    assert_eq!(marks, json!([["bar-SUCCESS"], ["bar-FAILED"]]));
+    assert_eq!(
+        marks,
+        json!([
+            ["bar-SUCCESS", "bar-SUCCESS", "bar-SUCCESS", "bar-SUCCESS"],
+            ["bar-SUCCESS", "bar-FAILED"],
+            ["bar-SUCCESS", "bar-ABANDONED", "bar-SUCCESS"],
+        ])
+    );
+    let summary = browser
+        .js(
+            "return document.querySelector('[data-resource=\"accounts\"] .trend span').textContent;",
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        summary,
+        json!("4 of 4 runs succeeded; median 40.0 s, p95 70.0 s")
+    );
     let path = browser.screenshot().await;
     if std::env::var_os("UPDATE_BOARD_SCREENSHOT").is_some() {
         let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/board.png");

@@ -363,7 +363,8 @@ function card(state) {
   const reason = state.lastSyncStatus === 'FAILED' ? 'failed'
     : isStuck(state) ? 'stuck'
       : state.lastSyncStatus === 'NEVER_RUN' ? 'never run'
-        : isStale(state) ? 'stale' : 'ok';
+        : state.lastSyncStatus === 'RUNNING' ? 'running'
+          : isStale(state) ? 'stale' : 'ok';
   const node = element('article', {
     class: 'resource',
     'data-resource': state.resource,
