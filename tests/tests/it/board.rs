@@ -155,6 +155,22 @@ async fn every_resource_shows_in_order_with_its_health_and_nothing_leaves_the_or
         )
         .await;
     assert_eq!(errors, json!("HTTP_500 upstream failed (record f-17)"));
+    // By keyboard too: Enter on the focused summary folds the list again.
+    let summary = browser
+        .client
+        .find(Locator::Css("[data-resource=\"funds\"] summary"))
+        .await
+        .unwrap();
+    summary.send_keys("\u{E007}").await.unwrap();
+    eventually(
+        &browser,
+        "!document.querySelector('[data-resource=\"funds\"] details').open
+            && document.activeElement.tagName === 'SUMMARY'",
+        Duration::from_secs(2),
+        "the errors folded by keyboard",
+    )
+    .await;
+    summary.send_keys("\u{E007}").await.unwrap();
     // Trends drawn from syncTrends: one successful and one failed run.
     let marks = browser
         .js(

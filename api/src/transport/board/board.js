@@ -380,11 +380,24 @@ function card(state) {
   return node;
 }
 
-function render() {
-  const states = [...board.states.values()].sort((a, b) => (STATUS_RANK[a.lastSyncStatus] - STATUS_RANK[b.lastSyncStatus])
+function sortedStates() {
+  return [...board.states.values()].sort((a, b) => (STATUS_RANK[a.lastSyncStatus] - STATUS_RANK[b.lastSyncStatus])
     || (a.resource < b.resource ? -1 : a.resource > b.resource ? 1 : 0));
+}
+
+/** What the alert banner says, to tell whether it must change. */
+function alertText(states) {
+  return alerts(states).map(([kind, list]) => `${kind}: ${list.map((state) => state.resource).join(', ')}`).join('\n');
+}
+
+function render() {
+  const states = sortedStates();
+  // Rebuilt whole, keeping what the reader had open or focused.
   const open = new Set([...document.querySelectorAll('.resource details[open]')]
     .map((details) => details.closest('.resource').dataset.resource));
+  const active = document.activeElement;
+  const focusedCard = active && active.closest ? active.closest('.resource') : null;
+  const focus = focusedCard && { resource: focusedCard.dataset.resource, summary: active.tagName === 'SUMMARY' };
   const cards = states.map((state) => {
     const node = card(state);
     if (open.has(state.resource)) node.querySelector('details')?.setAttribute('open', '');
@@ -393,17 +406,27 @@ function render() {
   $('resources').replaceChildren(...cards);
   $('alerts').replaceChildren(...alerts(states).map(([kind, list]) => element('p', { class: 'alert', 'data-alert': kind },
     element('strong', {}, ALERTS[kind]), ' ', list.map((state) => state.resource).join(', '))));
+  $('alerts').dataset.text = alertText(states);
+  if (focus) {
+    const again = cards.find((node) => node.dataset.resource === focus.resource);
+    const target = again && (focus.summary ? again.querySelector('summary') : again);
+    if (target) target.focus();
+  }
 }
 
-/** Time passes: relative times tick, and health and alerts follow them. */
+/** Time passes: relative times tick, and health and alerts follow them.
+ *  The cards are rebuilt only when a health or an alert changed. */
 function tick() {
-  const focused = document.activeElement && document.activeElement.closest && document.activeElement.closest('.resource');
-  if (focused) {
-    // Re-rendering would take the keyboard focus away: only the times move.
-    for (const node of document.querySelectorAll('time[data-relative]')) node.textContent = relative(node.getAttribute('datetime'));
+  const states = sortedStates();
+  const moved = [...document.querySelectorAll('.resource')].some((node) => {
+    const state = board.states.get(node.dataset.resource);
+    return state && health(state) !== node.dataset.health;
+  });
+  if (moved || $('alerts').dataset.text !== alertText(states)) {
+    render();
     return;
   }
-  render();
+  for (const node of document.querySelectorAll('time[data-relative]')) node.textContent = relative(node.getAttribute('datetime'));
 }
 
 document.addEventListener('DOMContentLoaded', () => {
