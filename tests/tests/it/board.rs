@@ -226,6 +226,11 @@ async fn a_failure_made_through_the_api_turns_the_row_red_within_a_second() {
     let app = TestApp::spawn().await;
     let (browser, _) = open(&app, "failure", 1280, 7).await;
     browser.js("window.notReloaded = true;", vec![]).await;
+    // An open board costs one stream and no polling: idle, it asks nothing.
+    let origin = app.url("/");
+    browser.page_requests(&origin).await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(browser.page_requests(&origin).await, Vec::<String>::new());
     assert_eq!(browser.js(ALERTS, vec![]).await, json!(["stale"]));
     let writer = "service_role";
     app.query(
@@ -303,6 +308,7 @@ async fn three_failures_in_a_row_raise_repeated_once_the_third_fails() {
             .await,
         json!("Failing repeatedly funds")
     );
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
     browser.screenshot().await;
     browser.close().await;
 }
@@ -346,6 +352,7 @@ async fn a_sync_running_for_over_30_minutes_is_red_and_stuck_even_without_an_eve
         "the sync turning stuck as time passes",
     )
     .await;
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
     browser.screenshot().await;
     browser.close().await;
 }
@@ -472,6 +479,7 @@ async fn the_board_is_readable_at_375_pixels() {
         )
         .await;
     assert!(font.as_f64().unwrap() >= 14.0, "{font}");
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
     browser.screenshot().await;
     browser.close().await;
 }
