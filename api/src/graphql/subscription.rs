@@ -135,10 +135,12 @@ impl Subscription {
             guard: feed.metrics_handle().subscription_opened(),
             cursor: Cursor::at(feed.position()),
             feed,
-            caller,
-            resources,
+            asked: Box::new(Asked {
+                caller,
+                resources,
+                event_stream,
+            }),
             rx,
-            event_stream,
             pending: VecDeque::new(),
             needs_log: false,
             done: false,
@@ -155,14 +157,21 @@ impl Subscription {
     }
 }
 
+/// Who asked for a subscription and what for: read rarely, so kept out of
+/// line (every idle subscriber's stream holds its state several times
+/// over, inline).
+struct Asked {
+    caller: Caller,
+    resources: Option<Vec<String>>,
+    /// An SSE stream's ids, told each change's cursor as it is sent.
+    event_stream: Option<Arc<EventStream>>,
+}
+
 /// One subscription's state.
 struct Subscriber {
     feed: Arc<Feed>,
-    caller: Caller,
-    resources: Option<Vec<String>>,
+    asked: Box<Asked>,
     rx: Receiver<Arc<FeedEvent>>,
-    /// An SSE stream's ids, told each change's cursor as it is sent.
-    event_stream: Option<Arc<EventStream>>,
     cursor: Cursor,
     pending: VecDeque<SyncStateChange>,
     /// Read the log from the cursor before taking from `rx` again.
@@ -174,17 +183,18 @@ struct Subscriber {
 
 impl Subscriber {
     fn wants(&self, resource: &str) -> bool {
-        self.resources
+        self.asked
+            .resources
             .as_ref()
             .is_none_or(|resources| resources.iter().any(|wanted| wanted == resource))
     }
 
     /// The current rows and the log position they reflect, as SNAPSHOTs.
     async fn snapshot(&mut self) -> ApiResult<()> {
-        let resources = self.resources.as_deref();
+        let resources = self.asked.resources.as_deref();
         let snapshot = self
             .feed
-            .read(&self.caller, Access::Snapshot, async |txn| {
+            .read(&self.asked.caller, Access::Snapshot, async |txn| {
                 events::state_snapshot(txn, resources).await
             })
             .await?;
@@ -210,7 +220,7 @@ impl Subscriber {
         let cursor = Cursor::decode(after).ok_or(ApiError::CursorExpired)?;
         let (pruned, newest) = self
             .feed
-            .read(&self.caller, Access::Read, async |txn| {
+            .read(&self.asked.caller, Access::Read, async |txn| {
                 Ok((
                     events::pruned_through(txn).await?,
                     events::newest(txn).await?,
@@ -255,7 +265,7 @@ impl Subscriber {
     /// gets it as its id: a stream cut during the snapshot resumes without
     /// one, so it is sent again whole.
     fn sending(&self, change: &SyncStateChange) {
-        let Some(ids) = &self.event_stream else {
+        let Some(ids) = &self.asked.event_stream else {
             return;
         };
         let more_snapshots = self
@@ -272,7 +282,7 @@ impl Subscriber {
         let after = self.cursor.position;
         let batch = self
             .feed
-            .read(&self.caller, Access::Read, async |txn| {
+            .read(&self.asked.caller, Access::Read, async |txn| {
                 events::read_after(txn, after, BATCH, None).await
             })
             .await?;
@@ -305,7 +315,7 @@ impl Subscriber {
                     // last cursor and loses nothing.
                     tracing::warn!(error = ?error, "subscription could not read the log");
                     self.done = true;
-                    if let Some(stream) = &self.event_stream {
+                    if let Some(stream) = &self.asked.event_stream {
                         stream.interrupt();
                     }
                     return Some((Err(ApiError::Unavailable.into()), self));
