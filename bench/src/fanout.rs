@@ -66,18 +66,29 @@ pub async fn run(
         let base = target.base.clone();
         tasks.push(tokio::spawn(async move {
             let permit = connecting.acquire_owned().await;
-            match transport {
-                Transport::WebSocket => {
-                    let socket = subscribe(&url, &token).await;
-                    drop(permit);
-                    follow_ws(socket, ready_send, &mut stop, &arrived).await
+            let subscription = match transport {
+                Transport::WebSocket => subscribe(&url, &token)
+                    .await
+                    .map(|socket| Subscription::WebSocket(Box::new(socket))),
+                Transport::Sse => crate::sse::EventStream::open(&base, &token, SUBSCRIPTION)
+                    .await
+                    .map(Subscription::Sse),
+            };
+            drop(permit);
+            let _ = ready_send.send(subscription.is_ok()).await;
+            let mut tally = Tally {
+                received: Received::new(),
+                errors: 0,
+                arrived: &arrived,
+            };
+            match subscription {
+                Ok(Subscription::WebSocket(socket)) => {
+                    follow_ws(*socket, &mut stop, &mut tally).await
                 }
-                Transport::Sse => {
-                    let stream = crate::sse::EventStream::open(&base, &token, SUBSCRIPTION).await;
-                    drop(permit);
-                    follow_sse(stream, ready_send, &mut stop, &arrived).await
-                }
+                Ok(Subscription::Sse(stream)) => follow_sse(stream, &mut stop, &mut tally).await,
+                Err(_) => tally.errors += 1,
             }
+            (tally.received, tally.errors)
         }));
     }
     drop(ready_send);
@@ -157,41 +168,58 @@ pub async fn run(
     }))
 }
 
-/// Counts what one WebSocket subscriber receives until told to stop.
-async fn follow_ws(
-    socket: anyhow::Result<
-        tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+/// One subscriber's open subscription.
+enum Subscription {
+    WebSocket(
+        Box<
+            tokio_tungstenite::WebSocketStream<
+                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+            >,
         >,
+    ),
+    Sse(crate::sse::EventStream),
+}
+
+/// What one subscriber received, and its errors.
+struct Tally<'a> {
+    received: Received,
+    errors: u64,
+    arrived: &'a std::sync::atomic::AtomicU64,
+}
+
+impl Tally<'_> {
+    /// A `next` payload that arrived `at` (`None`: it could not be read).
+    fn next(&mut self, payload: Option<Value>, at: Instant) {
+        match payload.as_ref().and_then(change_number) {
+            Some(change) => {
+                self.received.push((change, at));
+                self.arrived
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            None => self.errors += 1,
+        }
+    }
+}
+
+/// Counts what a WebSocket subscriber receives until told to stop.
+async fn follow_ws(
+    mut socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
-    ready_send: tokio::sync::mpsc::Sender<bool>,
     stop: &mut tokio::sync::watch::Receiver<bool>,
-    arrived: &std::sync::atomic::AtomicU64,
-) -> (Received, u64) {
-    let Ok(mut socket) = socket else {
-        let _ = ready_send.send(false).await;
-        return (Received::new(), 1_u64);
-    };
-    let _ = ready_send.send(true).await;
-    let mut received = Received::new();
-    let mut errors = 0;
+    tally: &mut Tally<'_>,
+) {
     loop {
         tokio::select! {
             message = socket.next() => {
                 let Some(Ok(Message::Text(text))) = message else {
-                    if !matches!(message, Some(Ok(_))) { errors += 1; break; }
+                    if !matches!(message, Some(Ok(_))) { tally.errors += 1; break; }
                     continue;
                 };
                 let at = Instant::now();
-                let Ok(value) = serde_json::from_str::<Value>(&text) else { errors += 1; continue };
+                let Ok(value) = serde_json::from_str::<Value>(&text) else { tally.errors += 1; continue };
                 match value["type"].as_str() {
-                    Some("next") => match change_number(&value["payload"]) {
-                        Some(change) => {
-                            received.push((change, at));
-                            arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        None => errors += 1,
-                    },
+                    Some("next") => tally.next(Some(value["payload"].clone()), at),
                     Some("ping") => { let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await; }
                     _ => {}
                 }
@@ -199,48 +227,30 @@ async fn follow_ws(
             _ = stop.changed() => break,
         }
     }
-    (received, errors)
 }
 
-/// Counts what one SSE subscriber receives until told to stop; every
+/// Counts what an SSE subscriber receives until told to stop; every
 /// `next` event must carry an id (its cursor).
 async fn follow_sse(
-    stream: anyhow::Result<crate::sse::EventStream>,
-    ready_send: tokio::sync::mpsc::Sender<bool>,
+    mut stream: crate::sse::EventStream,
     stop: &mut tokio::sync::watch::Receiver<bool>,
-    arrived: &std::sync::atomic::AtomicU64,
-) -> (Received, u64) {
-    let Ok(mut stream) = stream else {
-        let _ = ready_send.send(false).await;
-        return (Received::new(), 1_u64);
-    };
-    let _ = ready_send.send(true).await;
-    let mut received = Received::new();
-    let mut errors = 0;
+    tally: &mut Tally<'_>,
+) {
     loop {
         tokio::select! {
             event = stream.next_event() => {
                 let at = Instant::now();
                 match event {
                     Ok(event) if event.kind == "next" && event.id.is_some() => {
-                        let change = serde_json::from_str::<Value>(&event.data).ok()
-                            .and_then(|payload| change_number(&payload));
-                        match change {
-                            Some(change) => {
-                                received.push((change, at));
-                                arrived.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            }
-                            None => errors += 1,
-                        }
+                        tally.next(serde_json::from_str::<Value>(&event.data).ok(), at);
                     }
-                    Ok(_) => errors += 1,
-                    Err(_) => { errors += 1; break; }
+                    Ok(_) => tally.errors += 1,
+                    Err(_) => { tally.errors += 1; break; }
                 }
             }
             _ = stop.changed() => break,
         }
     }
-    (received, errors)
 }
 
 /// The change number a `next` payload carries (the probe's recordsSynced).

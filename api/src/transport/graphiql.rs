@@ -3,78 +3,77 @@
 //! `graphiql/LICENSES.txt`): it works where no CDN can be reached.
 
 use axum::Router;
-use axum::http::{HeaderValue, header};
-use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+
+use super::embedded;
 
 /// GraphiQL's scripts set inline styles; everything else is this origin's.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
      style-src 'self' 'unsafe-inline'; font-src 'self' data:; img-src 'self' data:; \
      connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// The page and its assets.
-pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    let asset = |body: &'static [u8], content_type: &'static str| {
-        get(move || async move { serve(body, content_type, "public, max-age=86400") })
-    };
-    Router::new()
-        .route(
-            "/graphiql",
-            get(|| async {
-                serve(
-                    include_bytes!("graphiql/graphiql.html"),
-                    "text/html; charset=utf-8",
-                    "no-cache",
-                )
-            }),
-        )
-        .route(
-            "/graphiql/start.js",
-            asset(include_bytes!("graphiql/start.js"), JAVASCRIPT),
-        )
-        .route(
-            "/graphiql/page.css",
-            asset(include_bytes!("graphiql/page.css"), CSS),
-        )
-        .route(
-            "/graphiql/graphiql.min.js",
-            asset(include_bytes!("graphiql/graphiql.min.js"), JAVASCRIPT),
-        )
-        .route(
-            "/graphiql/graphiql.min.css",
-            asset(include_bytes!("graphiql/graphiql.min.css"), CSS),
-        )
-        .route(
-            "/graphiql/react.production.min.js",
-            asset(
-                include_bytes!("graphiql/react.production.min.js"),
-                JAVASCRIPT,
-            ),
-        )
-        .route(
-            "/graphiql/react-dom.production.min.js",
-            asset(
-                include_bytes!("graphiql/react-dom.production.min.js"),
-                JAVASCRIPT,
-            ),
-        )
-}
-
 const JAVASCRIPT: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
 
-fn serve(body: &'static [u8], content_type: &'static str, cache: &'static str) -> Response {
-    let mut response = body.into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
-    );
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
-    response
+/// The page's assets: path, body, content type.
+const ASSETS: [(&str, &[u8], &str); 6] = [
+    (
+        "/graphiql/start.js",
+        include_bytes!("graphiql/start.js"),
+        JAVASCRIPT,
+    ),
+    (
+        "/graphiql/page.css",
+        include_bytes!("graphiql/page.css"),
+        CSS,
+    ),
+    (
+        "/graphiql/graphiql.min.js",
+        include_bytes!("graphiql/graphiql.min.js"),
+        JAVASCRIPT,
+    ),
+    (
+        "/graphiql/graphiql.min.css",
+        include_bytes!("graphiql/graphiql.min.css"),
+        CSS,
+    ),
+    (
+        "/graphiql/react.production.min.js",
+        include_bytes!("graphiql/react.production.min.js"),
+        JAVASCRIPT,
+    ),
+    (
+        "/graphiql/react-dom.production.min.js",
+        include_bytes!("graphiql/react-dom.production.min.js"),
+        JAVASCRIPT,
+    ),
+];
+
+/// The page and its assets (which change only with the binary, so they may
+/// be cached for a day).
+pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    let page = || async {
+        embedded(
+            include_bytes!("graphiql/graphiql.html"),
+            "text/html; charset=utf-8",
+            CONTENT_SECURITY_POLICY,
+            "no-cache",
+        )
+    };
+    ASSETS.into_iter().fold(
+        Router::new().route("/graphiql", get(page)),
+        |router, (path, body, content_type)| {
+            router.route(
+                path,
+                get(move || async move {
+                    embedded(
+                        body,
+                        content_type,
+                        CONTENT_SECURITY_POLICY,
+                        "public, max-age=86400",
+                    )
+                }),
+            )
+        },
+    )
 }

@@ -473,3 +473,52 @@ async fn reads_and_writes_share_one_connection_cleanly() {
     }
     assert_eq!(open, 0, "a request left its transaction open");
 }
+
+/// The board and GraphiQL come from the binary with their content types
+/// and a policy that keeps them on this origin.
+#[tokio::test]
+async fn pages_are_served_with_their_types_and_a_self_only_policy() {
+    let app = TestApp::spawn().await;
+    for (path, content_type, policy_part) in [
+        ("/", "text/html; charset=utf-8", "connect-src 'self'"),
+        (
+            "/board.js",
+            "text/javascript; charset=utf-8",
+            "script-src 'self'",
+        ),
+        ("/board.css", "text/css; charset=utf-8", "style-src 'self'"),
+        (
+            "/graphiql",
+            "text/html; charset=utf-8",
+            "connect-src 'self'",
+        ),
+        (
+            "/graphiql/graphiql.min.js",
+            "text/javascript; charset=utf-8",
+            "script-src 'self'",
+        ),
+        (
+            "/graphiql/react.production.min.js",
+            "text/javascript; charset=utf-8",
+            "default-src 'none'",
+        ),
+    ] {
+        let response = app.client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), reqwest::StatusCode::OK, "{path}");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(header("content-type"), content_type, "{path}");
+        assert!(
+            header("content-security-policy").contains(policy_part),
+            "{path}"
+        );
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+        assert!(!response.bytes().await.unwrap().is_empty(), "{path}");
+    }
+}
