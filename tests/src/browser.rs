@@ -9,6 +9,7 @@
 //! also keeps Chromium's own background traffic in.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -36,19 +37,23 @@ impl Browser {
     /// screenshots are named after `test`.
     pub async fn start(test: &str, width: u32, height: u32) -> Browser {
         let port = crate::free_port();
+        // A process group of its own, which the browser it starts joins:
+        // ending the group ends them all, however the test ends.
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver is needed for the board tests (apt-get install chromium-driver; see .ci/run)");
-        let driver_url = format!("http://127.0.0.1:{port}");
-        let (proxy, foreign) = refusing_proxy().await;
         let profile = std::env::temp_dir().join(format!(
             "vantage-sync-chromium-{}-{port}",
             std::process::id()
         ));
+        outlive_guard(driver.id(), &profile);
+        let driver_url = format!("http://127.0.0.1:{port}");
+        let (proxy, foreign) = refusing_proxy().await;
         let capabilities = json!({
             "browserName": "chrome",
             "goog:chromeOptions": {
@@ -209,21 +214,49 @@ impl Browser {
         path
     }
 
-    /// Ends the session and the driver.
-    pub async fn close(mut self) {
+    /// Ends the session, the browser and the driver.
+    pub async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
+        // Drop ends whatever is left.
     }
 }
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // A failed test never reaches close(): chromedriver must not outlive
-        // it (it takes its browser with it).
-        let _ = self.driver.kill();
+        // Also when a test fails before close(): the driver's whole group,
+        // the browser's processes included.
+        end_group(self.driver.id());
+        let _ = self.driver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
+}
+
+/// Kills process group `group`.
+fn end_group(group: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{group}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A detached shell that ends process group `group` and removes `profile`
+/// once this test process is gone, however it ended (a kill included).
+fn outlive_guard(group: u32, profile: &std::path::Path) {
+    let script = r#"
+        while kill -0 "$1" 2>/dev/null; do sleep 0.5; done
+        kill -KILL -- "-$2" 2>/dev/null
+        rm -rf "$3"
+    "#;
+    let _ = Command::new("setsid")
+        .args(["-f", "sh", "-c", script, "browser-guard"])
+        .arg(std::process::id().to_string())
+        .arg(group.to_string())
+        .arg(profile)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 fn chromium() -> String {
