@@ -189,8 +189,8 @@ struct Tally<'a> {
 
 impl Tally<'_> {
     /// A `next` payload that arrived `at` (`None`: it could not be read).
-    fn next(&mut self, payload: Option<Value>, at: Instant) {
-        match payload.as_ref().and_then(change_number) {
+    fn next(&mut self, payload: Option<&Value>, at: Instant) {
+        match payload.and_then(change_number) {
             Some(change) => {
                 self.received.push((change, at));
                 self.arrived
@@ -219,7 +219,7 @@ async fn follow_ws(
                 let at = Instant::now();
                 let Ok(value) = serde_json::from_str::<Value>(&text) else { tally.errors += 1; continue };
                 match value["type"].as_str() {
-                    Some("next") => tally.next(Some(value["payload"].clone()), at),
+                    Some("next") => tally.next(Some(&value["payload"]), at),
                     Some("ping") => { let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await; }
                     _ => {}
                 }
@@ -242,7 +242,7 @@ async fn follow_sse(
                 let at = Instant::now();
                 match event {
                     Ok(event) if event.kind == "next" && event.id.is_some() => {
-                        tally.next(serde_json::from_str::<Value>(&event.data).ok(), at);
+                        tally.next(serde_json::from_str::<Value>(&event.data).ok().as_ref(), at);
                     }
                     Ok(_) => tally.errors += 1,
                     Err(_) => { tally.errors += 1; break; }
