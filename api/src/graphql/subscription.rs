@@ -135,11 +135,9 @@ impl Subscription {
             guard: feed.metrics_handle().subscription_opened(),
             cursor: Cursor::at(feed.position()),
             feed,
-            asked: Box::new(Asked {
-                caller,
-                resources,
-                event_stream,
-            }),
+            caller: Box::new(caller),
+            resources,
+            event_stream,
             rx,
             pending: VecDeque::new(),
             needs_log: false,
@@ -157,20 +155,15 @@ impl Subscription {
     }
 }
 
-/// Who asked for a subscription and what for: read rarely, so kept out of
-/// line (every idle subscriber's stream holds its state several times
-/// over, inline).
-struct Asked {
-    caller: Caller,
+/// One subscription's state. Every idle subscriber's stream holds it
+/// several times over, inline: what only a database read needs (the
+/// caller) is kept out of line; what every delivery reads stays inline.
+struct Subscriber {
+    feed: Arc<Feed>,
+    caller: Box<Caller>,
     resources: Option<Vec<String>>,
     /// An SSE stream's ids, told each change's cursor as it is sent.
     event_stream: Option<Arc<EventStream>>,
-}
-
-/// One subscription's state.
-struct Subscriber {
-    feed: Arc<Feed>,
-    asked: Box<Asked>,
     rx: Receiver<Arc<FeedEvent>>,
     cursor: Cursor,
     pending: VecDeque<SyncStateChange>,
@@ -183,18 +176,17 @@ struct Subscriber {
 
 impl Subscriber {
     fn wants(&self, resource: &str) -> bool {
-        self.asked
-            .resources
+        self.resources
             .as_ref()
             .is_none_or(|resources| resources.iter().any(|wanted| wanted == resource))
     }
 
     /// The current rows and the log position they reflect, as SNAPSHOTs.
     async fn snapshot(&mut self) -> ApiResult<()> {
-        let resources = self.asked.resources.as_deref();
+        let resources = self.resources.as_deref();
         let snapshot = self
             .feed
-            .read(&self.asked.caller, Access::Snapshot, async |txn| {
+            .read(&self.caller, Access::Snapshot, async |txn| {
                 events::state_snapshot(txn, resources).await
             })
             .await?;
@@ -220,7 +212,7 @@ impl Subscriber {
         let cursor = Cursor::decode(after).ok_or(ApiError::CursorExpired)?;
         let (pruned, newest) = self
             .feed
-            .read(&self.asked.caller, Access::Read, async |txn| {
+            .read(&self.caller, Access::Read, async |txn| {
                 Ok((
                     events::pruned_through(txn).await?,
                     events::newest(txn).await?,
@@ -265,7 +257,7 @@ impl Subscriber {
     /// gets it as its id: a stream cut during the snapshot resumes without
     /// one, so it is sent again whole.
     fn sending(&self, change: &SyncStateChange) {
-        let Some(ids) = &self.asked.event_stream else {
+        let Some(ids) = &self.event_stream else {
             return;
         };
         let more_snapshots = self
@@ -282,7 +274,7 @@ impl Subscriber {
         let after = self.cursor.position;
         let batch = self
             .feed
-            .read(&self.asked.caller, Access::Read, async |txn| {
+            .read(&self.caller, Access::Read, async |txn| {
                 events::read_after(txn, after, BATCH, None).await
             })
             .await?;
@@ -315,7 +307,7 @@ impl Subscriber {
                     // last cursor and loses nothing.
                     tracing::warn!(error = ?error, "subscription could not read the log");
                     self.done = true;
-                    if let Some(stream) = &self.asked.event_stream {
+                    if let Some(stream) = &self.event_stream {
                         stream.interrupt();
                     }
                     return Some((Err(ApiError::Unavailable.into()), self));
