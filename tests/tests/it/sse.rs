@@ -330,3 +330,37 @@ async fn an_idle_stream_gets_keep_alive_comments_and_counts_as_a_subscription() 
     );
     drop(stream);
 }
+
+/// A stream does not outlive its token: INVALID_TOKEN, then `complete`.
+#[tokio::test]
+async fn a_stream_ends_when_its_token_expires() {
+    let app = TestApp::spawn().await;
+    let exp = vantage_sync_tests::unix_now() + 2;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"role": "authenticated", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(vantage_sync_tests::SECRET.as_bytes()),
+    )
+    .unwrap();
+    let body = json!({"query": CHANGES});
+    let mut stream = subscription_started(&app.url("/metrics"))
+        .wait(SseStream::open(
+            &app.url("/graphql"),
+            Some(&token),
+            &body,
+            None,
+        ))
+        .await
+        .unwrap();
+    let (id, payload) = stream.next_payload().await;
+    assert_eq!(id, None);
+    assert_eq!(
+        payload["errors"][0]["extensions"]["code"], "INVALID_TOKEN",
+        "{payload}"
+    );
+    assert_eq!(
+        stream.expect_event(Duration::from_secs(1)).await.event,
+        "complete"
+    );
+    assert_eq!(stream.next_event().await, None);
+}
