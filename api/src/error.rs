@@ -27,6 +27,8 @@ pub enum ErrorCode {
     NotRunning,
     /// A subscription cursor is unknown or pruned.
     CursorExpired,
+    /// The database cannot be reached now; retry later (HTTP 503).
+    ServiceUnavailable,
     /// Anything else; details are logged, never sent.
     InternalServerError,
 }
@@ -44,6 +46,7 @@ impl ErrorCode {
             Self::AlreadyRunning => "ALREADY_RUNNING",
             Self::NotRunning => "NOT_RUNNING",
             Self::CursorExpired => "CURSOR_EXPIRED",
+            Self::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             Self::InternalServerError => "INTERNAL_SERVER_ERROR",
         }
     }
@@ -150,7 +153,8 @@ impl ApiError {
             Self::AlreadyRunning(_) => ErrorCode::AlreadyRunning,
             Self::NotRunning(_) => ErrorCode::NotRunning,
             Self::CursorExpired => ErrorCode::CursorExpired,
-            Self::Timeout | Self::Unavailable | Self::Internal(_) => ErrorCode::InternalServerError,
+            Self::Unavailable => ErrorCode::ServiceUnavailable,
+            Self::Timeout | Self::Internal(_) => ErrorCode::InternalServerError,
         }
     }
 
@@ -172,9 +176,10 @@ impl ApiError {
     /// Translates a database error raised while working on `resource`.
     pub fn from_db(error: DbErr, resource: &str) -> Self {
         let Some((code, constraint)) = sqlstate(&error) else {
-            return match error {
-                DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => Self::Unavailable,
-                other => Self::internal(other),
+            return if lost_database(&error) {
+                Self::Unavailable
+            } else {
+                Self::internal(error)
             };
         };
         match code.as_str() {
@@ -204,6 +209,24 @@ impl ApiError {
         let detail = detail.to_string();
         tracing::error!(%detail, "internal error");
         Self::Internal(detail)
+    }
+}
+
+/// Whether `error` says the database could not be reached or a connection
+/// to it broke (rather than that a statement failed).
+fn lost_database(error: &DbErr) -> bool {
+    match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(inner)) | DbErr::Query(RuntimeErr::SqlxError(inner)) => {
+            matches!(
+                inner.as_ref(),
+                sea_orm::sqlx::Error::Io(_)
+                    | sea_orm::sqlx::Error::PoolTimedOut
+                    | sea_orm::sqlx::Error::PoolClosed
+                    | sea_orm::sqlx::Error::WorkerCrashed
+            )
+        }
+        _ => false,
     }
 }
 

@@ -64,6 +64,7 @@ impl Server {
         let pool = db::connect_with(
             &config.database_url,
             config.max_connections,
+            config.acquire_timeout,
             config.prepared_statements,
         )
         .await?;

@@ -7,8 +7,8 @@ mod pool;
 pub mod sync_states;
 
 pub use pool::{
-    Pool, PreparedStatements, PrivilegeError, check_privileges, connect, connect_session,
-    connect_with, is_transaction_pooler,
+    DEFAULT_ACQUIRE_TIMEOUT, Pool, PreparedStatements, PrivilegeError, check_privileges, connect,
+    connect_session, connect_with, is_transaction_pooler,
 };
 
 use std::sync::Arc;

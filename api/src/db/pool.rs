@@ -67,10 +67,21 @@ impl Pool {
 }
 
 /// Opens a pool of at most `max_connections` connections to `database_url`
-/// with prepared statements on (a direct connection).
+/// with prepared statements on (a direct connection) and the default
+/// acquire timeout.
 pub async fn connect(database_url: &str, max_connections: u32) -> Result<Pool, DbErr> {
-    connect_with(database_url, max_connections, PreparedStatements::True).await
+    connect_with(
+        database_url,
+        max_connections,
+        DEFAULT_ACQUIRE_TIMEOUT,
+        PreparedStatements::True,
+    )
+    .await
 }
+
+/// How long a request waits for a connection by default: with the
+/// database down, requests fail (503) after this, rather than queue.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens a pool of at most `max_connections` connections to `database_url`;
 /// with [`PreparedStatements::Auto`] it first finds out whether a
@@ -78,6 +89,7 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<Pool, D
 pub async fn connect_with(
     database_url: &str,
     max_connections: u32,
+    acquire_timeout: Duration,
     prepared: PreparedStatements,
 ) -> Result<Pool, DbErr> {
     let mut options = ConnectOptions::new(database_url);
@@ -86,8 +98,8 @@ pub async fn connect_with(
         .min_connections(0)
         // Short waits: with the database down, a request should fail fast
         // (and /readyz say so) rather than queue.
-        .connect_timeout(Duration::from_secs(3))
-        .acquire_timeout(Duration::from_secs(3))
+        .connect_timeout(acquire_timeout)
+        .acquire_timeout(acquire_timeout)
         // sqlx pings every connection on release already; pinging again on
         // every acquire costs each request a round trip. Only a connection
         // idle long enough to have been dropped is checked first.

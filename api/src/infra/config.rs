@@ -109,6 +109,14 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub max_connections: u32,
 
+    /// Longest a request waits for a database connection, in seconds: with
+    /// the database down, requests fail with 503 SERVICE_UNAVAILABLE after
+    /// this.
+    #[arg(long, env = "DB_ACQUIRE_TIMEOUT_SECS",
+          default_value_t = crate::db::DEFAULT_ACQUIRE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub db_acquire_timeout_secs: u64,
+
     /// Longest a request may take, in seconds (also the statement timeout).
     #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = DEFAULT_REQUEST_TIMEOUT_SECS,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -239,6 +247,8 @@ pub struct ServerConfig {
     pub migrate: bool,
     /// Pool size.
     pub max_connections: u32,
+    /// Longest wait for a pooled connection.
+    pub acquire_timeout: Duration,
     /// Request and statement timeout.
     pub request_timeout: Duration,
     /// Largest request body.
@@ -281,6 +291,7 @@ impl ServerConfig {
             listen_addr: DEFAULT_LISTEN_ADDR,
             migrate: true,
             max_connections: default_max_connections(),
+            acquire_timeout: crate::db::DEFAULT_ACQUIRE_TIMEOUT,
             request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             limits: QueryLimits::DEFAULT,
@@ -337,6 +348,7 @@ impl ServerConfig {
         config.listen_addr = args.listen_addr;
         config.migrate = !args.no_migrate;
         config.max_connections = args.max_connections;
+        config.acquire_timeout = Duration::from_secs(args.db_acquire_timeout_secs);
         config.request_timeout = Duration::from_secs(args.request_timeout_secs);
         config.max_body_bytes = args.max_body_bytes;
         config.limits = QueryLimits {

@@ -300,11 +300,36 @@ async fn execute(
     let operation = admitted.operation;
     match run(app, admitted).await {
         Ok((response, outcome)) => {
-            let mut answer = Json(response).into_response();
+            let mut answer = (status_of(&response), Json(response)).into_response();
+            if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
+                answer
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
             answer.extensions_mut().insert(Ran { operation, outcome });
             answer
         }
         Err(refused) => refused,
+    }
+}
+
+/// The HTTP status of an executed request: 200, but 503 when the database
+/// could not be reached for any of it, so that load balancers and clients
+/// know to retry rather than take it for a bug.
+pub(crate) fn status_of(response: &async_graphql::Response) -> StatusCode {
+    let unavailable = response.errors.iter().any(|error| {
+        error
+            .extensions
+            .as_ref()
+            .and_then(|extensions| extensions.get("code"))
+            == Some(&async_graphql::Value::from(
+                ErrorCode::ServiceUnavailable.as_str(),
+            ))
+    });
+    if unavailable {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
     }
 }
 

@@ -269,6 +269,8 @@ async fn graceful_shutdown_finishes_in_flight_requests() {
 }
 
 /// `/readyz` follows the database: 503 while it is down, 200 once back.
+/// Meanwhile requests fail fast, within the pool's acquire timeout, with
+/// 503 SERVICE_UNAVAILABLE and Retry-After, and work again once it is back.
 #[tokio::test]
 async fn readiness_follows_the_database() {
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
@@ -278,7 +280,10 @@ async fn readiness_follows_the_database() {
         name: "postgres".into(),
         url,
     };
-    let app = TestApp::spawn_with(db, |_| {}).await;
+    let app = TestApp::spawn_with(db, |config| {
+        config.acquire_timeout = Duration::from_secs(2);
+    })
+    .await;
     let ready = |app: &TestApp| {
         let request = app.client.get(app.url("/readyz"));
         async move { request.send().await.unwrap().status() }
@@ -291,18 +296,50 @@ async fn readiness_follows_the_database() {
     .await
     .unwrap();
     assert_eq!(ready(&app).await, StatusCode::SERVICE_UNAVAILABLE);
-    let (status, body) = app
-        .graphql(
-            Some("authenticated"),
-            "{ syncStates { resource } }",
-            json!({}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        body["errors"][0]["extensions"]["code"], "INTERNAL_SERVER_ERROR",
-        "{body}"
-    );
+    for (role, query) in [
+        ("authenticated", "{ syncStates { resource } }"),
+        (
+            "service_role",
+            "mutation { startSync(resource: \"accounts\") { resource } }",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let response = app
+            .client
+            .post(app.url("/graphql"))
+            .bearer_auth(app.token(role))
+            .json(&json!({"query": query}))
+            .send()
+            .await
+            .unwrap();
+        let waited = started.elapsed();
+        assert_eq!(
+            response.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{query}"
+        );
+        assert_eq!(
+            response
+                .headers()
+                .get("retry-after")
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "1"
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["data"], Value::Null, "{body}");
+        assert_eq!(
+            body["errors"][0]["extensions"],
+            json!({"code": "SERVICE_UNAVAILABLE"}),
+            "{body}"
+        );
+        assert_eq!(
+            body["errors"][0]["message"],
+            "the database is unavailable; try again later"
+        );
+        assert!(waited < Duration::from_millis(3_500), "{waited:?}");
+    }
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.restart();
         cluster

@@ -30,19 +30,34 @@ async fn app_through_pooler(listen_direct: bool, poll: Duration) -> (TestApp, Pg
 async fn start_up_tells_a_transaction_pooler_from_a_direct_connection() {
     let db = TestDb::migrated().await;
     let bouncer = PgBouncer::start(&db.url, &["postgres"]);
-    let pooled = db::connect_with(&bouncer.url(&db.url), 4, PreparedStatements::Auto)
-        .await
-        .unwrap();
+    let pooled = db::connect_with(
+        &bouncer.url(&db.url),
+        4,
+        db::DEFAULT_ACQUIRE_TIMEOUT,
+        PreparedStatements::Auto,
+    )
+    .await
+    .unwrap();
     assert!(pooled.behind_transaction_pooler(), "{}", bouncer.log());
     assert!(!pooled.prepared_statements());
-    let direct = db::connect_with(&db.url, 4, PreparedStatements::Auto)
-        .await
-        .unwrap();
+    let direct = db::connect_with(
+        &db.url,
+        4,
+        db::DEFAULT_ACQUIRE_TIMEOUT,
+        PreparedStatements::Auto,
+    )
+    .await
+    .unwrap();
     assert!(!direct.behind_transaction_pooler());
     assert!(direct.prepared_statements());
-    let forced = db::connect_with(&bouncer.url(&db.url), 4, PreparedStatements::False)
-        .await
-        .unwrap();
+    let forced = db::connect_with(
+        &bouncer.url(&db.url),
+        4,
+        db::DEFAULT_ACQUIRE_TIMEOUT,
+        PreparedStatements::False,
+    )
+    .await
+    .unwrap();
     assert!(!forced.prepared_statements());
 }
 
