@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve the GraphQL API (with no DATABASE_URL: on a managed local PostgreSQL).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage the database schema.
     Migrate {
         /// PostgreSQL connection URL (not needed by `migrate sql`).
@@ -152,7 +152,7 @@ impl Cli {
     /// Runs the parsed command.
     pub async fn run(self) -> Result<(), CliError> {
         match self.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Migrate {
                 database_url,
                 command,

@@ -12,9 +12,11 @@ use crate::db::migrate::{self, MigrateError};
 use crate::db::{Access, Pool, PrivilegeError, events};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
+use crate::infra::config::ConnectionLimits;
 use crate::infra::config::ServerConfig;
 use crate::infra::metrics::Metrics;
 use crate::transport::http::{AppState, router};
+use crate::transport::listener;
 use crate::{db, graphql};
 
 /// Longest a pruning of the event log may take.
@@ -39,6 +41,20 @@ pub enum ServeError {
     /// The login role lacks what the server needs.
     #[error("{0}")]
     Privileges(#[from] PrivilegeError),
+    /// More HTTP connections were asked for than open files allow.
+    #[error(
+        "MAX_HTTP_CONNECTIONS={asked} is more than the open-file limit ({files}) allows after a reserve of {reserve} for the database pool and the listener: set at most {allowed}, or raise the hard limit (ulimit -Hn)"
+    )]
+    TooManyConnections {
+        /// The cap asked for.
+        asked: usize,
+        /// The open-file limit in force.
+        files: u64,
+        /// Files kept for other uses.
+        reserve: u64,
+        /// The largest cap that fits.
+        allowed: usize,
+    },
     /// The listen address could not be bound, or serving failed.
     #[error("cannot serve on {addr}: {source}")]
     Io {
@@ -53,6 +69,7 @@ pub enum ServeError {
 pub struct Server {
     listener: TcpListener,
     state: AppState,
+    connections: ConnectionLimits,
     addr: SocketAddr,
     shutting_down: tokio::sync::watch::Sender<bool>,
 }
@@ -83,6 +100,7 @@ impl Server {
             migrate::apply_pending(url).await?;
         }
         db::check_privileges(&pool).await?;
+        let connections = connection_limits(config.connections, config.max_connections)?;
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|source| ServeError::Io {
@@ -140,6 +158,7 @@ impl Server {
         Ok(Self {
             listener,
             state,
+            connections,
             addr,
             shutting_down,
         })
@@ -163,19 +182,59 @@ impl Server {
         let addr = self.addr;
         tracing::info!(%addr, "serving GraphQL on http://{addr}/graphql, the status board on http://{addr}/, GraphiQL on http://{addr}/graphiql");
         let pool = self.state.pool.clone();
+        let metrics = self.state.metrics.clone();
         let shutting_down = self.shutting_down;
-        axum::serve(self.listener, router(self.state))
-            .with_graceful_shutdown(async move {
+        listener::serve(
+            self.listener,
+            router(self.state),
+            self.connections,
+            metrics,
+            async move {
                 shutdown.await;
-                // WebSocket connections are not HTTP requests in flight:
-                // tell them to go away (1001) so clients resume elsewhere.
+                // WebSocket connections and SSE streams are not requests
+                // that finish: tell them to go (1001, or the stream ends)
+                // so clients resume elsewhere.
                 shutting_down.send_replace(true);
-            })
-            .await
-            .map_err(|source| ServeError::Io { addr, source })?;
+            },
+        )
+        .await;
         pool.close().await;
         Ok(())
     }
+}
+
+/// The connection limits in force: the open-file limit raised to its hard
+/// limit, and the cap checked against it (or taken from it) after a
+/// reserve for the database pool, the listener and the process's own files.
+fn connection_limits(
+    asked: ConnectionLimits,
+    pool_size: u32,
+) -> Result<ConnectionLimits, ServeError> {
+    let files = listener::raise_file_limit();
+    let reserve = u64::from(pool_size) + 2 + 64;
+    let allowed =
+        usize::try_from(files.saturating_sub(reserve).clamp(1, 10_000_000)).unwrap_or(10_000_000);
+    let max_connections = match asked.max_connections {
+        0 => allowed,
+        asked if asked > allowed => {
+            return Err(ServeError::TooManyConnections {
+                asked,
+                files,
+                reserve,
+                allowed,
+            });
+        }
+        asked => asked,
+    };
+    tracing::info!(
+        open_files = files,
+        max_http_connections = max_connections,
+        "connection limits"
+    );
+    Ok(ConnectionLimits {
+        max_connections,
+        ..asked
+    })
 }
 
 /// Deletes events older than `days` days, at start and then hourly.

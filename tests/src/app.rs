@@ -56,7 +56,12 @@ impl TestApp {
         let app = TestApp {
             addr,
             db,
-            client: reqwest::Client::new(),
+            // No idle connections kept: they would count against the
+            // server's connection cap in the tests that fill it.
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .unwrap(),
             keys: TokenKeys::new(SECRET.as_bytes()).unwrap(),
             shutdown: Some(shutdown),
             handle: Some(handle),

@@ -117,6 +117,24 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub db_acquire_timeout_secs: u64,
 
+    /// Seconds a client has to send a request's head, from its first byte.
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECS",
+          default_value_t = ConnectionLimits::DEFAULT.header_read_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout_secs: u64,
+
+    /// Seconds a connection may sit with no request in flight.
+    #[arg(long, env = "IDLE_TIMEOUT_SECS",
+          default_value_t = ConnectionLimits::DEFAULT.idle_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub idle_timeout_secs: u64,
+
+    /// Most open HTTP connections, WebSockets included (default: what the
+    /// open-file limit allows after a reserve for the database).
+    #[arg(long, env = "MAX_HTTP_CONNECTIONS",
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    pub max_http_connections: Option<usize>,
+
     /// Longest a request may take, in seconds (also the statement timeout).
     #[arg(long, env = "REQUEST_TIMEOUT_SECS", default_value_t = DEFAULT_REQUEST_TIMEOUT_SECS,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -259,6 +277,29 @@ pub struct ServerConfig {
     pub event_retention_days: Option<u32>,
     /// WebSocket transport settings.
     pub websocket: WebSocketConfig,
+    /// Timeouts and cap of HTTP connections; `max_connections` of 0: from
+    /// the open-file limit at start.
+    pub connections: ConnectionLimits,
+}
+
+/// Limits on HTTP connections (SPEC 6b).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Time to send a request head, from its first byte.
+    pub header_read_timeout: Duration,
+    /// Time a connection may sit with no request in flight.
+    pub idle_timeout: Duration,
+    /// Most open connections.
+    pub max_connections: usize,
+}
+
+impl ConnectionLimits {
+    /// The defaults of the flags (the cap comes from the file limit).
+    pub const DEFAULT: Self = Self {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 0,
+    };
 }
 
 /// Twice the CPU cores, at least 4: PostgreSQL's rule of thumb for a pool
@@ -297,6 +338,7 @@ impl ServerConfig {
             limits: QueryLimits::DEFAULT,
             event_retention_days: Some(DEFAULT_EVENT_RETENTION_DAYS),
             websocket: WebSocketConfig::DEFAULT,
+            connections: ConnectionLimits::DEFAULT,
         }
     }
 
@@ -344,6 +386,11 @@ impl ServerConfig {
             max_subscriptions: args.max_subscriptions_per_connection,
             init_timeout: Duration::from_secs(args.ws_init_timeout_secs),
             ping_interval: Duration::from_secs(args.ws_ping_interval_secs),
+        };
+        config.connections = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+            idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+            max_connections: args.max_http_connections.unwrap_or(0),
         };
         config.listen_addr = args.listen_addr;
         config.migrate = !args.no_migrate;

@@ -76,6 +76,24 @@ pub struct Metrics {
     jwks_refreshes: Family<JwksLabels, Counter>,
     jwks_keys: Gauge,
     delay: Histogram,
+    connections: Gauge,
+    connections_closed: Family<ClosedLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClosedLabels {
+    reason: ConnectionClosed,
+}
+
+/// Why the server closed an HTTP connection itself.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ConnectionClosed {
+    /// Past the cap on open connections: closed as soon as accepted.
+    OverCap,
+    /// Its request head did not arrive within the header-read timeout.
+    SlowHeaders,
+    /// Idle (no request in flight) longer than the idle timeout.
+    Idle,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -151,8 +169,22 @@ impl Default for Metrics {
             "Delay from a change to its sending to a subscriber",
             delay.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "http_connections_open",
+            "HTTP connections open (WebSocket connections included)",
+            connections.clone(),
+        );
+        let connections_closed = Family::<ClosedLabels, Counter>::default();
+        registry.register(
+            "http_connections_closed",
+            "HTTP connections the server closed itself, by reason",
+            connections_closed.clone(),
+        );
         Self {
             registry,
+            connections,
+            connections_closed,
             requests,
             latency,
             pool,
@@ -176,6 +208,19 @@ impl Metrics {
         self.latency
             .get_or_create(&OperationLabels { operation })
             .observe(seconds);
+    }
+
+    /// An HTTP connection opened; counted open until the guard drops.
+    pub fn connection_opened(self: &std::sync::Arc<Self>) -> ConnectionGuard {
+        self.connections.inc();
+        ConnectionGuard(self.clone())
+    }
+
+    /// The server closed a connection itself, for `reason`.
+    pub fn connection_closed(&self, reason: ConnectionClosed) {
+        self.connections_closed
+            .get_or_create(&ClosedLabels { reason })
+            .inc();
     }
 
     /// A subscription opened; closes when the guard drops.
@@ -232,5 +277,15 @@ pub struct SubscriptionGuard(std::sync::Arc<Metrics>);
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
         self.0.subscriptions.dec();
+    }
+}
+
+/// Counts an open HTTP connection until dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard(std::sync::Arc<Metrics>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.dec();
     }
 }

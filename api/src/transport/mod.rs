@@ -6,6 +6,7 @@ pub mod board;
 pub mod cors;
 pub mod graphiql;
 pub mod http;
+pub mod listener;
 pub mod sse;
 pub mod ws;
 

@@ -1,0 +1,283 @@
+//! The HTTP listener (SPEC 6b): hyper's HTTP/1.1 connections, with what
+//! `axum::serve` lacks against slow and idle clients.
+//!
+//! - At most `max_connections` open at once (WebSocket connections
+//!   included, for as long as they live); past the cap a connection is
+//!   closed as soon as it is accepted, long before the file limit.
+//! - A request head must arrive within `header_read_timeout` of its first
+//!   byte, and a connection with no request in flight is closed after
+//!   `idle_timeout`. (hyper's own header timer starts when a keep-alive
+//!   connection goes idle, which would make the two one.)
+//! - On shutdown: no more accepting; connections finish what is in flight.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_service::Service;
+
+use crate::infra::config::ConnectionLimits;
+use crate::infra::metrics::{ConnectionClosed, ConnectionGuard, Metrics};
+
+/// Serves `router` on `listener` until `shutdown` completes, then lets the
+/// open connections finish what they are doing.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    // Connections are told to stop by `stopping`; each holds a `running`
+    // sender, so the receiver sees the channel close once all are done.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let (running, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors or a connection reset before it
+                // was accepted: neither stops the server.
+                tracing::warn!(%error, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics.connection_closed(ConnectionClosed::OverCap);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::new());
+        let io = TokioIo::new(Tracked {
+            stream,
+            activity: activity.clone(),
+            _held: (permit, metrics.connection_opened()),
+        });
+        let service = hyper::service::service_fn({
+            let router = router.clone();
+            let activity = activity.clone();
+            move |request: hyper::Request<Incoming>| {
+                let mut router = router.clone();
+                let busy = activity.request_started();
+                async move {
+                    let response = router.call(request.map(Body::new)).await?;
+                    // In flight until the body is sent (or dropped): an SSE
+                    // stream is never idle.
+                    Ok::<_, Infallible>(response.map(|body| {
+                        Body::new(body.map_frame(move |frame| {
+                            let _ = &busy;
+                            frame
+                        }))
+                    }))
+                }
+            }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .serve_connection(io, service)
+            .with_upgrades();
+        let metrics = metrics.clone();
+        let (mut stop, running) = (stop.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                reason = activity.expiry(limits) => {
+                    metrics.connection_closed(reason);
+                    return;
+                }
+                _ = stop.wait_for(|stop| *stop) => {}
+            }
+            // Shutting down: what is in flight finishes, then it closes.
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+            drop(running);
+        });
+    }
+    drop(listener);
+    stopping.send_replace(true);
+    drop(running);
+    let _ = all_done.recv().await;
+}
+
+/// What a connection is doing, for its timeouts. Times are milliseconds
+/// since the process's first connection.
+struct Activity {
+    in_flight: AtomicUsize,
+    /// When it last had nothing in flight.
+    idle_since: AtomicU64,
+    /// When the first byte of the next request head arrived; 0: none yet.
+    head_started: AtomicU64,
+    /// Wakes the expiry check when a head starts (its deadline is nearer).
+    head_arrived: tokio::sync::Notify,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(now()),
+            head_started: AtomicU64::new(0),
+            head_arrived: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.head_started.store(0, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    fn bytes_arrived(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self
+                .head_started
+                .compare_exchange(0, now().max(1), Ordering::SeqCst, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.head_arrived.notify_one();
+        }
+    }
+
+    /// Resolves when the connection has broken a limit, with which.
+    async fn expiry(&self, limits: ConnectionLimits) -> ConnectionClosed {
+        loop {
+            let deadline = if self.in_flight.load(Ordering::SeqCst) > 0 {
+                // A request runs: check again once a head could be late.
+                (now() + millis(limits.header_read_timeout), None)
+            } else {
+                match self.head_started.load(Ordering::SeqCst) {
+                    0 => (
+                        self.idle_since.load(Ordering::SeqCst) + millis(limits.idle_timeout),
+                        Some(ConnectionClosed::Idle),
+                    ),
+                    started => (
+                        started + millis(limits.header_read_timeout),
+                        Some(ConnectionClosed::SlowHeaders),
+                    ),
+                }
+            };
+            let (at, reason) = deadline;
+            let left = at.saturating_sub(now());
+            if left == 0
+                && let Some(reason) = reason
+            {
+                return reason;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(left.max(10))) => {}
+                () = self.head_arrived.notified() => {}
+            }
+        }
+    }
+}
+
+/// A request in flight on a connection, until dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.idle_since.store(now(), Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX / 2)
+}
+
+fn now() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    millis(START.get_or_init(Instant::now).elapsed())
+}
+
+/// The connection's socket, which notes arriving bytes and holds the
+/// connection's place under the cap (and in the metrics) for as long as it
+/// lives: an upgraded WebSocket keeps it too.
+struct Tracked {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+    _held: (OwnedSemaphorePermit, ConnectionGuard),
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.bytes_arrived();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit, and
+/// returns the limit now in force.
+pub fn raise_file_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let mut raised = limit;
+    raised.current = limit.maximum;
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => limit.maximum.unwrap_or(u64::MAX),
+        Err(error) => {
+            tracing::warn!(%error, "could not raise the open-file limit");
+            limit.current.unwrap_or(u64::MAX)
+        }
+    }
+}
