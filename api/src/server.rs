@@ -143,6 +143,7 @@ impl Server {
             feed,
             request_timeout: config.request_timeout,
             max_body_bytes: config.max_body_bytes,
+            max_db_reads: config.limits.db_reads,
             websocket: config.websocket,
             shutting_down: shutdown_seen,
             documents: Arc::new(DocumentCache::new(DOCUMENT_CACHE_CAPACITY)),

@@ -69,7 +69,8 @@ impl Cluster {
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
              -c synchronous_commit=off -c full_page_writes=off \
-             -c max_connections=400 -c shared_buffers=64MB{}",
+             -c max_connections=400 -c shared_buffers=64MB \
+             -c shared_preload_libraries=pg_stat_statements{}",
             dir.display(),
             if tls { " -c ssl=on" } else { "" }
         );
@@ -171,6 +172,13 @@ async fn shared() -> &'static Shared {
             let template_url = database_url(&admin_url, &template);
             let db = sea_orm::Database::connect(&template_url).await.unwrap();
             Migrator::up(&db, None).await.unwrap();
+            // Statement counts, for the tests of what requests read.
+            sea_orm::ConnectionTrait::execute_unprepared(
+                &db,
+                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements",
+            )
+            .await
+            .unwrap();
             db.close().await.unwrap();
             Shared {
                 _cluster: cluster,

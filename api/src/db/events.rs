@@ -121,7 +121,7 @@ pub async fn consecutive_failures(
 
 /// One ended run of a sync (see `sync_runs.sql`), or a resource without
 /// any (every run field `None`).
-#[derive(Debug, FromQueryResult)]
+#[derive(Debug, Clone, FromQueryResult)]
 pub struct RunRow {
     /// The resource.
     pub resource: String,

@@ -1,5 +1,6 @@
 //! The GraphQL schema of SPEC section 3, by domain.
 
+pub mod cost;
 pub mod documents;
 pub mod history;
 pub mod mutation;
@@ -12,6 +13,7 @@ pub mod types;
 pub mod validate;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_graphql::{Context, Schema, SchemaBuilder};
@@ -36,6 +38,8 @@ pub struct QueryLimits {
     pub depth: usize,
     /// Most fields (weighted) one operation may select.
     pub complexity: usize,
+    /// Most database reads one request may make ([`cost`]).
+    pub db_reads: usize,
 }
 
 impl QueryLimits {
@@ -43,6 +47,7 @@ impl QueryLimits {
     pub const DEFAULT: Self = Self {
         depth: 16,
         complexity: 2_000,
+        db_reads: 16,
     };
 }
 
@@ -81,6 +86,8 @@ enum OperationDb {
     Request {
         db: Arc<RequestDb>,
         failures: tokio::sync::OnceCell<history::FailureCounts>,
+        /// Query root fields read so far, by name and arguments.
+        reads: std::sync::Mutex<HashMap<String, Arc<ReadOnce>>>,
     },
     /// A live connection's subscriptions: a short transaction per read,
     /// since the connection lives for hours. An SSE stream also shares
@@ -90,6 +97,9 @@ enum OperationDb {
         event_stream: Option<Arc<EventStream>>,
     },
 }
+
+/// One query root field's read, shared by its repeats in a request.
+type ReadOnce = tokio::sync::OnceCell<Arc<dyn std::any::Any + Send + Sync>>;
 
 /// What an SSE stream and its subscription tell each other: the cursor it
 /// resumes after (the request's `Last-Event-ID`), the cursor of the change
@@ -155,6 +165,7 @@ impl OperationContext {
             db: OperationDb::Request {
                 db,
                 failures: Default::default(),
+                reads: Default::default(),
             },
         }
     }
@@ -211,6 +222,42 @@ impl OperationContext {
         work(&txn)
             .await
             .map_err(|error| ApiError::from_db(error, resource))
+    }
+
+    /// [`Self::read`] for a query's root field, once per request however
+    /// often the field appears with the same arguments (under aliases):
+    /// the repeats share the first one's result (SPEC 6b).
+    pub async fn read_once<T: Clone + Send + Sync + 'static>(
+        &self,
+        ctx: &Context<'_>,
+        resource: &str,
+        work: impl AsyncFnOnce(&RequestTxn) -> Result<T, sea_orm::DbErr>,
+    ) -> Result<T, ApiError> {
+        let OperationDb::Request { reads, .. } = &self.db else {
+            return self.read(resource, work).await;
+        };
+        let field = ctx.field();
+        let key = format!(
+            "{}{:?}",
+            field.name(),
+            field.arguments().unwrap_or_default()
+        );
+        let cell = reads
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let value = cell
+            .get_or_try_init(|| async {
+                let value = self.read(resource, work).await?;
+                Ok::<_, ApiError>(Arc::new(value) as Arc<dyn std::any::Any + Send + Sync>)
+            })
+            .await?;
+        value
+            .downcast_ref::<T>()
+            .cloned()
+            .ok_or_else(|| ApiError::internal("a root field read as two types"))
     }
 
     /// The live feed that subscriptions follow.

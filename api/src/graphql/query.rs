@@ -45,7 +45,7 @@ impl Query {
         let request = OperationContext::reader(ctx)?;
         validate::resource(&resource)?;
         let row = request
-            .read(&resource, async |txn| {
+            .read_once(ctx, &resource, async |txn| {
                 sync_states::find(txn, &resource).await
             })
             .await?;
@@ -62,7 +62,7 @@ impl Query {
     ) -> async_graphql::Result<Vec<SyncState>> {
         let request = OperationContext::reader(ctx)?;
         let rows = request
-            .read("", async |txn| {
+            .read_once(ctx, "", async |txn| {
                 sync_states::list(txn, status.as_deref()).await
             })
             .await?;
@@ -79,7 +79,7 @@ impl Query {
     async fn failed_syncs(&self, ctx: &Context<'_>) -> async_graphql::Result<Vec<SyncState>> {
         let request = OperationContext::reader(ctx)?;
         let rows = request
-            .read("", async |txn| sync_states::failed(txn).await)
+            .read_once(ctx, "", async |txn| sync_states::failed(txn).await)
             .await?;
         Ok(request.states(rows))
     }
@@ -100,7 +100,7 @@ impl Query {
         )?;
         let cutoff = request.now - Duration::milliseconds((hours * 3_600_000.0) as i64);
         let rows = request
-            .read("", async |txn| sync_states::stale(txn, cutoff).await)
+            .read_once(ctx, "", async |txn| sync_states::stale(txn, cutoff).await)
             .await?;
         Ok(request.states(rows))
     }
@@ -114,7 +114,7 @@ impl Query {
         let request = OperationContext::reader(ctx)?;
         let limit = validate::within("limit", limit.unwrap_or(5), 1, 1000)?;
         let rows = request
-            .read("", async |txn| {
+            .read_once(ctx, "", async |txn| {
                 sync_states::slowest(txn, limit.unsigned_abs().into()).await
             })
             .await?;
@@ -136,7 +136,7 @@ impl Query {
         )?;
         let cutoff = request.now - Duration::minutes(minutes.into());
         let rows = request
-            .read("", async |txn| sync_states::stuck(txn, cutoff).await)
+            .read_once(ctx, "", async |txn| sync_states::stuck(txn, cutoff).await)
             .await?;
         Ok(request.states(rows))
     }
@@ -152,7 +152,7 @@ impl Query {
         let min = validate::within("minConsecutive", min_consecutive.unwrap_or(3), 1, 1_000_000)?;
         let failures = request.failures().await?;
         let rows = request
-            .read("", async |txn| sync_states::list(txn, None).await)
+            .read_once(ctx, "", async |txn| sync_states::list(txn, None).await)
             .await?;
         let count = |resource: &str| failures.get(resource).copied().unwrap_or(0);
         let mut rows: Vec<_> = rows
@@ -185,7 +185,7 @@ impl Query {
         // One more than asked: tells whether a next page exists.
         let limit = u64::from(first.unsigned_abs()) + 1;
         let rows = request
-            .read("", async |txn| {
+            .read_once(ctx, "", async |txn| {
                 let position = match cursor {
                     Some(cursor) if cursor.position < events::pruned_through(txn).await? => {
                         return Ok(None);
@@ -236,7 +236,7 @@ impl Query {
     async fn sync_stats(&self, ctx: &Context<'_>) -> async_graphql::Result<SyncStats> {
         let request = OperationContext::reader(ctx)?;
         let totals = request
-            .read("", async |txn| sync_states::totals(txn).await)
+            .read_once(ctx, "", async |txn| sync_states::totals(txn).await)
             .await?;
         let mut stats = SyncStats::default();
         let (mut durations, mut duration_sum) = (0_i64, 0_i64);
@@ -285,7 +285,7 @@ async fn trends(
     }
     let last = validate::within("last", last.unwrap_or(20), 1, MAX_TREND_RUNS)?;
     let rows = request
-        .read("", async |txn| {
+        .read_once(ctx, "", async |txn| {
             events::runs(txn, resources.as_deref(), last).await
         })
         .await?;

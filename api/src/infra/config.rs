@@ -156,6 +156,13 @@ pub struct ServeArgs {
           value_parser = RangedU64ValueParser::<usize>::new().range(100..=100_000))]
     pub max_query_complexity: usize,
 
+    /// Most database reads one request may make (each distinct root field
+    /// weighs its reads); more is refused before any database work.
+    #[arg(long, env = "MAX_DB_READS_PER_REQUEST",
+          default_value_t = QueryLimits::DEFAULT.db_reads,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000))]
+    pub max_db_reads_per_request: usize,
+
     /// Days of sync events to keep (0: keep everything).
     #[arg(long, env = "EVENT_RETENTION_DAYS", default_value_t = DEFAULT_EVENT_RETENTION_DAYS)]
     pub event_retention_days: u32,
@@ -401,6 +408,7 @@ impl ServerConfig {
         config.limits = QueryLimits {
             depth: args.max_query_depth,
             complexity: args.max_query_complexity,
+            db_reads: args.max_db_reads_per_request,
         };
         Ok(config)
     }

@@ -24,7 +24,7 @@ use crate::db::{Access, Pool, RequestDb};
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
-use crate::graphql::{AppSchema, OperationContext};
+use crate::graphql::{AppSchema, OperationContext, cost};
 use crate::infra::config::WebSocketConfig;
 use crate::infra::metrics::{Metrics, Operation, Outcome};
 use crate::transport::board;
@@ -51,6 +51,8 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Largest accepted body.
     pub max_body_bytes: usize,
+    /// Most database reads one request may make.
+    pub max_db_reads: usize,
     /// Parsed queries, by text.
     pub documents: Arc<DocumentCache>,
     /// Origins browsers may call from.
@@ -214,20 +216,22 @@ enum Method {
     Post,
 }
 
-/// The type of the operation a request will run, if it parses.
-fn operation_type(request: &mut async_graphql::Request) -> Option<OperationType> {
+/// The type of the operation a request will run and the database reads it
+/// will make at most, if it parses.
+fn classify(request: &mut async_graphql::Request) -> Option<(OperationType, usize)> {
     let name = request.operation_name.clone();
     let document = request.parsed_query().ok()?;
-    match &document.operations {
-        DocumentOperations::Single(operation) => Some(operation.node.ty),
+    let operation = match &document.operations {
+        DocumentOperations::Single(operation) => Some(&operation.node),
         DocumentOperations::Multiple(operations) => match name {
             Some(name) => operations
                 .get(name.as_str())
-                .map(|operation| operation.node.ty),
-            None if operations.len() == 1 => operations.values().next().map(|op| op.node.ty),
+                .map(|operation| &operation.node),
+            None if operations.len() == 1 => operations.values().next().map(|op| &op.node),
             None => None,
         },
-    }
+    }?;
+    Some((operation.ty, cost::database_reads(document, operation)))
 }
 
 /// A GraphQL request let in: its caller known, its operation classified.
@@ -257,7 +261,27 @@ async fn admit(
         .map(|value| value.to_str().unwrap_or("\u{0}"));
     let caller = app.keys.caller(authorization).await.map_err(refuse)?;
     app.documents.prepare(&mut request);
-    let kind = operation_type(&mut request);
+    let classified = classify(&mut request);
+    let kind = classified.map(|(kind, _)| kind);
+    if let Some((kind, reads)) = classified
+        && reads > app.max_db_reads
+    {
+        let operation = match kind {
+            OperationType::Mutation => Operation::Mutation,
+            OperationType::Query => Operation::Query,
+            OperationType::Subscription => Operation::Subscription,
+        };
+        return Err(refused_as(
+            operation,
+            ApiError::BadUserInput {
+                message: format!(
+                    "this request would read the database {reads} times; at most {} reads are allowed per request (MAX_DB_READS_PER_REQUEST): split it, or ask for a field once",
+                    app.max_db_reads
+                ),
+                field: None,
+            },
+        ));
+    }
     let operation = match kind {
         Some(OperationType::Mutation) if method == Method::Get => {
             return Err(refused_as(
