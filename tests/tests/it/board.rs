@@ -371,7 +371,9 @@ async fn a_database_restart_shows_reconnecting_then_live_and_every_change() {
     eventually(
         &browser,
         "document.documentElement.dataset.connection === 'reconnecting'",
-        Duration::from_secs(5),
+        // The feed notices at once, or, if a read of the log was under
+        // way, once that read gives up: the pool's acquire timeout (5 s).
+        Duration::from_secs(12),
         "reconnecting shown",
     )
     .await;
