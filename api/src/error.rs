@@ -29,6 +29,8 @@ pub enum ErrorCode {
     CursorExpired,
     /// The database cannot be reached now; retry later (HTTP 503).
     ServiceUnavailable,
+    /// The caller is over its rate limit (HTTP 429, `Retry-After`).
+    RateLimited,
     /// Anything else; details are logged, never sent.
     InternalServerError,
 }
@@ -47,6 +49,7 @@ impl ErrorCode {
             Self::NotRunning => "NOT_RUNNING",
             Self::CursorExpired => "CURSOR_EXPIRED",
             Self::ServiceUnavailable => "SERVICE_UNAVAILABLE",
+            Self::RateLimited => "RATE_LIMITED",
             Self::InternalServerError => "INTERNAL_SERVER_ERROR",
         }
     }
@@ -96,6 +99,8 @@ pub enum ApiError {
     Timeout,
     /// The database could not be reached.
     Unavailable,
+    /// The caller is over its rate limit; it may try again after this.
+    RateLimited(std::time::Duration),
     /// A failure the client cannot act on. The detail is logged only.
     Internal(String),
 }
@@ -134,6 +139,10 @@ impl ApiError {
                 "cursor is unknown or expired; resubscribe with initial: true".into()
             }
             Self::Timeout => "the request timed out".into(),
+            Self::RateLimited(wait) => format!(
+                "too many requests: try again in {} s (RATE_LIMIT)",
+                retry_after_secs(*wait)
+            ),
             Self::Unavailable => "the database is unavailable; try again later".into(),
             Self::Internal(_) => "internal server error".into(),
         }
@@ -154,6 +163,7 @@ impl ApiError {
             Self::NotRunning(_) => ErrorCode::NotRunning,
             Self::CursorExpired => ErrorCode::CursorExpired,
             Self::Unavailable => ErrorCode::ServiceUnavailable,
+            Self::RateLimited(_) => ErrorCode::RateLimited,
             Self::Timeout | Self::Internal(_) => ErrorCode::InternalServerError,
         }
     }
@@ -169,6 +179,7 @@ impl ApiError {
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -210,6 +221,11 @@ impl ApiError {
         tracing::error!(%detail, "internal error");
         Self::Internal(detail)
     }
+}
+
+/// Whole seconds to wait, at least one, for `Retry-After`.
+pub fn retry_after_secs(wait: std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
 }
 
 /// Whether `error` says the database could not be reached or a connection

@@ -15,6 +15,7 @@ use crate::graphql::documents::DocumentCache;
 use crate::infra::config::ConnectionLimits;
 use crate::infra::config::ServerConfig;
 use crate::infra::metrics::Metrics;
+use crate::infra::rate_limit::RateLimiter;
 use crate::transport::http::{AppState, router};
 use crate::transport::listener;
 use crate::{db, graphql};
@@ -144,11 +145,17 @@ impl Server {
             request_timeout: config.request_timeout,
             max_body_bytes: config.max_body_bytes,
             max_db_reads: config.limits.db_reads,
+            rate_limiter: config
+                .rate_limit
+                .map(|limit| Arc::new(RateLimiter::new(limit))),
             websocket: config.websocket,
             shutting_down: shutdown_seen,
             documents: Arc::new(DocumentCache::new(DOCUMENT_CACHE_CAPACITY)),
             cors: config.cors,
         };
+        if let Some(limiter) = &state.rate_limiter {
+            tokio::spawn(forget_idle_callers(Arc::downgrade(limiter)));
+        }
         if let Some(days) = config.event_retention_days {
             tokio::spawn(prune_events(
                 state.pool.clone(),
@@ -236,6 +243,19 @@ fn connection_limits(
         max_connections,
         ..asked
     })
+}
+
+/// Once a minute, forgets callers whose budget is full again; ends with
+/// the server.
+async fn forget_idle_callers(limiter: std::sync::Weak<RateLimiter>) {
+    let mut every_minute = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        every_minute.tick().await;
+        match limiter.upgrade() {
+            Some(limiter) => limiter.forget_idle(),
+            None => return,
+        }
+    }
 }
 
 /// Deletes events older than `days` days, at start and then hourly.

@@ -71,6 +71,8 @@ pub struct Caller {
     pub claims: Arc<str>,
     /// When the token expires, in seconds since the epoch; `None` for anon.
     pub expires_at: Option<u64>,
+    /// The token's `sub`, if it has one (whom a rate limit counts).
+    pub subject: Option<Arc<str>>,
 }
 
 impl Caller {
@@ -117,6 +119,7 @@ impl Caller {
                 .to_string()
                 .into(),
             expires_at: None,
+            subject: None,
         }
     }
 }
@@ -406,10 +409,12 @@ impl TokenKeys {
                 role.chars().take(64).collect::<String>()
             ))
         })?;
+        let subject = claims.get("sub").and_then(Value::as_str).map(Arc::from);
         Ok(Caller {
             role,
             claims: Value::Object(claims).to_string().into(),
             expires_at: Some(exp),
+            subject,
         })
     }
 

@@ -156,6 +156,12 @@ pub struct ServeArgs {
           value_parser = RangedU64ValueParser::<usize>::new().range(100..=100_000))]
     pub max_query_complexity: usize,
 
+    /// Requests per caller (the token's `sub`, else the client address):
+    /// N/s, N/m or N/h, with bursts of N. WebSocket subscribe messages
+    /// count too. Off when unset.
+    #[arg(long, env = "RATE_LIMIT")]
+    pub rate_limit: Option<crate::infra::rate_limit::RateLimit>,
+
     /// Most database reads one request may make (each distinct root field
     /// weighs its reads); more is refused before any database work.
     #[arg(long, env = "MAX_DB_READS_PER_REQUEST",
@@ -287,6 +293,8 @@ pub struct ServerConfig {
     /// Timeouts and cap of HTTP connections; `max_connections` of 0: from
     /// the open-file limit at start.
     pub connections: ConnectionLimits,
+    /// Requests per caller; `None`: no limit.
+    pub rate_limit: Option<crate::infra::rate_limit::RateLimit>,
 }
 
 /// Limits on HTTP connections (SPEC 6b).
@@ -346,6 +354,7 @@ impl ServerConfig {
             event_retention_days: Some(DEFAULT_EVENT_RETENTION_DAYS),
             websocket: WebSocketConfig::DEFAULT,
             connections: ConnectionLimits::DEFAULT,
+            rate_limit: None,
         }
     }
 
@@ -399,6 +408,7 @@ impl ServerConfig {
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),
             max_connections: args.max_http_connections.unwrap_or(0),
         };
+        config.rate_limit = args.rate_limit;
         config.listen_addr = args.listen_addr;
         config.migrate = !args.no_migrate;
         config.max_connections = args.max_connections;

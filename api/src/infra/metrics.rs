@@ -78,6 +78,7 @@ pub struct Metrics {
     delay: Histogram,
     connections: Gauge,
     connections_closed: Family<ClosedLabels, Counter>,
+    rate_limited: Counter,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -181,8 +182,15 @@ impl Default for Metrics {
             "HTTP connections the server closed itself, by reason",
             connections_closed.clone(),
         );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited",
+            "Requests and WebSocket subscribe messages refused by the rate limit",
+            rate_limited.clone(),
+        );
         Self {
             registry,
+            rate_limited,
             connections,
             connections_closed,
             requests,
@@ -214,6 +222,11 @@ impl Metrics {
     pub fn connection_opened(self: &std::sync::Arc<Self>) -> ConnectionGuard {
         self.connections.inc();
         ConnectionGuard(self.clone())
+    }
+
+    /// A request or subscribe message over its caller's rate limit.
+    pub fn rate_limited(&self) {
+        self.rate_limited.inc();
     }
 
     /// The server closed a connection itself, for `reason`.

@@ -21,14 +21,16 @@ use serde_json::json;
 
 use crate::auth::{Caller, TokenKeys};
 use crate::db::{Access, Pool, RequestDb};
-use crate::error::{ApiError, ErrorCode};
+use crate::error::{ApiError, ErrorCode, retry_after_secs};
 use crate::feed::Feed;
 use crate::graphql::documents::DocumentCache;
 use crate::graphql::{AppSchema, OperationContext, cost};
 use crate::infra::config::WebSocketConfig;
 use crate::infra::metrics::{Metrics, Operation, Outcome};
+use crate::infra::rate_limit::RateLimiter;
 use crate::transport::board;
 use crate::transport::cors::{self, CorsOrigins};
+use crate::transport::listener::ClientAddr;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -53,6 +55,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Most database reads one request may make.
     pub max_db_reads: usize,
+    /// Requests per caller, when limited.
+    pub rate_limiter: Option<Arc<RateLimiter>>,
     /// Parsed queries, by text.
     pub documents: Arc<DocumentCache>,
     /// Origins browsers may call from.
@@ -99,7 +103,14 @@ pub(crate) fn refuse(error: ApiError) -> Response {
             "extensions": { "code": error.code().as_str() },
         }]
     });
-    (error.http_status(), Json(body)).into_response()
+    let mut response = (error.http_status(), Json(body)).into_response();
+    if let ApiError::RateLimited(wait) = error {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(retry_after_secs(wait)),
+        );
+    }
+    response
 }
 
 /// What a GraphQL request ran and how it ended, left in the response for
@@ -143,9 +154,11 @@ pub(crate) fn refused_as(operation: Operation, error: ApiError) -> Response {
 
 async fn graphql_post(
     State(app): State<AppState>,
+    client: Option<axum::Extension<ClientAddr>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let client = client.map(|axum::Extension(addr)| addr.0.ip());
     // The limit is axum's (DefaultBodyLimit on the route); its refusal
     // becomes a GraphQL error like every other.
     let bytes = match body {
@@ -172,12 +185,12 @@ async fn graphql_post(
     };
     match parsed {
         Ok(request) if crate::transport::sse::wanted(&headers) => {
-            match admit(&app, &headers, request, Method::Post).await {
+            match admit(&app, &headers, client, request, Method::Post).await {
                 Ok(admitted) => crate::transport::sse::respond(app, &headers, admitted).await,
                 Err(refused) => refused,
             }
         }
-        Ok(request) => execute(&app, &headers, request, Method::Post).await,
+        Ok(request) => execute(&app, &headers, client, request, Method::Post).await,
         Err(error) => refuse(ApiError::BadUserInput {
             message: format!(
                 "the body must be a JSON object with a \"query\" string (and optional \"variables\", \"operationName\"): {error}"
@@ -196,12 +209,18 @@ async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request)
         .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
     if wants_websocket {
         return match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(upgrade) => crate::transport::ws::upgrade(app, &parts.headers, upgrade).await,
+            Ok(upgrade) => {
+                let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
+                crate::transport::ws::upgrade(app, &parts.headers, client, upgrade).await
+            }
             Err(rejection) => rejection.into_response(),
         };
     }
     match async_graphql::http::parse_query_string(parts.uri.query().unwrap_or_default()) {
-        Ok(request) => execute(&app, &parts.headers, request, Method::Get).await,
+        Ok(request) => {
+            let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
+            execute(&app, &parts.headers, client, request, Method::Get).await
+        }
         Err(error) => refuse(ApiError::BadUserInput {
             message: format!("bad query string: {error}"),
             field: None,
@@ -247,6 +266,7 @@ pub(crate) struct Admitted {
 async fn admit(
     app: &AppState,
     headers: &HeaderMap,
+    client: Option<std::net::IpAddr>,
     mut request: async_graphql::Request,
     method: Method,
 ) -> Result<Admitted, Response> {
@@ -260,6 +280,12 @@ async fn admit(
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or("\u{0}"));
     let caller = app.keys.caller(authorization).await.map_err(refuse)?;
+    if let Some(limiter) = &app.rate_limiter
+        && let Err(wait) = limiter.check(&caller, client)
+    {
+        app.metrics.rate_limited();
+        return Err(refuse(ApiError::RateLimited(wait)));
+    }
     app.documents.prepare(&mut request);
     let classified = classify(&mut request);
     let kind = classified.map(|(kind, _)| kind);
@@ -306,10 +332,11 @@ async fn admit(
 async fn execute(
     app: &AppState,
     headers: &HeaderMap,
+    client: Option<std::net::IpAddr>,
     request: async_graphql::Request,
     method: Method,
 ) -> Response {
-    let admitted = match admit(app, headers, request, method).await {
+    let admitted = match admit(app, headers, client, request, method).await {
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };

@@ -51,8 +51,8 @@ pub async fn serve(
             accepted = listener.accept() => accepted,
             () = &mut shutdown => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors or a connection reset before it
                 // was accepted: neither stops the server.
@@ -76,7 +76,8 @@ pub async fn serve(
         let service = hyper::service::service_fn({
             let router = router.clone();
             let activity = activity.clone();
-            move |request: hyper::Request<Incoming>| {
+            move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(ClientAddr(peer));
                 let mut router = router.clone();
                 let busy = activity.request_started();
                 async move {
@@ -120,6 +121,11 @@ pub async fn serve(
     drop(running);
     let _ = all_done.recv().await;
 }
+
+/// The address a request's connection came from (what a rate limit
+/// counts when the caller has no `sub`).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
 
 /// What a connection is doing, for its timeouts. Times are milliseconds
 /// since the process's first connection.

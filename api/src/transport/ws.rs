@@ -41,6 +41,8 @@ struct SharedState {
     active: HashSet<String>,
     /// Answers this layer gives itself (refusals, 4409), for the writer.
     outbox: Vec<Message>,
+    /// The caller, once acknowledged, when its subscribes are rate limited.
+    caller: Option<Caller>,
 }
 
 impl Shared {
@@ -87,7 +89,12 @@ struct Envelope<'a> {
 }
 
 /// Answers a WebSocket upgrade on `/graphql`.
-pub async fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgrade) -> Response {
+pub async fn upgrade(
+    app: AppState,
+    headers: &HeaderMap,
+    client: Option<std::net::IpAddr>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
     let offered: Vec<String> = headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -138,7 +145,7 @@ pub async fn upgrade(app: AppState, headers: &HeaderMap, upgrade: WebSocketUpgra
     // future would sit in a larger one for its whole life (README,
     // Performance: idle subscribers).
     upgrade.on_upgrade(move |socket| async move {
-        tokio::spawn(serve(socket, app, protocol, header_caller));
+        tokio::spawn(serve(socket, app, protocol, header_caller, client));
     })
 }
 
@@ -161,9 +168,8 @@ fn authorization(payload: &Value) -> Option<String> {
     })
 }
 
-fn error_message(protocol: Protocols, id: &str, message: &str) -> String {
-    let error =
-        json!({"message": message, "extensions": {"code": ErrorCode::BadUserInput.as_str()}});
+fn error_message(protocol: Protocols, id: &str, code: ErrorCode, message: &str) -> String {
+    let error = json!({"message": message, "extensions": {"code": code.as_str()}});
     match protocol {
         Protocols::GraphQLWS => json!({"type": "error", "id": id, "payload": [error]}),
         Protocols::SubscriptionsTransportWS => json!({"type": "error", "id": id, "payload": error}),
@@ -171,12 +177,20 @@ fn error_message(protocol: Protocols, id: &str, message: &str) -> String {
     .to_string()
 }
 
-async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller: Option<Caller>) {
+async fn serve(
+    socket: Socket,
+    app: AppState,
+    protocol: Protocols,
+    header_caller: Option<Caller>,
+    client: Option<std::net::IpAddr>,
+) {
     let (mut sink, stream) = socket.split();
     let shared = Arc::new(Shared::default());
     let (init_told, mut init_outcome) = oneshot::channel::<InitOutcome>();
     let settings = app.websocket;
 
+    let limiter = app.rate_limiter.clone();
+    let metrics = app.metrics.clone();
     // Incoming: client messages, less what this layer answers itself.
     let incoming = {
         let shared = shared.clone();
@@ -187,7 +201,7 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
                 )
             })
             .filter_map(move |message| {
-                let shared = shared.clone();
+                let (shared, limiter, metrics) = (shared.clone(), limiter.clone(), metrics.clone());
                 async move {
                     let parsed = match message.ok()? {
                         Message::Text(text) => ClientMessage::from_bytes(text.as_str().as_bytes()),
@@ -196,9 +210,21 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
                     };
                     match &parsed {
                         Ok(ClientMessage::Start { id, .. }) => {
+                            let over_rate = match (&limiter, shared.lock().caller.clone()) {
+                                (Some(limiter), Some(caller)) => {
+                                    limiter.check(&caller, client).err()
+                                }
+                                _ => None,
+                            };
                             let refusal = {
                                 let active = &mut shared.lock().active;
-                                if active.contains(id) {
+                                if let Some(wait) = over_rate {
+                                    metrics.rate_limited();
+                                    let error = ApiError::RateLimited(wait);
+                                    let text =
+                                        error_message(protocol, id, error.code(), &error.message());
+                                    Some(Message::Text(text.into()))
+                                } else if active.contains(id) {
                                     Some(Message::Close(Some(CloseFrame {
                                         code: 4409,
                                         reason: format!("Subscriber for {id} already exists")
@@ -208,6 +234,7 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
                                     let text = error_message(
                                         protocol,
                                         id,
+                                        ErrorCode::BadUserInput,
                                         &format!(
                                             "subscription ids are at most {MAX_ID_BYTES} bytes"
                                         ),
@@ -217,6 +244,7 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
                                     let text = error_message(
                                         protocol,
                                         id,
+                                        ErrorCode::BadUserInput,
                                         &format!(
                                             "at most {} subscriptions per connection",
                                             settings.max_subscriptions
@@ -246,6 +274,8 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
     let on_init = {
         let keys = app.keys.clone();
         let feed = app.feed.clone();
+        let limited = app.rate_limiter.is_some();
+        let shared_for_init = shared.clone();
         move |payload: Value| async move {
             let caller = match authorization(&payload) {
                 Some(value) => keys.caller(Some(&value)).await,
@@ -265,6 +295,9 @@ async fn serve(socket: Socket, app: AppState, protocol: Protocols, header_caller
                 return Err(async_graphql::Error::new(
                     "the live feed is reconnecting; try again shortly",
                 ));
+            }
+            if limited {
+                shared_for_init.lock().caller = Some(caller.clone());
             }
             let _ = init_told.send(InitOutcome::Accepted(caller.clone()));
             let mut data = Data::default();

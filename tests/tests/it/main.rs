@@ -22,6 +22,7 @@ mod migrate_command;
 mod migration;
 mod notify;
 mod pooler;
+mod rate_limit;
 mod read_cost;
 mod sse;
 mod state_table;
