@@ -289,25 +289,6 @@ async fn admit(
     app.documents.prepare(&mut request);
     let classified = classify(&mut request);
     let kind = classified.map(|(kind, _)| kind);
-    if let Some((kind, reads)) = classified
-        && reads > app.max_db_reads
-    {
-        let operation = match kind {
-            OperationType::Mutation => Operation::Mutation,
-            OperationType::Query => Operation::Query,
-            OperationType::Subscription => Operation::Subscription,
-        };
-        return Err(refused_as(
-            operation,
-            ApiError::BadUserInput {
-                message: format!(
-                    "this request would read the database {reads} times; at most {} reads are allowed per request (MAX_DB_READS_PER_REQUEST): split it, or ask for a field once",
-                    app.max_db_reads
-                ),
-                field: None,
-            },
-        ));
-    }
     let operation = match kind {
         Some(OperationType::Mutation) if method == Method::Get => {
             return Err(refused_as(
@@ -320,6 +301,20 @@ async fn admit(
         Some(OperationType::Subscription) => Operation::Subscription,
         None => Operation::Unknown,
     };
+    if let Some((_, reads)) = classified
+        && reads > app.max_db_reads
+    {
+        return Err(refused_as(
+            operation,
+            ApiError::BadUserInput {
+                message: format!(
+                    "this request would read the database {reads} times; at most {} reads are allowed per request (MAX_DB_READS_PER_REQUEST): split it, or ask for a field once",
+                    app.max_db_reads
+                ),
+                field: None,
+            },
+        ));
+    }
     Ok(Admitted {
         caller,
         request,
@@ -350,18 +345,26 @@ async fn execute(
     }
     let operation = admitted.operation;
     match run(app, admitted).await {
-        Ok((response, outcome)) => {
-            let mut answer = (status_of(&response), Json(response)).into_response();
-            if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
-                answer
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            }
-            answer.extensions_mut().insert(Ran { operation, outcome });
-            answer
-        }
+        Ok((response, outcome)) => answer(response, operation, outcome),
         Err(refused) => refused,
     }
+}
+
+/// An executed request as one JSON response, with its status (and
+/// `Retry-After` when the database was unavailable).
+pub(crate) fn answer(
+    response: async_graphql::Response,
+    operation: Operation,
+    outcome: Outcome,
+) -> Response {
+    let mut answer = (status_of(&response), Json(response)).into_response();
+    if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    answer.extensions_mut().insert(Ran { operation, outcome });
+    answer
 }
 
 /// The HTTP status of an executed request: 200, but 503 when the database

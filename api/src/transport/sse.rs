@@ -16,7 +16,6 @@ use async_graphql::futures_util::future::BoxFuture;
 use async_graphql::futures_util::stream::BoxStream;
 use async_graphql::futures_util::{Stream, StreamExt, stream};
 use async_graphql::parser::types::OperationType;
-use axum::Json;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +24,9 @@ use crate::error::ApiError;
 use crate::feed::LIVE_WAIT;
 use crate::graphql::{EventStream, OperationContext};
 use crate::infra::metrics::{Operation, Outcome};
-use crate::transport::http::{Admitted, AppState, Ran, fill_codes, refused_as, run, status_of};
+use crate::transport::http::{
+    Admitted, AppState, Ran, answer, fill_codes, refused_as, run, status_of,
+};
 
 /// Longest silence on a stream (or the WebSocket ping interval, if
 /// shorter): a comment line goes out at least this often, so proxies keep
@@ -55,14 +56,13 @@ pub async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> 
         return match run(&app, admitted).await {
             // Unavailable: said with the plain POST's status, before any
             // stream, so the client retries.
-            Ok((response, outcome)) if status_of(&response) != StatusCode::OK => {
-                let answer = (status_of(&response), Json(response)).into_response();
-                ran(answer, operation, outcome)
-            }
-            Ok((response, outcome)) => {
-                let events = stream::iter([next(&response, None), complete()]);
-                ran(stream_response(events, KEEP_ALIVE), operation, outcome)
-            }
+            Ok((response, outcome)) => match status_of(&response) {
+                StatusCode::OK => {
+                    let events = stream::iter([next(&response, None), complete()]);
+                    ran(stream_response(events, KEEP_ALIVE), operation, outcome)
+                }
+                _ => answer(response, operation, outcome),
+            },
             Err(refused) => refused,
         };
     }

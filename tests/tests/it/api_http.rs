@@ -298,11 +298,22 @@ async fn readiness_follows_the_database() {
     .await
     .unwrap();
     assert_eq!(ready(&app).await, StatusCode::SERVICE_UNAVAILABLE);
-    for (role, query) in [
-        ("authenticated", "{ syncStates { resource } }"),
+    // The same over SSE: a query is refused before any stream.
+    for (role, query, accept) in [
+        (
+            "authenticated",
+            "{ syncStates { resource } }",
+            "application/json",
+        ),
         (
             "service_role",
             "mutation { startSync(resource: \"accounts\") { resource } }",
+            "application/json",
+        ),
+        (
+            "authenticated",
+            "{ syncStates { resource } }",
+            "text/event-stream",
         ),
     ] {
         let started = std::time::Instant::now();
@@ -310,6 +321,7 @@ async fn readiness_follows_the_database() {
             .client
             .post(app.url("/graphql"))
             .bearer_auth(app.token(role))
+            .header("accept", accept)
             .json(&json!({"query": query}))
             .send()
             .await
