@@ -10,4 +10,5 @@ pub mod infra;
 pub mod server;
 mod transport;
 
+pub use feed::cursor::Cursor;
 pub use transport::cors;

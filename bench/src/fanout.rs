@@ -67,7 +67,7 @@ pub async fn run(
         tasks.push(tokio::spawn(async move {
             let permit = connecting.acquire_owned().await;
             let subscription = match transport {
-                Transport::WebSocket => subscribe(&url, &token)
+                Transport::WebSocket => subscribe(&url, &token, SUBSCRIPTION, &json!({}))
                     .await
                     .map(|socket| Subscription::WebSocket(Box::new(socket))),
                 Transport::Sse => crate::sse::EventStream::open(&base, &token, SUBSCRIPTION)
@@ -176,13 +176,7 @@ pub async fn run(
 
 /// One subscriber's open subscription.
 enum Subscription {
-    WebSocket(
-        Box<
-            tokio_tungstenite::WebSocketStream<
-                tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-            >,
-        >,
-    ),
+    WebSocket(Box<WebSocket>),
     Sse(crate::sse::EventStream),
 }
 
@@ -209,9 +203,7 @@ impl Tally<'_> {
 
 /// Counts what a WebSocket subscriber receives until told to stop.
 async fn follow_ws(
-    mut socket: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    mut socket: WebSocket,
     stop: &mut tokio::sync::watch::Receiver<bool>,
     tally: &mut Tally<'_>,
 ) {
@@ -264,12 +256,18 @@ fn change_number(payload: &Value) -> Option<u64> {
     payload["data"]["syncStateChanged"]["state"]["recordsSynced"].as_u64()
 }
 
-async fn subscribe(
+/// A WebSocket to the server.
+pub type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a graphql-transport-ws connection as `token`'s caller and
+/// subscribes (id "1") to `query` with `variables`.
+pub async fn subscribe(
     url: &str,
     token: &str,
-) -> anyhow::Result<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-> {
+    query: &str,
+    variables: &Value,
+) -> anyhow::Result<WebSocket> {
     let mut request = url.into_client_request()?;
     request
         .headers_mut()
@@ -285,7 +283,7 @@ async fn subscribe(
             other => anyhow::bail!("no connection_ack: {other:?}"),
         }
     }
-    let subscribe = json!({"id": "1", "type": "subscribe", "payload": {"query": SUBSCRIPTION}});
+    let subscribe = json!({"id": "1", "type": "subscribe", "payload": {"query": query, "variables": variables}});
     socket
         .send(Message::Text(subscribe.to_string().into()))
         .await?;

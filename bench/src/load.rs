@@ -157,6 +157,14 @@ pub async fn query(
     Ok(report(samples, elapsed, concurrency, cpu))
 }
 
+/// An answer with data and no top-level errors.
+pub fn is_data(body: &[u8]) -> bool {
+    body.starts_with(br#"{"data":"#)
+        && !body
+            .windows(TOP_LEVEL_ERRORS.len())
+            .any(|window| window == TOP_LEVEL_ERRORS)
+}
+
 /// A dashboard answer with data and no top-level errors (SyncState's own
 /// `errors` field holds {"code": ...} objects, never {"message": ...} first).
 fn is_dashboard(body: &[u8]) -> bool {

@@ -12,6 +12,7 @@ mod fanout;
 mod http;
 mod load;
 mod mutate;
+mod soak;
 mod sse;
 mod stats;
 mod target;
@@ -72,6 +73,24 @@ struct Args {
     /// Milliseconds between fanout and sse changes.
     #[arg(long, default_value_t = 200)]
     interval_ms: u64,
+    /// Seconds the soak runs.
+    #[arg(long, default_value_t = 600)]
+    soak_seconds: u64,
+    /// Seconds of one soak report window.
+    #[arg(long, default_value_t = 60)]
+    soak_window_seconds: u64,
+    /// Queries per second during the soak.
+    #[arg(long, default_value_t = 200)]
+    soak_query_rate: u32,
+    /// Transitions per second during the soak.
+    #[arg(long, default_value_t = 20)]
+    soak_mutation_rate: u32,
+    /// WebSocket subscribers during the soak, each leaving and resuming.
+    #[arg(long, default_value_t = 500)]
+    soak_subscribers: usize,
+    /// Slowloris connections during the soak.
+    #[arg(long, default_value_t = 20)]
+    soak_attackers: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +105,10 @@ enum Scenario {
     Fanout,
     /// The same over GraphQL over SSE (one stream per subscriber).
     Sse,
+    /// A long mixed run (queries, mutations, subscribers leaving and
+    /// resuming, slowloris attackers), reported per time window; only
+    /// when named.
+    Soak,
 }
 
 #[tokio::main]
@@ -105,6 +128,15 @@ async fn main() -> anyhow::Result<()> {
         args.seconds = 1;
         args.subscribers = args.subscribers.min(25);
         args.changes = args.changes.min(3);
+        args.soak_seconds = args.soak_seconds.min(20);
+        args.soak_window_seconds = args.soak_window_seconds.min(5);
+        args.soak_query_rate = args.soak_query_rate.min(50);
+        args.soak_mutation_rate = args.soak_mutation_rate.min(10);
+        args.soak_subscribers = args.soak_subscribers.min(20);
+        args.soak_attackers = args.soak_attackers.min(5);
+    }
+    if args.soak_seconds == 0 || args.soak_window_seconds == 0 {
+        bail!("--soak-seconds and --soak-window-seconds must be at least 1");
     }
     target::raise_file_limit();
     let target = match &args.url {
@@ -158,6 +190,20 @@ async fn run(args: &Args, target: &Target) -> anyhow::Result<Value> {
                 )
                 .await?
             }
+            Scenario::Soak => {
+                soak::run(
+                    target,
+                    soak::Plan {
+                        duration: Duration::from_secs(args.soak_seconds),
+                        window: Duration::from_secs(args.soak_window_seconds),
+                        query_rate: args.soak_query_rate,
+                        mutation_rate: args.soak_mutation_rate,
+                        subscribers: args.soak_subscribers,
+                        attackers: args.soak_attackers,
+                    },
+                )
+                .await?
+            }
         };
         report[scenario_name(*scenario)] = value;
     }
@@ -177,6 +223,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Mutate => "mutate",
         Scenario::Fanout => "fanout",
         Scenario::Sse => "sse",
+        Scenario::Soak => "soak",
     }
 }
 
@@ -192,6 +239,10 @@ fn failures(report: &Value) -> Vec<String> {
         ("fanout", "errors"),
         ("sse", "missed"),
         ("sse", "errors"),
+        ("soak", "errors"),
+        ("soak", "missed"),
+        ("soak", "lost"),
+        ("soak", "duplicates"),
     ] {
         if let Some(count) = report[scenario][field].as_u64()
             && count > 0
@@ -225,6 +276,11 @@ fn print_table(args: &Args, report: &Value) {
             ""
         }
     );
+    let timed = ["query", "floor", "mutate", "fanout", "sse"];
+    if timed.iter().all(|name| report[*name].is_null()) {
+        print_soak(&report["soak"]);
+        return;
+    }
     println!(
         "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  notes",
         "scenario",
@@ -301,4 +357,87 @@ fn print_table(args: &Args, report: &Value) {
     if let Some(ratio) = report["query_to_floor_throughput"].as_f64() {
         println!("query/floor throughput: {ratio:.2}");
     }
+    print_soak(&report["soak"]);
+}
+
+fn print_soak(soak: &Value) {
+    if soak.is_null() {
+        return;
+    }
+    println!(
+        "soak: {}s, {} queries/s, {} transitions/s, {} subscribers leaving and resuming, {} slowloris attackers",
+        soak["seconds"],
+        soak["query_rate"],
+        soak["mutation_rate"],
+        soak["subscribers"],
+        soak["attackers"]
+    );
+    println!(
+        "{:>11} {:>8} {:>9} {:>8} {:>9} {:>10} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9} {:>10} {:>6}",
+        "window s",
+        "queries",
+        "q p99 ms",
+        "muts",
+        "m p99 ms",
+        "delivered",
+        "d p99 ms",
+        "errors",
+        "missed",
+        "resumes",
+        "attacks",
+        "held max",
+        "RSS KiB",
+        "fds"
+    );
+    for window in soak["windows"].as_array().into_iter().flatten() {
+        // serde_json's numbers ignore widths: print them as text.
+        let n = |field: &str| window[field].to_string();
+        println!(
+            "{:>11} {:>8} {:>9} {:>8} {:>9} {:>10} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8.1}s {:>10} {:>6}",
+            format!(
+                "{:.0}-{:.0}",
+                window["from_s"].as_f64().unwrap_or(0.0),
+                window["to_s"].as_f64().unwrap_or(0.0)
+            ),
+            n("queries"),
+            ms(&window["query_p99_ms"]),
+            n("mutations"),
+            ms(&window["mutation_p99_ms"]),
+            n("deliveries_live"),
+            ms(&window["delivery_p99_ms"]),
+            n("errors"),
+            n("missed"),
+            n("resumes"),
+            n("attacks_closed"),
+            window["attack_hold_max_s"].as_f64().unwrap_or(0.0),
+            n("rss_kib"),
+            n("open_fds_max"),
+        );
+    }
+    let totals = &soak["totals"];
+    println!(
+        "totals: {} requests, {} errors; {} transitions acknowledged, {} logged, {} lost; {} events, {} delivered over {} sessions, {} missed, {} duplicates",
+        totals["requests"],
+        totals["errors"],
+        totals["transitions_acknowledged"],
+        totals["transitions_logged"],
+        totals["lost"],
+        totals["events"],
+        totals["delivered"],
+        totals["sessions"],
+        totals["missed"],
+        totals["duplicates"],
+    );
+    let slope = |value: &Value| {
+        value
+            .as_f64()
+            .map_or("-".into(), |kib| format!("{kib:+.1}"))
+    };
+    println!(
+        "server RSS {} -> {} KiB; slope {} KiB/min over the run, {} KiB/min after the first window",
+        soak["rss_kib_first"],
+        soak["rss_kib_last"],
+        slope(&soak["rss_kib_per_minute"]),
+        slope(&soak["rss_kib_per_minute_after_first_window"]),
+    );
 }

@@ -199,6 +199,13 @@ impl Target {
             .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
+    /// How many file descriptors the server holds open, when it runs here.
+    pub fn open_fds(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        Some(entries.count() as u64)
+    }
+
     /// Stops a server started here (SIGTERM) and removes its directory.
     pub fn stop(self) {
         for mut child in self.child.into_iter().chain(self.idle) {

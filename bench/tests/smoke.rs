@@ -76,3 +76,47 @@ fn smoke_through_pgbouncer_loses_nothing() {
     assert_eq!(report["mutate"]["lost"], 0);
     assert_eq!(report["fanout"]["missed"], 0);
 }
+
+/// The soak at smoke size (20 s in 5 s windows): subscribers leave and
+/// resume by cursor and miss nothing, no transition is lost, slowloris
+/// connections are closed by the header timeout (10 s by default), and
+/// every window has the server's memory and open files.
+#[test]
+fn smoke_soak_resumes_and_closes_attackers() {
+    let report = smoke(&["soak"]);
+    let soak = &report["soak"];
+    let totals = &soak["totals"];
+    for field in ["errors", "missed", "lost", "duplicates"] {
+        assert_eq!(totals[field], 0, "{field}: {totals}");
+    }
+    assert!(totals["requests"].as_u64().unwrap() > 0, "{totals}");
+    assert!(totals["transitions_acknowledged"].as_u64().unwrap() > 0);
+    assert_eq!(
+        totals["transitions_acknowledged"],
+        totals["transitions_logged"]
+    );
+    // Every subscriber saw every event, over more sessions than there
+    // are subscribers: they left and came back.
+    assert_eq!(
+        totals["delivered"].as_u64(),
+        Some(totals["events"].as_u64().unwrap() * soak["subscribers"].as_u64().unwrap())
+    );
+    assert!(
+        totals["sessions"].as_u64().unwrap() > soak["subscribers"].as_u64().unwrap(),
+        "{totals}"
+    );
+    let windows = soak["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 4);
+    let mut attacks_closed = 0;
+    for window in windows {
+        assert!(window["rss_kib"].as_u64().unwrap() > 0, "{window}");
+        assert!(window["open_fds_max"].as_u64().unwrap() > 0, "{window}");
+        assert!(
+            window["attack_hold_max_s"].as_f64().unwrap() < 15.0,
+            "an attacker was held past the header timeout: {window}"
+        );
+        attacks_closed += window["attacks_closed"].as_u64().unwrap();
+    }
+    assert!(attacks_closed >= soak["attackers"].as_u64().unwrap());
+    assert!(soak["rss_kib_per_minute"].as_f64().is_some());
+}
