@@ -24,6 +24,7 @@ mod browser;
 mod jwks;
 mod logs;
 mod pgbouncer;
+mod process;
 mod sse;
 mod ws;
 pub use app::{SECRET, TestApp, base64url};
@@ -31,6 +32,7 @@ pub use browser::Browser;
 pub use jwks::{JwksServer, KeyKind, TestKey, private_key_pem};
 pub use logs::LogCapture;
 pub use pgbouncer::PgBouncer;
+pub use process::{SERVER_VAR, ServerProcess, serve_if_asked};
 pub use sse::{SseEvent, SseStream};
 pub use ws::WsClient;
 

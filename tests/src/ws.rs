@@ -1,5 +1,6 @@
 //! A GraphQL-over-WebSocket test client (both subprotocols).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -35,7 +36,18 @@ impl WsClient {
         protocols: &str,
         authorization: Option<&str>,
     ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
-        let mut request = format!("ws://{}/graphql", app.addr)
+        Self::connect_to(app.addr, protocols, authorization).await
+    }
+
+    /// Connects to the server at `addr`, which need not be a [`TestApp`]
+    /// (a [`crate::ServerProcess`], say), with an optional Authorization
+    /// header on the upgrade.
+    pub async fn connect_to(
+        addr: SocketAddr,
+        protocols: &str,
+        authorization: Option<&str>,
+    ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        let mut request = format!("ws://{addr}/graphql")
             .into_client_request()
             .unwrap();
         if !protocols.is_empty() {
@@ -56,7 +68,7 @@ impl WsClient {
         Ok(WsClient {
             socket,
             protocol,
-            metrics_url: app.url("/metrics"),
+            metrics_url: format!("http://{addr}/metrics"),
         })
     }
 
@@ -138,13 +150,24 @@ impl WsClient {
 
     /// Connects with graphql-transport-ws and initialises with a token for `role`.
     pub async fn ready(app: &TestApp, role: &str) -> WsClient {
-        let mut client = Self::connect(app, "graphql-transport-ws").await;
+        Self::ready_at(app.addr, &app.token(role)).await.unwrap()
+    }
+
+    /// Connects to `addr` with graphql-transport-ws and initialises with
+    /// `token`. Failing to connect is returned, for clients that expect
+    /// servers to come and go; a refused `connection_init` panics.
+    pub async fn ready_at(
+        addr: SocketAddr,
+        token: &str,
+    ) -> Result<WsClient, tokio_tungstenite::tungstenite::Error> {
+        let mut client = Self::connect_to(addr, "graphql-transport-ws", None).await?;
         let ack = client
-            .init(json!({"Authorization": format!("Bearer {}", app.token(role))}))
-            .await
-            .unwrap();
-        assert_eq!(ack["type"], "connection_ack", "{ack}");
-        client
+            .init(json!({"Authorization": format!("Bearer {token}")}))
+            .await;
+        match ack {
+            Ok(ack) if ack["type"] == "connection_ack" => Ok(client),
+            other => panic!("connection_init not acknowledged: {other:?}"),
+        }
     }
 
     /// Starts subscription `id` (graphql-transport-ws).

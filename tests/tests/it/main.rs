@@ -24,6 +24,7 @@ mod notify;
 mod pooler;
 mod rate_limit;
 mod read_cost;
+mod server_kill;
 mod sse;
 mod state_table;
 mod transitions;
