@@ -34,6 +34,11 @@ pub const SCRIPTS: &[SqlScript] = &[
         up: include_str!("m20251106_000000_vantage_sync_events/up.sql"),
         down: include_str!("m20251106_000000_vantage_sync_events/down.sql"),
     },
+    SqlScript {
+        name: "m20261202_000000_vantage_sync_event_indexes",
+        up: include_str!("m20261202_000000_vantage_sync_event_indexes/up.sql"),
+        down: include_str!("m20261202_000000_vantage_sync_event_indexes/down.sql"),
+    },
 ];
 
 /// The whole up migration as one plain SQL script in a single transaction.

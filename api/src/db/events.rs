@@ -89,7 +89,8 @@ pub async fn history(
     read_after(db, after, limit, resources.as_deref()).await
 }
 
-/// Failed completions since the last success, per resource that has any.
+/// Failed completions since the last success, per registered resource
+/// that has any (see `consecutive_failures.sql`).
 pub async fn consecutive_failures(
     db: &impl ConnectionTrait,
 ) -> Result<HashMap<String, i32>, DbErr> {
@@ -100,11 +101,7 @@ pub async fn consecutive_failures(
     }
     let rows = Row::find_by_statement(Statement::from_string(
         DbBackend::Postgres,
-        "SELECT e.resource, count(*) AS failures FROM public.vantage_sync_events e \
-         WHERE e.operation = 'UPDATE' AND e.status = 'failed' AND e.previous_status = 'running' \
-           AND e.id > coalesce((SELECT max(s.id) FROM public.vantage_sync_events s \
-                                WHERE s.resource = e.resource AND s.status = 'success'), 0) \
-         GROUP BY e.resource",
+        include_str!("consecutive_failures.sql"),
     ))
     .all(db)
     .await?;

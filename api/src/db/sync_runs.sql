@@ -8,6 +8,15 @@
 -- earlier run as ABANDONED when the new one starts. A running sync whose
 -- started_at moved back (an operator's correction) is the same run.
 -- History before a resource's latest removal belongs to its former self.
+--
+-- Cost: each resource's run ends are read backwards from the newest, in
+-- the partial index of run ends, and only until $2 runs are found; the
+-- latest removal and each restart's earlier start are one index lookup.
+-- A long log costs nothing more. "resource = r" is written as the range
+-- (r, lower) < (resource, id) <= (r, upper): with a plain equality on a
+-- parameter the planner may walk the whole log backwards by id (the primary
+-- key) hoping to meet $2 runs soon, which for a quiet resource never comes;
+-- the range makes the (resource, id) order the only cheap one.
 WITH scope AS (
     SELECT DISTINCT resource
     FROM (
@@ -17,45 +26,55 @@ WITH scope AS (
     ) asked
 ),
 since AS (
-    SELECT scope.resource, coalesce(max(e.id), 0) AS removed_at
+    SELECT scope.resource, coalesce(removal.id, 0) AS removed_at
     FROM scope
-    LEFT JOIN public.vantage_sync_events e
-        ON e.resource = scope.resource AND e.operation = 'DELETE'
-    GROUP BY scope.resource
-),
-logged AS (
-    SELECT e.id, e.resource, e.status, e.previous_status, e.occurred_at, e.state,
-           (e.state->>'started_at')::timestamptz AS started_at,
-           lag((e.state->>'started_at')::timestamptz)
-               OVER (PARTITION BY e.resource ORDER BY e.id) AS earlier_started_at
-    FROM public.vantage_sync_events e
-    JOIN since ON since.resource = e.resource AND e.id > since.removed_at
-    WHERE e.operation = 'UPDATE'
-),
-ended AS (
-    SELECT id, resource, started_at,
-           (state->>'completed_at')::timestamptz AS completed_at,
-           upper(status) AS status,
-           (state->>'duration_ms')::integer AS duration_ms,
-           CASE WHEN status = 'success' THEN (state->>'records_synced')::integer END
-               AS records_synced,
-           CASE WHEN status = 'failed'
-                THEN jsonb_array_length(coalesce(state->'errors', '[]'::jsonb)) ELSE 0 END
-               AS error_count
-    FROM logged
-    WHERE previous_status = 'running' AND status IN ('success', 'failed')
-    UNION ALL
-    SELECT id, resource, earlier_started_at, started_at, 'ABANDONED', NULL, NULL, 0
-    FROM logged
-    WHERE previous_status = 'running' AND status = 'running'
-      AND started_at > earlier_started_at
-),
-newest AS (
-    SELECT ended.*, row_number() OVER (PARTITION BY resource ORDER BY id DESC) AS age
-    FROM ended
+    LEFT JOIN LATERAL (
+        SELECT d.id
+        FROM public.vantage_sync_events d
+        WHERE (d.resource, d.id) >= (scope.resource, 0)
+          AND (d.resource, d.id) <= (scope.resource, 9223372036854775807)
+          AND d.operation = 'DELETE'
+        ORDER BY d.resource DESC, d.id DESC
+        LIMIT 1
+    ) removal ON true
 )
-SELECT scope.resource, newest.started_at, newest.completed_at, newest.status,
-       newest.duration_ms, newest.records_synced, newest.error_count
-FROM scope
-LEFT JOIN newest ON newest.resource = scope.resource AND newest.age <= $2
-ORDER BY scope.resource, newest.id DESC
+SELECT since.resource, run.started_at, run.completed_at, run.status,
+       run.duration_ms, run.records_synced, run.error_count
+FROM since
+LEFT JOIN LATERAL (
+    SELECT * FROM (
+        SELECT e.id,
+               CASE WHEN e.status = 'running' THEN earlier.started_at
+                    ELSE (e.state->>'started_at')::timestamptz END AS started_at,
+               CASE WHEN e.status = 'running' THEN (e.state->>'started_at')::timestamptz
+                    ELSE (e.state->>'completed_at')::timestamptz END AS completed_at,
+               CASE WHEN e.status = 'running' THEN 'ABANDONED' ELSE upper(e.status) END AS status,
+               CASE WHEN e.status <> 'running' THEN (e.state->>'duration_ms')::integer END
+                   AS duration_ms,
+               CASE WHEN e.status = 'success' THEN (e.state->>'records_synced')::integer END
+                   AS records_synced,
+               CASE WHEN e.status = 'failed'
+                    THEN jsonb_array_length(coalesce(e.state->'errors', '[]'::jsonb)) ELSE 0 END
+                   AS error_count
+        FROM public.vantage_sync_events e
+        -- For a running sync started again: the started_at of the update
+        -- before it (none when that was its creation or before a removal).
+        LEFT JOIN LATERAL (
+            SELECT (p.state->>'started_at')::timestamptz AS started_at
+            FROM public.vantage_sync_events p
+            WHERE (p.resource, p.id) > (e.resource, since.removed_at)
+              AND (p.resource, p.id) < (e.resource, e.id)
+              AND p.operation = 'UPDATE'
+            ORDER BY p.resource DESC, p.id DESC
+            LIMIT 1
+        ) earlier ON e.status = 'running'
+        WHERE (e.resource, e.id) > (since.resource, since.removed_at)
+          AND (e.resource, e.id) <= (since.resource, 9223372036854775807)
+          AND e.operation = 'UPDATE' AND e.previous_status = 'running'
+          AND e.status IN ('success', 'failed', 'running')
+        ORDER BY e.resource DESC, e.id DESC
+    ) ends
+    WHERE ends.status <> 'ABANDONED' OR ends.completed_at > ends.started_at
+    LIMIT $2
+) run ON true
+ORDER BY since.resource, run.id DESC

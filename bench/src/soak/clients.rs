@@ -17,11 +17,12 @@ use crate::load::{DASHBOARD, is_data};
 const TRICKLE: Duration = Duration::from_secs(1);
 
 /// The queries the query clients take in turn: the dashboard, the totals,
-/// the failures and the trends (which reads the event log).
+/// the failures with their streaks and the trends (both read the event
+/// log, so they would show a log that costs more as it grows).
 const QUERIES: [&str; 4] = [
     DASHBOARD,
     "{ syncStats { totalResources successful failed running } }",
-    "{ failedSyncs { resource errorCount errors { code } } }",
+    "{ failedSyncs { resource errorCount consecutiveFailures errors { code } } }",
     "{ syncTrends(last: 10) { resource successRate runs { status } } }",
 ];
 /// A ticker for one of `clients` sharing `rate` per second.

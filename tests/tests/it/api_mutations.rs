@@ -403,8 +403,8 @@ async fn claims_with_quotes_backslashes_and_dollars_arrive_intact() {
 }
 
 /// Each kind of request transaction begins with the access mode,
-/// isolation, role and statement timeout it asks for, and a read-only one
-/// refuses writes even from a role that may write.
+/// isolation, role and statement timeout it asks for, with JIT compilation
+/// off, and a read-only one refuses writes even from a role that may write.
 #[tokio::test]
 async fn request_transactions_begin_as_asked() {
     use sea_orm::{ConnectionTrait, DbBackend, Statement};
@@ -413,7 +413,7 @@ async fn request_transactions_begin_as_asked() {
     let writer = Caller::for_role(Role::ServiceRole);
     let settings = "SELECT current_setting('transaction_read_only') AS ro, \
         current_setting('transaction_isolation') AS iso, current_user::text AS u, \
-        current_setting('statement_timeout') AS t";
+        current_setting('statement_timeout') AS t, current_setting('jit') AS jit";
     let cases = [
         (
             RequestDb::new(
@@ -422,11 +422,11 @@ async fn request_transactions_begin_as_asked() {
                 Access::Read,
                 Duration::from_millis(1500),
             ),
-            ["on", "read committed", "service_role", "1500ms"],
+            ["on", "read committed", "service_role", "1500ms", "off"],
         ),
         (
             RequestDb::new(pool.clone(), &writer, Access::Write, Duration::from_secs(5)),
-            ["off", "read committed", "service_role", "5s"],
+            ["off", "read committed", "service_role", "5s", "off"],
         ),
         (
             RequestDb::new(
@@ -435,7 +435,7 @@ async fn request_transactions_begin_as_asked() {
                 Access::Snapshot,
                 Duration::from_secs(5),
             ),
-            ["on", "repeatable read", "service_role", "5s"],
+            ["on", "repeatable read", "service_role", "5s", "off"],
         ),
     ];
     for (request, expected) in cases {
@@ -445,7 +445,7 @@ async fn request_transactions_begin_as_asked() {
             .await
             .unwrap()
             .unwrap();
-        let got: Vec<String> = ["ro", "iso", "u", "t"]
+        let got: Vec<String> = ["ro", "iso", "u", "t", "jit"]
             .iter()
             .map(|column| row.try_get("", column).unwrap())
             .collect();

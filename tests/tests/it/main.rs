@@ -18,6 +18,7 @@ mod history;
 mod least_privilege;
 mod live;
 mod live_faults;
+mod log_growth;
 mod migrate_command;
 mod migration;
 mod notify;

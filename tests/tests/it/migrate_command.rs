@@ -11,6 +11,7 @@ async fn run(command: MigrateCommand, url: Option<&str>) -> Result<String, Migra
 
 const STATE: &str = "m20251105_132840_vantage_sync_state";
 const EVENTS: &str = "m20251106_000000_vantage_sync_events";
+const INDEXES: &str = "m20261202_000000_vantage_sync_event_indexes";
 
 fn lines(prefix: &str, names: &[&str]) -> String {
     names
@@ -26,20 +27,24 @@ async fn migrate_status_up_down_fresh() {
     let run = |command| run(command, url);
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Pending", &[STATE, EVENTS])
+        lines("Pending", &[STATE, EVENTS, INDEXES])
     );
     assert_eq!(
         run(MigrateCommand::Up).await.unwrap(),
-        lines("applied", &[STATE, EVENTS])
+        lines("applied", &[STATE, EVENTS, INDEXES])
     );
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Applied", &[STATE, EVENTS])
+        lines("Applied", &[STATE, EVENTS, INDEXES])
     );
     assert_eq!(run(MigrateCommand::Up).await.unwrap(), "nothing to do\n");
     assert_eq!(
         run(MigrateCommand::Fresh).await.unwrap(),
-        lines("reverted", &[EVENTS, STATE]) + &lines("applied", &[STATE, EVENTS])
+        lines("reverted", &[INDEXES, EVENTS, STATE]) + &lines("applied", &[STATE, EVENTS, INDEXES])
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        lines("reverted", &[INDEXES])
     );
     assert_eq!(
         run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
@@ -47,7 +52,7 @@ async fn migrate_status_up_down_fresh() {
     );
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Applied", &[STATE]) + &lines("Pending", &[EVENTS])
+        lines("Applied", &[STATE]) + &lines("Pending", &[EVENTS, INDEXES])
     );
     assert_eq!(
         run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
@@ -59,7 +64,7 @@ async fn migrate_status_up_down_fresh() {
     );
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Pending", &[STATE, EVENTS])
+        lines("Pending", &[STATE, EVENTS, INDEXES])
     );
 }
 
@@ -103,7 +108,7 @@ async fn concurrent_migrate_up_applies_once() {
     assert_eq!(
         outputs,
         [
-            lines("applied", &[STATE, EVENTS]),
+            lines("applied", &[STATE, EVENTS, INDEXES]),
             "nothing to do\n".to_owned(),
             "nothing to do\n".to_owned(),
             "nothing to do\n".to_owned()
