@@ -268,7 +268,9 @@ async fn reverting_migrations_restores_the_schema_before_them() {
         migration::Migrator::up(&orm, Some(applied)).await.unwrap();
         let mut before = schema_snapshot(&mut conn).await;
         migration::Migrator::up(&orm, None).await.unwrap();
-        migration::Migrator::down(&orm, Some(count - applied)).await.unwrap();
+        migration::Migrator::down(&orm, Some(count - applied))
+            .await
+            .unwrap();
         let mut reverted = schema_snapshot(&mut conn).await;
         strip_row_times(&mut before);
         strip_row_times(&mut reverted);
