@@ -87,6 +87,8 @@ pub enum ApiError {
     MethodNotAllowed(&'static str),
     /// No such resource.
     NotFound(String),
+    /// No webhook with this id.
+    WebhookNotFound(String),
     /// The resource exists already.
     AlreadyExists(String),
     /// A sync is running already.
@@ -126,6 +128,7 @@ impl ApiError {
             Self::PayloadTooLarge { limit } => format!("the request body exceeds {limit} bytes"),
             Self::MethodNotAllowed(message) => (*message).to_owned(),
             Self::NotFound(resource) => format!("resource \"{resource}\" is not registered"),
+            Self::WebhookNotFound(id) => format!("there is no webhook \"{id}\""),
             Self::AlreadyExists(resource) => {
                 format!("resource \"{resource}\" is already registered")
             }
@@ -157,7 +160,7 @@ impl ApiError {
             Self::BadUserInput { .. }
             | Self::PayloadTooLarge { .. }
             | Self::MethodNotAllowed(_) => ErrorCode::BadUserInput,
-            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::NotFound(_) | Self::WebhookNotFound(_) => ErrorCode::NotFound,
             Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::AlreadyRunning(_) => ErrorCode::AlreadyRunning,
             Self::NotRunning(_) => ErrorCode::NotRunning,

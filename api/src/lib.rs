@@ -7,6 +7,7 @@ pub mod error;
 mod feed;
 pub mod graphql;
 pub mod infra;
+pub mod notify;
 pub mod server;
 mod transport;
 

@@ -56,6 +56,9 @@ pub enum ServeError {
         /// The largest cap that fits.
         allowed: usize,
     },
+    /// The webhook client could not be built.
+    #[error("{0}")]
+    Webhooks(#[from] crate::notify::ClientError),
     /// The listen address could not be bound, or serving failed.
     #[error("cannot serve on {addr}: {source}")]
     Io {
@@ -137,7 +140,9 @@ impl Server {
             config.request_timeout,
         );
         let state = AppState {
-            schema: graphql::builder(config.limits).finish(),
+            schema: graphql::builder(config.limits)
+                .data(config.webhooks)
+                .finish(),
             pool,
             keys: config.keys,
             metrics,
@@ -153,6 +158,12 @@ impl Server {
             documents: Arc::new(DocumentCache::new(DOCUMENT_CACHE_CAPACITY)),
             cors: config.cors,
         };
+        crate::notify::start(
+            state.pool.clone(),
+            &state.feed,
+            state.metrics.clone(),
+            config.webhooks,
+        )?;
         if let Some(limiter) = &state.rate_limiter {
             tokio::spawn(forget_idle_callers(Arc::downgrade(limiter)));
         }

@@ -16,6 +16,7 @@ mod soak;
 mod sse;
 mod stats;
 mod target;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -91,6 +92,15 @@ struct Args {
     /// Slowloris connections during the soak.
     #[arg(long, default_value_t = 20)]
     soak_attackers: usize,
+    /// Webhooks in the webhooks scenario, each told every change.
+    #[arg(long, default_value_t = 100)]
+    webhooks: usize,
+    /// Changes made in the webhooks scenario.
+    #[arg(long, default_value_t = 1_000)]
+    webhook_changes: usize,
+    /// Changes per second in the webhooks scenario.
+    #[arg(long, default_value_t = 50)]
+    webhook_change_rate: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -105,6 +115,8 @@ enum Scenario {
     Fanout,
     /// The same over GraphQL over SSE (one stream per subscriber).
     Sse,
+    /// W webhooks on a loopback receiver, K changes: delivery delay, losses.
+    Webhooks,
     /// A long mixed run (queries, mutations, subscribers leaving and
     /// resuming, slowloris attackers), reported per time window; only
     /// when named.
@@ -121,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Mutate,
             Scenario::Fanout,
             Scenario::Sse,
+            Scenario::Webhooks,
         ];
     }
     if args.smoke {
@@ -134,6 +147,8 @@ async fn main() -> anyhow::Result<()> {
         args.soak_mutation_rate = args.soak_mutation_rate.min(10);
         args.soak_subscribers = args.soak_subscribers.min(20);
         args.soak_attackers = args.soak_attackers.min(5);
+        args.webhooks = args.webhooks.min(3);
+        args.webhook_changes = args.webhook_changes.min(20);
     }
     if args.soak_seconds == 0 || args.soak_window_seconds == 0 {
         bail!("--soak-seconds and --soak-window-seconds must be at least 1");
@@ -190,6 +205,17 @@ async fn run(args: &Args, target: &Target) -> anyhow::Result<Value> {
                 )
                 .await?
             }
+            Scenario::Webhooks => {
+                webhooks::run(
+                    target,
+                    webhooks::Plan {
+                        webhooks: args.webhooks,
+                        changes: args.webhook_changes,
+                        rate: args.webhook_change_rate,
+                    },
+                )
+                .await?
+            }
             Scenario::Soak => {
                 soak::run(
                     target,
@@ -223,6 +249,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Mutate => "mutate",
         Scenario::Fanout => "fanout",
         Scenario::Sse => "sse",
+        Scenario::Webhooks => "webhooks",
         Scenario::Soak => "soak",
     }
 }
@@ -239,6 +266,9 @@ fn failures(report: &Value) -> Vec<String> {
         ("fanout", "errors"),
         ("sse", "missed"),
         ("sse", "errors"),
+        ("webhooks", "lost"),
+        ("webhooks", "duplicates"),
+        ("webhooks", "out_of_order"),
         ("soak", "errors"),
         ("soak", "missed"),
         ("soak", "lost"),
@@ -276,7 +306,7 @@ fn print_table(args: &Args, report: &Value) {
             ""
         }
     );
-    let timed = ["query", "floor", "mutate", "fanout", "sse"];
+    let timed = ["query", "floor", "mutate", "fanout", "sse", "webhooks"];
     if timed.iter().all(|name| report[*name].is_null()) {
         print_soak(&report["soak"]);
         return;
@@ -352,6 +382,28 @@ fn print_table(args: &Args, report: &Value) {
             fanout["rss_kib_before"],
             fanout["rss_kib_after"],
             fanout["rss_kib_per_subscriber"].as_f64().unwrap_or(0.0),
+        );
+    }
+    let hooks = &report["webhooks"];
+    if !hooks.is_null() {
+        let cpu = &hooks["cpu_us_per_delivery"];
+        println!(
+            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt at {} changes/s; delivered {}, lost {}, twice {}, out of order {}",
+            "webhooks",
+            format!("W={} K={}", args.webhooks, args.webhook_changes),
+            "-",
+            ms(&hooks["delay_ms"]["p50"]),
+            ms(&hooks["delay_ms"]["p99"]),
+            ms(&hooks["delay_ms"]["max"]),
+            "-",
+            us(&cpu["server"]),
+            us(&cpu["postgres"]),
+            us(&cpu["load_tool"]),
+            hooks["change_rate"],
+            hooks["delivered"],
+            hooks["lost"],
+            hooks["duplicates"],
+            hooks["out_of_order"],
         );
     }
     if let Some(ratio) = report["query_to_floor_throughput"].as_f64() {

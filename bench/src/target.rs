@@ -130,7 +130,9 @@ impl Target {
             .args(["serve", "--listen-addr", "127.0.0.1:0", "--data-dir"])
             .arg(&dir)
             .env_remove("DATABASE_URL")
-            .env_remove("JWT_SECRET");
+            .env_remove("JWT_SECRET")
+            // The webhooks scenario's receiver is on loopback.
+            .env("WEBHOOK_ALLOW_PRIVATE", "true");
         let (child, addr) = start_server(command, &bin)?;
         let dir = dir.canonicalize()?;
         let secret = std::fs::read_to_string(dir.join("jwt_secret"))?;
@@ -154,7 +156,8 @@ impl Target {
                 .args(["serve", "--listen-addr", "127.0.0.1:0", "--no-migrate"])
                 .env("DATABASE_URL", bouncer.url(&target.database_url))
                 .env("LISTEN_DATABASE_URL", &target.database_url)
-                .env("JWT_SECRET", secret.trim());
+                .env("JWT_SECRET", secret.trim())
+                .env("WEBHOOK_ALLOW_PRIVATE", "true");
             let (pooled, addr) = start_server(command, &bin)?;
             // The zero-config server keeps its PostgreSQL running, idle.
             target.idle.extend(target.child.replace(pooled));

@@ -57,6 +57,16 @@ fn smoke_runs_every_scenario_correctly() {
             "{transport}"
         );
     }
+    // Every change reached every webhook, once, in order.
+    let hooks = &report["webhooks"];
+    assert_eq!(
+        hooks["delivered"].as_u64(),
+        Some(hooks["webhooks"].as_u64().unwrap() * hooks["changes"].as_u64().unwrap()),
+        "{hooks}"
+    );
+    assert_eq!(hooks["lost"], 0);
+    assert_eq!(hooks["duplicates"], 0);
+    assert_eq!(hooks["out_of_order"], 0);
     assert!(report["query_to_floor_throughput"].as_f64().unwrap() > 0.0);
 }
 

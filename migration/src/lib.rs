@@ -39,6 +39,11 @@ pub const SCRIPTS: &[SqlScript] = &[
         up: include_str!("m20261202_000000_vantage_sync_event_indexes/up.sql"),
         down: include_str!("m20261202_000000_vantage_sync_event_indexes/down.sql"),
     },
+    SqlScript {
+        name: "m20261203_000000_vantage_sync_alerts",
+        up: include_str!("m20261203_000000_vantage_sync_alerts/up.sql"),
+        down: include_str!("m20261203_000000_vantage_sync_alerts/down.sql"),
+    },
 ];
 
 /// The whole up migration as one plain SQL script in a single transaction.

@@ -25,6 +25,7 @@ mod jwks;
 mod logs;
 mod pgbouncer;
 mod process;
+mod receiver;
 mod sse;
 mod ws;
 pub use app::{SECRET, TestApp, base64url};
@@ -33,6 +34,7 @@ pub use jwks::{JwksServer, KeyKind, TestKey, private_key_pem};
 pub use logs::LogCapture;
 pub use pgbouncer::PgBouncer;
 pub use process::{SERVER_VAR, ServerProcess, serve_if_asked};
+pub use receiver::{Received, Receiver, signature_is_valid};
 pub use sse::{SseEvent, SseStream};
 pub use ws::WsClient;
 

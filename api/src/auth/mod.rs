@@ -111,6 +111,19 @@ impl Caller {
         }
     }
 
+    /// Whether this caller may manage webhooks and read their deliveries
+    /// (their URLs and logs are operators' business).
+    pub fn may_manage_webhooks(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Anon => Err(ApiError::Unauthenticated),
+            Role::Authenticated => Err(ApiError::Forbidden {
+                role: "authenticated",
+                action: "manage or read webhooks; they need a service_role token",
+            }),
+            Role::ServiceRole => Ok(()),
+        }
+    }
+
     /// The server itself acting as `role` (e.g. the feed reading the log).
     pub fn for_role(role: Role) -> Self {
         Self {

@@ -1,10 +1,12 @@
 //! Connections to the service's PostgreSQL database, and the per-request
 //! transaction that runs as the caller's role.
 
+pub mod alerts;
 pub mod events;
 pub mod migrate;
 mod pool;
 pub mod sync_states;
+pub mod webhooks;
 
 pub use pool::{
     DEFAULT_ACQUIRE_TIMEOUT, Pool, PreparedStatements, PrivilegeError, check_privileges, connect,

@@ -1,5 +1,6 @@
 //! The GraphQL schema of SPEC section 3, by domain.
 
+pub mod alerts;
 pub mod cost;
 pub mod documents;
 pub mod history;
@@ -11,12 +12,13 @@ pub mod sync_state;
 pub mod trend;
 pub mod types;
 pub mod validate;
+pub mod webhooks;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_graphql::{Context, Schema, SchemaBuilder};
+use async_graphql::{Context, MergedObject, Schema, SchemaBuilder};
 use chrono::{DateTime, Utc};
 
 use crate::auth::Caller;
@@ -24,9 +26,18 @@ use crate::db::{Access, RequestDb, RequestTxn};
 use crate::error::ApiError;
 use crate::feed::Feed;
 
-pub use mutation::Mutation;
-pub use query::Query;
 pub use subscription::Subscription;
+
+/// Read operations; they need an `authenticated` or `service_role` token
+/// (webhooks: `service_role`).
+#[derive(MergedObject, Default)]
+#[graphql(name = "Query")]
+pub struct Query(query::SyncQuery, alerts::AlertQuery, webhooks::WebhookQuery);
+
+/// Write operations; they need a `service_role` token.
+#[derive(MergedObject, Default)]
+#[graphql(name = "Mutation")]
+pub struct Mutation(mutation::SyncMutation, webhooks::WebhookMutation);
 
 /// The service's schema.
 pub type AppSchema = Schema<Query, Mutation, Subscription>;
@@ -55,7 +66,7 @@ impl QueryLimits {
 /// no extensions: `SyncState` resolves its plain fields in one pass
 /// ([`plain`]), which an extension watching every resolver would not see.
 pub fn builder(limits: QueryLimits) -> SchemaBuilder<Query, Mutation, Subscription> {
-    Schema::build(Query, Mutation, Subscription)
+    Schema::build(Query::default(), Mutation::default(), Subscription)
         .limit_depth(limits.depth)
         .limit_complexity(limits.complexity)
         .limit_recursive_depth(32)
@@ -188,6 +199,14 @@ impl OperationContext {
     pub fn reader<'a>(ctx: &Context<'a>) -> Result<&'a OperationContext, ApiError> {
         let operation = Self::of(ctx)?;
         operation.caller.may_read()?;
+        Ok(operation)
+    }
+
+    /// The operation's context, after checking that its caller may manage
+    /// webhooks.
+    pub fn webhook_admin<'a>(ctx: &Context<'a>) -> Result<&'a OperationContext, ApiError> {
+        let operation = Self::of(ctx)?;
+        operation.caller.may_manage_webhooks()?;
         Ok(operation)
     }
 

@@ -14,7 +14,8 @@ use crate::db::sync_states::{self, RecordCounts};
 use crate::error::{ApiError, ApiResult};
 
 /// Write operations; they need a `service_role` token.
-pub struct Mutation;
+#[derive(Default)]
+pub struct SyncMutation;
 
 /// The shape every mutation shares: a writer's request, a valid resource
 /// name, the work in a savepoint of the request transaction (kept if it
@@ -41,7 +42,7 @@ async fn write<I>(
 }
 
 #[Object]
-impl Mutation {
+impl SyncMutation {
     /// Marks a sync of `resource` started (registering the resource if
     /// new). Refused with ALREADY_RUNNING while one runs, unless `force`.
     async fn start_sync(

@@ -35,6 +35,14 @@ pub struct Walk<'a> {
 }
 
 impl<'a> Walk<'a> {
+    /// A walk outside any request (no fragments), e.g. to shape a webhook
+    /// payload exactly as a query would.
+    pub fn without_fragments() -> Walk<'static> {
+        static NONE: std::sync::LazyLock<HashMap<Name, Positioned<FragmentDefinition>>> =
+            std::sync::LazyLock::new(HashMap::new);
+        Walk { fragments: &NONE }
+    }
+
     /// A walk for the request of `ctx`. The schema installs no extension
     /// (`graphql::builder`); one that must see every field resolved would
     /// need this walk left out.

@@ -15,7 +15,8 @@ use crate::error::ApiError;
 use crate::feed::cursor::Cursor;
 
 /// Read operations; they need an `authenticated` or `service_role` token.
-pub struct Query;
+#[derive(Default)]
+pub struct SyncQuery;
 
 impl OperationContext {
     fn states(&self, rows: Vec<entity::vantage_sync_state::Model>) -> Vec<SyncState> {
@@ -35,7 +36,7 @@ fn status_rank(status: Status) -> u8 {
 }
 
 #[Object]
-impl Query {
+impl SyncQuery {
     /// One resource's sync state; null if the resource is not registered.
     async fn sync_state(
         &self,

@@ -41,6 +41,12 @@ impl SyncState {
         &self.0.row
     }
 
+    /// The fields `selection` names, shaped as a query's answer would be;
+    /// `None` when one of them needs a resolver (the database).
+    pub fn plain(&self, selection: &async_graphql::parser::types::SelectionSet) -> Option<Value> {
+        Walk::without_fragments().object(&self.0, selection)
+    }
+
     /// The dashboard rule of the seed documentation.
     pub fn health(&self) -> SyncHealth {
         health(&self.0.row, self.0.now)

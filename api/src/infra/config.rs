@@ -173,6 +173,18 @@ pub struct ServeArgs {
     #[arg(long, env = "EVENT_RETENTION_DAYS", default_value_t = DEFAULT_EVENT_RETENTION_DAYS)]
     pub event_retention_days: u32,
 
+    /// Hours a webhook may fail without a success before it is disabled;
+    /// failed deliveries are retried with exponential back-off meanwhile.
+    #[arg(long, env = "WEBHOOK_RETRY_HOURS", default_value_t = 24,
+          value_parser = clap::value_parser!(u64).range(1..=720))]
+    pub webhook_retry_hours: u64,
+
+    /// Allow webhooks to loopback, private and link-local addresses
+    /// (refused by default, after DNS resolution, at creation and at
+    /// every delivery).
+    #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
+
     /// Most subscriptions one WebSocket connection may hold.
     #[arg(long, env = "MAX_SUBSCRIPTIONS_PER_CONNECTION",
           default_value_t = WebSocketConfig::DEFAULT.max_subscriptions,
@@ -295,6 +307,8 @@ pub struct ServerConfig {
     pub connections: ConnectionLimits,
     /// Requests per caller; `None`: no limit.
     pub rate_limit: Option<crate::infra::rate_limit::RateLimit>,
+    /// Webhook retry window and allowed addresses.
+    pub webhooks: crate::notify::WebhookSettings,
 }
 
 /// Limits on HTTP connections (SPEC 6b).
@@ -355,6 +369,7 @@ impl ServerConfig {
             websocket: WebSocketConfig::DEFAULT,
             connections: ConnectionLimits::DEFAULT,
             rate_limit: None,
+            webhooks: crate::notify::WebhookSettings::DEFAULT,
         }
     }
 
@@ -409,6 +424,10 @@ impl ServerConfig {
             max_connections: args.max_http_connections.unwrap_or(0),
         };
         config.rate_limit = args.rate_limit;
+        config.webhooks = crate::notify::WebhookSettings {
+            retry_window: Duration::from_secs(args.webhook_retry_hours * 3600),
+            allow_private: args.webhook_allow_private,
+        };
         config.listen_addr = args.listen_addr;
         config.migrate = !args.no_migrate;
         config.max_connections = args.max_connections;

@@ -79,6 +79,16 @@ pub struct Metrics {
     connections: Gauge,
     connections_closed: Family<ClosedLabels, Counter>,
     rate_limited: Counter,
+    notifications: Counter,
+    webhook_attempts: Family<AttemptLabels, Counter>,
+    webhook_retries: Counter,
+    webhooks_disabled: Counter,
+    webhook_latency: Histogram,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    outcome: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -188,8 +198,44 @@ impl Default for Metrics {
             "Requests and WebSocket subscribe messages refused by the rate limit",
             rate_limited.clone(),
         );
+        let notifications = Counter::default();
+        registry.register(
+            "notifications_made",
+            "Notifications made from the event log and alerts (once, whatever the replicas)",
+            notifications.clone(),
+        );
+        let webhook_attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "webhook_deliveries",
+            "Webhook delivery attempts by outcome (delivered, failed)",
+            webhook_attempts.clone(),
+        );
+        let webhook_retries = Counter::default();
+        registry.register(
+            "webhook_retries_scheduled",
+            "Failed webhook deliveries that will be retried after a back-off",
+            webhook_retries.clone(),
+        );
+        let webhooks_disabled = Counter::default();
+        registry.register(
+            "webhooks_disabled",
+            "Webhooks disabled (410 Gone, or failing for the whole retry window)",
+            webhooks_disabled.clone(),
+        );
+        // 1 ms to about 9 hours: retries back off for up to a day.
+        let webhook_latency = Histogram::new(exponential_buckets(0.001, 2.5, 16));
+        registry.register(
+            "webhook_delivery_latency_seconds",
+            "Time from a notification's change to its successful delivery",
+            webhook_latency.clone(),
+        );
         Self {
             registry,
+            notifications,
+            webhook_attempts,
+            webhook_retries,
+            webhooks_disabled,
+            webhook_latency,
             rate_limited,
             connections,
             connections_closed,
@@ -265,6 +311,36 @@ impl Metrics {
             .get_or_create(&JwksLabels { outcome })
             .inc();
         self.jwks_keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
+    }
+
+    /// The notification maker made `count` notifications.
+    pub fn notifications_made(&self, count: u64) {
+        self.notifications.inc_by(count);
+    }
+
+    /// A webhook delivery succeeded, `latency_seconds` after its change.
+    pub fn webhook_delivered(&self, latency_seconds: f64) {
+        self.webhook_attempts
+            .get_or_create(&AttemptLabels {
+                outcome: "delivered",
+            })
+            .inc();
+        self.webhook_latency.observe(latency_seconds.max(0.0));
+    }
+
+    /// A webhook delivery failed; `retried` if it will be tried again.
+    pub fn webhook_failed(&self, retried: bool) {
+        self.webhook_attempts
+            .get_or_create(&AttemptLabels { outcome: "failed" })
+            .inc();
+        if retried {
+            self.webhook_retries.inc();
+        }
+    }
+
+    /// A webhook was disabled.
+    pub fn webhook_disabled(&self) {
+        self.webhooks_disabled.inc();
     }
 
     /// The metrics as Prometheus text, with the pool's current state.

@@ -275,7 +275,7 @@ async fn functions_pin_search_path_and_only_service_role_executes_them() {
                 has_function_privilege('service_role', p.oid, 'EXECUTE'),
                 EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a WHERE a.grantee = 0)
          FROM pg_proc p
-         WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE '%vantage_sync%'
+         WHERE p.pronamespace = 'public'::regnamespace AND p.proname LIKE '%vantage%'
          ORDER BY p.proname",
     )
     .fetch_all(&mut conn)
@@ -298,14 +298,26 @@ async fn functions_pin_search_path_and_only_service_role_executes_them() {
         .collect();
     let pinned = vec!["search_path=\"\"".to_owned()];
     let expected = [
+        ("advance_vantage_sync_notifications", true, true),
         ("calculate_vantage_sync_duration", false, false),
+        ("claim_vantage_webhook_deliveries", true, true),
         ("complete_vantage_sync", true, true),
+        ("create_vantage_webhook", true, true),
+        ("delete_vantage_webhook", true, true),
         ("fail_vantage_sync", true, true),
         // Writes the event log, which no caller role may write.
         ("notify_vantage_sync_state_change", true, false),
+        ("ping_vantage_webhook", true, true),
         ("prune_vantage_sync_events", true, true),
+        ("record_vantage_webhook_attempt", true, true),
         ("start_vantage_sync", true, true),
         ("update_vantage_sync_state_updated_at", false, false),
+        // The alert rules and their parts: called only by the functions
+        // above.
+        ("vantage_sync_alerts_holding", false, false),
+        ("vantage_sync_failure_streak", false, false),
+        ("vantage_sync_notify", true, false),
+        ("vantage_sync_settle_alerts", true, false),
     ]
     .map(|(name, definer, service)| {
         (

@@ -127,6 +127,14 @@ async fn every_resource_shows_in_order_with_its_health_and_nothing_leaves_the_or
         .map(|state| json!([state["resource"], state["health"]]))
         .collect();
     assert_eq!(browser.js(ROWS, vec![]).await, Value::Array(expected));
+    // The banner is the server's `alerts`, asked for once the rows came.
+    eventually(
+        &browser,
+        &format!("{} && {}", alert_shown("failed"), alert_shown("stale")),
+        Duration::from_secs(2),
+        "the alerts",
+    )
+    .await;
     assert_eq!(browser.js(ALERTS, vec![]).await, json!(["failed", "stale"]));
     // Signed in: the token left the address bar for session storage.
     let url = browser.client.current_url().await.unwrap();
@@ -228,6 +236,13 @@ async fn a_failure_made_through_the_api_turns_the_row_red_within_a_second() {
     browser.js("window.notReloaded = true;", vec![]).await;
     // An open board costs one stream and no polling: idle, it asks nothing.
     let origin = app.url("/");
+    eventually(
+        &browser,
+        &alert_shown("stale"),
+        Duration::from_secs(2),
+        "the alerts",
+    )
+    .await;
     browser.page_requests(&origin).await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(browser.page_requests(&origin).await, Vec::<String>::new());
@@ -329,7 +344,13 @@ async fn a_sync_running_for_over_30_minutes_is_red_and_stuck_even_without_an_eve
         "the stuck sync",
     )
     .await;
-    assert!(holds(&browser, &alert_shown("stuck")).await);
+    eventually(
+        &browser,
+        &alert_shown("stuck"),
+        Duration::from_secs(2),
+        "the stuck alert",
+    )
+    .await;
     // Two seconds short of stuck: YELLOW now, RED once time has passed,
     // with no change made.
     app.sql(
@@ -350,6 +371,14 @@ async fn a_sync_running_for_over_30_minutes_is_red_and_stuck_even_without_an_eve
         &row_is("investors", "health", "RED"),
         Duration::from_secs(5),
         "the sync turning stuck as time passes",
+    )
+    .await;
+    // The banner follows the server, whose timer finds it with no change.
+    eventually(
+        &browser,
+        "document.querySelector('[data-alert=\"stuck\"]')?.textContent.includes('investors')",
+        Duration::from_secs(15),
+        "the server's stuck alert in the banner",
     )
     .await;
     assert_eq!(browser.console_errors().await, Vec::<String>::new());

@@ -30,3 +30,4 @@ mod sse;
 mod state_table;
 mod transitions;
 mod trends;
+mod webhooks;

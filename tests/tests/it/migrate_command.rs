@@ -12,6 +12,7 @@ async fn run(command: MigrateCommand, url: Option<&str>) -> Result<String, Migra
 const STATE: &str = "m20251105_132840_vantage_sync_state";
 const EVENTS: &str = "m20251106_000000_vantage_sync_events";
 const INDEXES: &str = "m20261202_000000_vantage_sync_event_indexes";
+const ALERTS: &str = "m20261203_000000_vantage_sync_alerts";
 
 fn lines(prefix: &str, names: &[&str]) -> String {
     names
@@ -27,20 +28,25 @@ async fn migrate_status_up_down_fresh() {
     let run = |command| run(command, url);
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Pending", &[STATE, EVENTS, INDEXES])
+        lines("Pending", &[STATE, EVENTS, INDEXES, ALERTS])
     );
     assert_eq!(
         run(MigrateCommand::Up).await.unwrap(),
-        lines("applied", &[STATE, EVENTS, INDEXES])
+        lines("applied", &[STATE, EVENTS, INDEXES, ALERTS])
     );
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Applied", &[STATE, EVENTS, INDEXES])
+        lines("Applied", &[STATE, EVENTS, INDEXES, ALERTS])
     );
     assert_eq!(run(MigrateCommand::Up).await.unwrap(), "nothing to do\n");
     assert_eq!(
         run(MigrateCommand::Fresh).await.unwrap(),
-        lines("reverted", &[INDEXES, EVENTS, STATE]) + &lines("applied", &[STATE, EVENTS, INDEXES])
+        lines("reverted", &[ALERTS, INDEXES, EVENTS, STATE])
+            + &lines("applied", &[STATE, EVENTS, INDEXES, ALERTS])
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        lines("reverted", &[ALERTS])
     );
     assert_eq!(
         run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
@@ -52,7 +58,7 @@ async fn migrate_status_up_down_fresh() {
     );
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Applied", &[STATE]) + &lines("Pending", &[EVENTS, INDEXES])
+        lines("Applied", &[STATE]) + &lines("Pending", &[EVENTS, INDEXES, ALERTS])
     );
     assert_eq!(
         run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
@@ -64,7 +70,7 @@ async fn migrate_status_up_down_fresh() {
     );
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Pending", &[STATE, EVENTS, INDEXES])
+        lines("Pending", &[STATE, EVENTS, INDEXES, ALERTS])
     );
 }
 
@@ -108,7 +114,7 @@ async fn concurrent_migrate_up_applies_once() {
     assert_eq!(
         outputs,
         [
-            lines("applied", &[STATE, EVENTS, INDEXES]),
+            lines("applied", &[STATE, EVENTS, INDEXES, ALERTS]),
             "nothing to do\n".to_owned(),
             "nothing to do\n".to_owned(),
             "nothing to do\n".to_owned()

@@ -1,10 +1,13 @@
 // The status board: every resource's sync state, live over GraphQL over SSE,
-// with the seed's health rule and alerts recomputed as time passes and each
+// with the seed's health rule recomputed as time passes, the alerts the
+// server holds (the `alerts` query: what webhooks are told), and each
 // resource's recent runs (syncTrends) as a small chart.
 //
 // One stream per open board and no polling: the page subscribes with
-// `initial: true`, resumes with `Last-Event-ID` after any break, and asks
-// for a resource's trend again only when a change ends one of its runs.
+// `initial: true`, resumes with `Last-Event-ID` after any break, asks for
+// a resource's trend again only when a change ends one of its runs, and
+// for the alerts only after a change or when the seed's rule says time
+// alone may have changed one.
 'use strict';
 
 const TOKEN_KEY = 'vantage-sync-token';
@@ -21,6 +24,11 @@ const TREND_RUNS = 20;
 const TRENDS = `query($resources: [String!]) { syncTrends(resources: $resources, last: ${TREND_RUNS}) {
   resource successRate p50DurationMs p95DurationMs
   runs { status startedAt completedAt durationMs } } }`;
+const FIRING = '{ alerts { alert resource } }';
+// While the server's alerts differ from what the rule predicts (the server
+// checks stuck and stale on a timer), ask again this often, this many times.
+const ALERT_RETRY_MS = 1000;
+const ALERT_RETRIES = 20;
 const ALERTS = {
   failed: 'Failed',
   stuck: 'Stuck',
@@ -37,6 +45,12 @@ const board = {
   stream: null,
   // Server time minus this browser's, from the stream's Date header.
   skewMs: 0,
+  // The server's firing alerts ([{alert, resource}]), null until asked.
+  firing: null,
+  alertTimer: null,
+  alertRetries: 0,
+  // What the rule predicted when the alerts were last asked for.
+  predicted: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -84,6 +98,8 @@ function start(token) {
   $('sign-out').hidden = false;
   board.states.clear();
   board.lastEventId = null;
+  board.firing = null;
+  board.predicted = null;
   render();
   follow();
   loadTrends(null);
@@ -134,6 +150,43 @@ async function loadTrends(resources) {
     board.trends.set(trend.resource, trend);
   }
   render();
+}
+
+/** Asks for the server's alerts after `delay` ms (one ask pending at a time). */
+function askAlerts(delay) {
+  if (board.alertTimer !== null || !board.token) return;
+  board.alertTimer = setTimeout(loadAlerts, delay);
+}
+
+async function loadAlerts() {
+  board.alertTimer = null;
+  const token = board.token;
+  if (!token) return;
+  const predicted = alertText(ruleAlerts(sortedStates()));
+  let body;
+  try {
+    const response = await fetch('/graphql', {
+      method: 'POST',
+      headers: headers(),
+      body: JSON.stringify({ query: FIRING }),
+    });
+    body = await response.json();
+  } catch (_) {
+    return; // The stream's reconnection shows the outage; a change asks again.
+  }
+  if (token !== board.token) return;
+  const error = firstError(body);
+  if (refusedToken(error)) return askForToken(error.message);
+  if (!body.data) return;
+  board.firing = body.data.alerts;
+  board.predicted = predicted;
+  render();
+  if (alertText(serverAlerts()) === predicted) {
+    board.alertRetries = 0;
+  } else if (board.alertRetries < ALERT_RETRIES) {
+    board.alertRetries += 1;
+    askAlerts(ALERT_RETRY_MS);
+  }
 }
 
 /** Follows every change until signed out, resuming after any break. */
@@ -236,6 +289,9 @@ function apply(change) {
       && Date.parse(state.startedAt) > Date.parse(before.startedAt);
     if (change.operation !== 'SNAPSHOT' && (ended || restarted)) loadTrends([change.resource]);
   }
+  // The worker that settles alerts hears the same change: give it a moment.
+  board.alertRetries = 0;
+  askAlerts(board.firing === null ? 0 : 300);
   render();
 }
 
@@ -261,14 +317,30 @@ function health(state) {
   return 'GREEN';
 }
 
-function alerts(states) {
+/** The seed's alert rules, by kind, as [kind, [resource]] (the server's
+ *  definition: failed until a run succeeds, a running retry included). */
+function ruleAlerts(states) {
   const holding = {
-    failed: states.filter((state) => state.lastSyncStatus === 'FAILED'),
+    failed: states.filter((state) => state.lastSyncStatus === 'FAILED' || state.consecutiveFailures >= 1),
     stuck: states.filter(isStuck),
     stale: states.filter(isStale),
     repeated: states.filter((state) => state.consecutiveFailures >= 3),
   };
-  return Object.entries(holding).filter(([, list]) => list.length > 0);
+  return Object.entries(holding)
+    .map(([kind, list]) => [kind, list.map((state) => state.resource)])
+    .filter(([, list]) => list.length > 0);
+}
+
+/** The server's firing alerts in the same shape, resources in board order. */
+function serverAlerts() {
+  const order = new Map(sortedStates().map((state, index) => [state.resource, index]));
+  const rank = (resource) => (order.has(resource) ? order.get(resource) : order.size);
+  return Object.keys(ALERTS)
+    .map((kind) => [kind, (board.firing || [])
+      .filter((alert) => alert.alert.toLowerCase() === kind)
+      .map((alert) => alert.resource)
+      .sort((a, b) => rank(a) - rank(b) || (a < b ? -1 : a > b ? 1 : 0))])
+    .filter(([, list]) => list.length > 0);
 }
 
 // ---- rendering -------------------------------------------------------------
@@ -385,9 +457,9 @@ function sortedStates() {
     || (a.resource < b.resource ? -1 : a.resource > b.resource ? 1 : 0));
 }
 
-/** What the alert banner says, to tell whether it must change. */
-function alertText(states) {
-  return alerts(states).map(([kind, list]) => `${kind}: ${list.map((state) => state.resource).join(', ')}`).join('\n');
+/** Alerts as text, to compare them. */
+function alertText(alerts) {
+  return alerts.map(([kind, list]) => `${kind}: ${list.join(', ')}`).join('\n');
 }
 
 function render() {
@@ -404,9 +476,9 @@ function render() {
     return node;
   });
   $('resources').replaceChildren(...cards);
-  $('alerts').replaceChildren(...alerts(states).map(([kind, list]) => element('p', { class: 'alert', 'data-alert': kind },
-    element('strong', {}, ALERTS[kind]), ' ', list.map((state) => state.resource).join(', '))));
-  $('alerts').dataset.text = alertText(states);
+  const firing = serverAlerts();
+  $('alerts').replaceChildren(...firing.map(([kind, list]) => element('p', { class: 'alert', 'data-alert': kind },
+    element('strong', {}, ALERTS[kind]), ' ', list.join(', '))));
   if (focus) {
     const again = cards.find((node) => node.dataset.resource === focus.resource);
     const target = again && (focus.summary ? again.querySelector('summary') : again);
@@ -414,15 +486,21 @@ function render() {
   }
 }
 
-/** Time passes: relative times tick, and health and alerts follow them.
- *  The cards are rebuilt only when a health or an alert changed. */
+/** Time passes: relative times tick, and health follows them; when the
+ *  rule says an alert may have changed, the server is asked. The cards are
+ *  rebuilt only when a health changed. */
 function tick() {
   const states = sortedStates();
+  if (board.predicted !== null && alertText(ruleAlerts(states)) !== board.predicted) {
+    board.alertRetries = 0;
+    board.predicted = alertText(ruleAlerts(states));
+    askAlerts(0);
+  }
   const moved = [...document.querySelectorAll('.resource')].some((node) => {
     const state = board.states.get(node.dataset.resource);
     return state && health(state) !== node.dataset.health;
   });
-  if (moved || $('alerts').dataset.text !== alertText(states)) {
+  if (moved) {
     render();
     return;
   }

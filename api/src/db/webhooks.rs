@@ -1,0 +1,223 @@
+//! Webhooks, their outbox and delivery log. Every write calls a database
+//! function of the alerts migration (the leases, back-off and disabling
+//! rules live there); reads go through the entities.
+
+use std::time::Duration;
+
+use entity::vantage_sync_webhook::{self as webhook, Entity as Webhooks, Model as Webhook};
+use entity::vantage_sync_webhook_delivery::{
+    self as delivery, Entity as Deliveries, Model as Delivery,
+};
+use sea_orm::prelude::{DateTimeWithTimeZone, Uuid};
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityTrait, FromQueryResult, QueryFilter,
+    QueryOrder, QuerySelect, Statement,
+};
+
+/// What a new webhook is given.
+#[derive(Debug, Clone)]
+pub struct NewWebhook {
+    /// Where to POST.
+    pub url: String,
+    /// Notification types, as stored (`alert.firing`, ...).
+    pub events: Vec<String>,
+    /// Only these resources; `None`: all.
+    pub resources: Option<Vec<String>>,
+    /// `json` or `slack`.
+    pub format: &'static str,
+    /// The signing secret (`whsec_...`).
+    pub secret: String,
+}
+
+/// Creates a webhook with its secret.
+pub async fn create(db: &impl ConnectionTrait, new: NewWebhook) -> Result<Webhook, DbErr> {
+    Webhooks::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT * FROM public.create_vantage_webhook($1, $2, $3, $4, $5)",
+            [
+                new.url.into(),
+                new.events.into(),
+                new.resources.into(),
+                new.format.into(),
+                new.secret.into(),
+            ],
+        ))
+        .one(db)
+        .await?
+        .ok_or_else(|| DbErr::RecordNotFound("create_vantage_webhook returned no row".into()))
+}
+
+/// Deletes a webhook with its outbox and log; `None` if there is none.
+pub async fn delete(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Webhook>, DbErr> {
+    let row = Webhooks::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            "SELECT * FROM public.delete_vantage_webhook($1) WHERE id IS NOT NULL",
+            [id.into()],
+        ))
+        .one(db)
+        .await?;
+    Ok(row)
+}
+
+/// Every webhook, oldest first.
+pub async fn list(db: &impl ConnectionTrait) -> Result<Vec<Webhook>, DbErr> {
+    Webhooks::find()
+        .order_by_asc(webhook::Column::CreatedAt)
+        .order_by_asc(webhook::Column::Id)
+        .all(db)
+        .await
+}
+
+/// One webhook.
+pub async fn find(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Webhook>, DbErr> {
+    Webhooks::find_by_id(id).one(db).await
+}
+
+/// Queues a `ping` for webhook `id`; its notification id, `None` if there
+/// is no such webhook.
+pub async fn ping(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<i64>, DbErr> {
+    #[derive(FromQueryResult)]
+    struct Queued {
+        id: Option<i64>,
+    }
+    let queued = Queued::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT public.ping_vantage_webhook($1) AS id",
+        [id.into()],
+    ))
+    .one(db)
+    .await?;
+    Ok(queued.and_then(|queued| queued.id))
+}
+
+/// Delivery attempts of webhook `id` after attempt `after`, oldest first.
+pub async fn deliveries(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    after: i64,
+    limit: u64,
+) -> Result<Vec<Delivery>, DbErr> {
+    Deliveries::find()
+        .filter(delivery::Column::WebhookId.eq(id))
+        .filter(delivery::Column::Id.gt(after))
+        .order_by_asc(delivery::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await
+}
+
+/// One notification to send, leased to this replica.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct Claim {
+    /// The webhook.
+    pub webhook_id: Uuid,
+    /// The lease that proves this replica holds it.
+    pub lease: Uuid,
+    /// Where to POST.
+    pub url: String,
+    /// `json` or `slack`.
+    pub format: String,
+    /// Its signing secret.
+    pub secret: String,
+    /// Which attempt this is for the notification (1 for the first).
+    pub attempt: i32,
+    /// The notification: its id (the event id sent).
+    pub notification_id: i64,
+    /// `alert.firing`, `sync.failed`, `ping`, ...
+    pub kind: String,
+    /// The alert, for alert notifications.
+    pub alert: Option<String>,
+    /// The resource, except for pings.
+    pub resource: Option<String>,
+    /// When it happened.
+    pub at: DateTimeWithTimeZone,
+    /// The row as it was then (snake_case JSON); `None` once removed.
+    pub state: Option<serde_json::Value>,
+}
+
+/// Leases up to `limit` webhooks with a due notification for `lease`, and
+/// returns each one's oldest `per_webhook`, by webhook, in order.
+pub async fn claim(
+    db: &impl ConnectionTrait,
+    limit: i32,
+    lease: Duration,
+    per_webhook: i32,
+) -> Result<Vec<Claim>, DbErr> {
+    Claim::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT webhook_id, lease, url, format, secret, attempt, notification_id, \
+         type AS kind, alert, resource, at, state \
+         FROM public.claim_vantage_webhook_deliveries($1, make_interval(secs => $2), $3)",
+        [limit.into(), lease.as_secs_f64().into(), per_webhook.into()],
+    ))
+    .all(db)
+    .await
+}
+
+/// What became of a webhook after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Delivered; the next notification may go.
+    Delivered,
+    /// Failed; retried after a back-off.
+    Retry,
+    /// The webhook is now disabled (410, or the retry window passed).
+    Disabled,
+    /// The lease was lost meanwhile: logged, nothing else changed.
+    Stale,
+}
+
+/// The answer to one attempt.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// The endpoint's status, if it answered.
+    pub http_status: Option<u16>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// How long it took.
+    pub duration: Duration,
+}
+
+/// Records `attempt` at the delivery of `claim`; `release` ends the lease
+/// after a success (the last of what was claimed).
+pub async fn record(
+    db: &impl ConnectionTrait,
+    claim: &Claim,
+    attempt: &Attempt,
+    retry_window: Duration,
+    release: bool,
+) -> Result<AttemptOutcome, DbErr> {
+    #[derive(FromQueryResult)]
+    struct Outcome {
+        outcome: String,
+    }
+    let outcome = Outcome::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT public.record_vantage_webhook_attempt($1, $2, $3, $4, $5, $6, \
+         make_interval(secs => $7), $8) AS outcome",
+        [
+            claim.webhook_id.into(),
+            claim.lease.into(),
+            claim.notification_id.into(),
+            attempt.http_status.map(i32::from).into(),
+            attempt.error.clone().into(),
+            i32::try_from(attempt.duration.as_millis())
+                .unwrap_or(i32::MAX)
+                .into(),
+            retry_window.as_secs_f64().into(),
+            release.into(),
+        ],
+    ))
+    .one(db)
+    .await?;
+    Ok(
+        match outcome.as_ref().map(|outcome| outcome.outcome.as_str()) {
+            Some("delivered") => AttemptOutcome::Delivered,
+            Some("retry") => AttemptOutcome::Retry,
+            Some("disabled") => AttemptOutcome::Disabled,
+            _ => AttemptOutcome::Stale,
+        },
+    )
+}
