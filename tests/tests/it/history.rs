@@ -145,7 +145,7 @@ async fn history_pages_forward_by_cursor() {
         "NEVER_RUN"
     );
     // Pruned history cannot be resumed.
-    app.sql("SELECT prune_vantage_sync_events(interval '0 seconds')")
+    app.sql("SELECT advance_vantage_sync_notifications(100000); SELECT prune_vantage_sync_events(interval '0 seconds')")
         .await;
     let body = app
         .query("authenticated", query, json!({"after": "1:1"}))

@@ -388,7 +388,7 @@ async fn pruned_or_unknown_cursors_are_refused() {
         .await;
     let first = change(&mut client).await;
     let _second = change(&mut client).await;
-    app.sql("SELECT prune_vantage_sync_events(interval '0 seconds')")
+    app.sql("SELECT advance_vantage_sync_notifications(100000); SELECT prune_vantage_sync_events(interval '0 seconds')")
         .await;
     for (cursor, why) in [
         (first.3.as_str(), "pruned"),

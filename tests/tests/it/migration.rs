@@ -28,7 +28,7 @@ async fn schema_snapshot(conn: &mut PgConnection) -> Value {
                          FROM pg_trigger WHERE tgrelid = to_regclass('public.vantage_sync_state') AND NOT tgisinternal),
             'functions', (SELECT jsonb_agg(jsonb_build_object('def', pg_get_functiondef(oid), 'acl', proacl::text)
                             ORDER BY proname)
-                          FROM pg_proc WHERE pronamespace = 'public'::regnamespace AND proname LIKE '%vantage_sync%'),
+                          FROM pg_proc WHERE pronamespace = 'public'::regnamespace AND proname LIKE '%vantage%'),
             'roles', (SELECT jsonb_agg(rolname ORDER BY rolname) FROM pg_roles
                       WHERE rolname IN ('anon', 'authenticated', 'service_role')),
             'rows', (SELECT jsonb_agg(to_jsonb(s) ORDER BY resource) FROM public.vantage_sync_state s)
@@ -41,11 +41,13 @@ async fn schema_snapshot(conn: &mut PgConnection) -> Value {
 
 async fn objects_left(conn: &mut PgConnection) -> Vec<String> {
     sqlx::query_scalar(
-        "SELECT 'table ' || relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname LIKE '%vantage_sync%'
+        "SELECT 'table ' || relname FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relname LIKE '%vantage%'
          UNION ALL
-         SELECT 'function ' || proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace AND proname LIKE '%vantage_sync%'
+         SELECT 'function ' || proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace AND proname LIKE '%vantage%'
          UNION ALL
-         SELECT 'policy ' || policyname FROM pg_policies WHERE policyname LIKE '%vantage_sync%'",
+         SELECT 'policy ' || policyname FROM pg_policies WHERE policyname LIKE '%vantage%'
+         UNION ALL
+         SELECT 'schema ' || nspname FROM pg_namespace WHERE nspname LIKE '%vantage%'",
     )
     .fetch_all(conn)
     .await
@@ -63,7 +65,8 @@ async fn up_down_up_again() {
     let first = schema_snapshot(&mut conn).await;
     assert_eq!(first["rows"].as_array().map(Vec::len), Some(7));
     assert_eq!(first["policies"].as_array().map(Vec::len), Some(4));
-    assert_eq!(first["functions"].as_array().map(Vec::len), Some(7));
+    // 7 of the state table and event log, 10 of alerts and webhooks.
+    assert_eq!(first["functions"].as_array().map(Vec::len), Some(17));
 
     migration::Migrator::down(&orm, None).await.unwrap();
     assert_eq!(objects_left(&mut conn).await, Vec::<String>::new());
