@@ -99,7 +99,7 @@ struct Args {
     #[arg(long, default_value_t = 1_000)]
     webhook_changes: usize,
     /// Changes per second in the webhooks scenario.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 20)]
     webhook_change_rate: u32,
 }
 
@@ -269,6 +269,7 @@ fn failures(report: &Value) -> Vec<String> {
         ("webhooks", "lost"),
         ("webhooks", "duplicates"),
         ("webhooks", "out_of_order"),
+        ("webhooks", "mismatched"),
         ("soak", "errors"),
         ("soak", "missed"),
         ("soak", "lost"),

@@ -91,6 +91,8 @@ pub async fn run(target: &Target, plan: Plan) -> anyhow::Result<Value> {
 
     let mut delays = Vec::with_capacity(expected * paths.len());
     let (mut delivered, mut lost, mut duplicates, mut out_of_order) = (0_u64, 0_u64, 0_u64, 0_u64);
+    // Deliveries that are not the change they should be (type, resource).
+    let mut mismatched = 0_u64;
     for path in &paths {
         let received = receiver.received(path);
         let mut seen = HashSet::new();
@@ -106,6 +108,21 @@ pub async fn run(target: &Target, plan: Plan) -> anyhow::Result<Value> {
                 out_of_order += 1;
             }
             last = id;
+            let body = r.json();
+            let want = if index % 2 == 0 {
+                "sync.started"
+            } else {
+                "sync.succeeded"
+            };
+            let resource = resources.get((index / 2) % RESOURCES);
+            if body["type"] != want || body["resource"].as_str() != resource.map(String::as_str) {
+                if mismatched == 0 {
+                    eprintln!(
+                        "webhooks: delivery {index} of {path} is {body}, not {want} of {resource:?}"
+                    );
+                }
+                mismatched += 1;
+            }
             if let Some(at) = committed.get(index) {
                 delays.push(r.at.saturating_duration_since(*at));
             }
@@ -122,6 +139,7 @@ pub async fn run(target: &Target, plan: Plan) -> anyhow::Result<Value> {
         "lost": lost,
         "duplicates": duplicates,
         "out_of_order": out_of_order,
+        "mismatched": mismatched,
         "delay_ms": stats::summary(&mut delays),
         "cpu_us_per_delivery": meter.per_request(before, after, delivered),
     }))

@@ -720,3 +720,58 @@ async fn a_ping_and_a_slack_message() {
         .await;
     assert_eq!(list["data"]["webhooks"], json!([]));
 }
+
+#[tokio::test]
+async fn a_webhook_failing_for_the_whole_retry_window_is_disabled() {
+    let app = TestApp::spawn_with(TestDb::migrated().await, |config| {
+        config.webhooks = WebhookSettings {
+            retry_window: Duration::from_secs(2),
+            allow_private: true,
+        };
+    })
+    .await;
+    let mut receiver = Receiver::start().await;
+    let url = receiver.url("/down");
+    receiver.stop();
+    let (id, _) = create(&app, &url, &["SYNC_STARTED"], None).await;
+    mutate(
+        &app,
+        r#"mutation { startSync(resource: "accounts") { resource } }"#,
+    )
+    .await;
+    // Attempts at 0, 1 and 3 s (back-off 1 s, 2 s): the third is past the
+    // 2 s window and disables it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let hook = loop {
+        let body = app
+            .query(
+                "service_role",
+                "{ webhooks { id enabled disabledReason } }",
+                json!({}),
+            )
+            .await;
+        let hook = body["data"]["webhooks"][0].clone();
+        if hook["enabled"] == false || Instant::now() >= deadline {
+            break hook;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(hook["id"], id.as_str());
+    assert_eq!(hook["enabled"], false, "{hook}");
+    assert!(
+        hook["disabledReason"]
+            .as_str()
+            .unwrap()
+            .contains("for the whole retry window"),
+        "{hook}"
+    );
+    let log = deliveries(&app, &id).await;
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert!(log.iter().all(|d| d["status"] == "FAILED"));
+    assert_eq!(
+        log.iter()
+            .map(|d| d["attempt"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+}
