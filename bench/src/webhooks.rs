@@ -109,7 +109,7 @@ pub async fn run(target: &Target, plan: Plan) -> anyhow::Result<Value> {
             }
             last = id;
             let body = r.json();
-            let want = if index % 2 == 0 {
+            let want = if index.is_multiple_of(2) {
                 "sync.started"
             } else {
                 "sync.succeeded"
