@@ -775,3 +775,49 @@ async fn a_webhook_failing_for_the_whole_retry_window_is_disabled() {
         vec![1, 2, 3]
     );
 }
+
+/// A target that became private after creation (here: written straight
+/// into the table, as a DNS change would make it) is refused at delivery,
+/// by name and by address, and the receiver hears nothing.
+#[tokio::test]
+async fn private_targets_are_refused_again_at_every_delivery() {
+    let app = TestApp::spawn().await;
+    let receiver = Receiver::start().await;
+    let port = receiver.url("").rsplit(':').next().unwrap().to_owned();
+    let mut ids = Vec::new();
+    for url in [
+        format!("http://localhost:{port}/by-name"),
+        format!("http://127.0.0.1:{port}/by-address"),
+    ] {
+        let mut conn = app.db.connect().await;
+        let id: sqlx::types::Uuid = sqlx::query_scalar(
+            "SELECT id FROM create_vantage_webhook($1, ARRAY['sync.started'], NULL, 'json', 'whsec_QmVuY2hCZW5jaEJlbmNoQmVuY2hCZW5jaEJlbmNoISE=')",
+        )
+        .bind(&url)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        ids.push(id.to_string());
+    }
+    mutate(
+        &app,
+        r#"mutation { startSync(resource: "accounts") { resource } }"#,
+    )
+    .await;
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let log = loop {
+            let log = deliveries(&app, id).await;
+            if !log.is_empty() || Instant::now() >= deadline {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(log[0]["status"], "FAILED", "{log:?}");
+        assert!(log[0]["httpStatus"].is_null());
+        let error = log[0]["error"].as_str().unwrap();
+        assert!(error.contains("WEBHOOK_ALLOW_PRIVATE"), "{error}");
+    }
+    assert!(receiver.received("/by-name").is_empty());
+    assert!(receiver.received("/by-address").is_empty());
+}
