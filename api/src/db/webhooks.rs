@@ -180,44 +180,62 @@ pub struct Attempt {
     pub duration: Duration,
 }
 
-/// Records `attempt` at the delivery of `claim`; `release` ends the lease
-/// after a success (the last of what was claimed).
+/// One attempt to record: what was sent, its answer, and whether it is
+/// the last of its claim (`release`: a success then ends the lease).
+pub struct Sent<'a> {
+    /// What was sent.
+    pub claim: &'a Claim,
+    /// Its answer.
+    pub attempt: &'a Attempt,
+    /// The last of its claim.
+    pub release: bool,
+}
+
+/// Records `sent`, in order, in one call; each one's outcome.
 pub async fn record(
     db: &impl ConnectionTrait,
-    claim: &Claim,
-    attempt: &Attempt,
+    sent: &[Sent<'_>],
     retry_window: Duration,
-    release: bool,
-) -> Result<AttemptOutcome, DbErr> {
+) -> Result<Vec<AttemptOutcome>, DbErr> {
     #[derive(FromQueryResult)]
     struct Outcome {
         outcome: String,
     }
-    let outcome = Outcome::find_by_statement(Statement::from_sql_and_values(
+    if sent.is_empty() {
+        return Ok(Vec::new());
+    }
+    let attempts: Vec<serde_json::Value> = sent
+        .iter()
+        .map(|sent| {
+            serde_json::json!({
+                "webhook": sent.claim.webhook_id,
+                "lease": sent.claim.lease,
+                "notification": sent.claim.notification_id,
+                "http_status": sent.attempt.http_status,
+                "error": sent.attempt.error,
+                "duration_ms": u64::try_from(sent.attempt.duration.as_millis()).unwrap_or(u64::MAX).min(i32::MAX as u64),
+                "release": sent.release,
+            })
+        })
+        .collect();
+    let outcomes = Outcome::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "SELECT public.record_vantage_webhook_attempt($1, $2, $3, $4, $5, $6, \
-         make_interval(secs => $7), $8) AS outcome",
+        "SELECT outcome FROM public.record_vantage_webhook_attempts($1, make_interval(secs => $2)) \
+         ORDER BY ordinality",
         [
-            claim.webhook_id.into(),
-            claim.lease.into(),
-            claim.notification_id.into(),
-            attempt.http_status.map(i32::from).into(),
-            attempt.error.clone().into(),
-            i32::try_from(attempt.duration.as_millis())
-                .unwrap_or(i32::MAX)
-                .into(),
+            serde_json::Value::Array(attempts).into(),
             retry_window.as_secs_f64().into(),
-            release.into(),
         ],
     ))
-    .one(db)
+    .all(db)
     .await?;
-    Ok(
-        match outcome.as_ref().map(|outcome| outcome.outcome.as_str()) {
-            Some("delivered") => AttemptOutcome::Delivered,
-            Some("retry") => AttemptOutcome::Retry,
-            Some("disabled") => AttemptOutcome::Disabled,
+    Ok(outcomes
+        .iter()
+        .map(|outcome| match outcome.outcome.as_str() {
+            "delivered" => AttemptOutcome::Delivered,
+            "retry" => AttemptOutcome::Retry,
+            "disabled" => AttemptOutcome::Disabled,
             _ => AttemptOutcome::Stale,
-        },
-    )
+        })
+        .collect())
 }

@@ -84,6 +84,8 @@ pub struct Metrics {
     webhook_retries: Counter,
     webhooks_disabled: Counter,
     webhook_latency: Histogram,
+    notify_rounds_failed: Counter,
+    notify_last_round: Gauge,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -229,9 +231,23 @@ impl Default for Metrics {
             "Time from a notification's change to its successful delivery",
             webhook_latency.clone(),
         );
+        let notify_rounds_failed = Counter::default();
+        registry.register(
+            "notify_rounds_failed",
+            "Rounds of the webhook worker that failed (tried again on its next wake-up; answers kept)",
+            notify_rounds_failed.clone(),
+        );
+        let notify_last_round = Gauge::default();
+        registry.register(
+            "notify_last_round_timestamp_seconds",
+            "Unix time of the webhook worker's last committed round (at least every second while it runs)",
+            notify_last_round.clone(),
+        );
         Self {
             registry,
             notifications,
+            notify_rounds_failed,
+            notify_last_round,
             webhook_attempts,
             webhook_retries,
             webhooks_disabled,
@@ -313,9 +329,16 @@ impl Metrics {
         self.jwks_keys.set(i64::try_from(keys).unwrap_or(i64::MAX));
     }
 
-    /// The notification maker made `count` notifications.
-    pub fn notifications_made(&self, count: u64) {
+    /// A round of the webhook worker committed, making `count`
+    /// notifications.
+    pub fn notify_round(&self, count: u64) {
         self.notifications.inc_by(count);
+        self.notify_last_round.set(chrono::Utc::now().timestamp());
+    }
+
+    /// A round of the webhook worker failed.
+    pub fn notify_round_failed(&self) {
+        self.notify_rounds_failed.inc();
     }
 
     /// A webhook delivery succeeded, `latency_seconds` after its change.

@@ -17,13 +17,15 @@ pub mod address;
 pub mod payload;
 pub mod signature;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::auth::{Caller, Role};
-use crate::db::webhooks::{self, Attempt, AttemptOutcome, Claim};
+use crate::db::webhooks::{self, Attempt, AttemptOutcome, Claim, Sent};
 use crate::db::{Access, Pool, alerts};
 use crate::feed::Feed;
 use crate::infra::metrics::Metrics;
@@ -38,6 +40,9 @@ const MAX_IN_FLIGHT: usize = 256;
 /// Notifications one claim may take for a webhook: sent one after
 /// another, they save a round each.
 const PER_CLAIM: i32 = 16;
+/// Bodies kept for reuse: every webhook of a format is sent the same body
+/// for a notification (only the signature differs).
+const BODIES_KEPT: usize = 4_096;
 /// A claim stops sending new requests once this much of its lease is gone.
 const SEND_WITHIN: Duration = Duration::from_secs(15);
 /// Events turned into notifications per round.
@@ -126,6 +131,7 @@ impl Worker {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let caller = Caller::for_role(Role::ServiceRole);
+        let mut bodies: HashMap<(i64, bool), Bytes> = HashMap::new();
         loop {
             tokio::select! {
                 change = changes.recv() => {
@@ -159,15 +165,20 @@ impl Worker {
             let round = self
                 .pool
                 .run(&caller, Access::Write, ROUND_TIMEOUT, async |txn| {
-                    let mut outcomes = Vec::with_capacity(finished.len());
-                    for sent in &finished {
-                        for (index, (claim, attempt)) in sent.iter().enumerate() {
-                            let release = index + 1 == sent.len();
-                            outcomes.push(
-                                webhooks::record(txn, claim, attempt, window, release).await?,
-                            );
-                        }
-                    }
+                    let sent: Vec<Sent<'_>> = finished
+                        .iter()
+                        .flat_map(|claimed| {
+                            claimed
+                                .iter()
+                                .enumerate()
+                                .map(|(index, (claim, attempt))| Sent {
+                                    claim,
+                                    attempt,
+                                    release: index + 1 == claimed.len(),
+                                })
+                        })
+                        .collect();
+                    let outcomes = webhooks::record(txn, &sent, window).await?;
                     let made = alerts::advance(txn, EVENTS_PER_ROUND, false).await?;
                     let claims = if room > 0 {
                         webhooks::claim(txn, room, LEASE, PER_CLAIM).await?
@@ -183,15 +194,28 @@ impl Worker {
                     // Answers are kept for the next round; leases run out
                     // and the deliveries go again: at least once.
                     tracing::warn!(error = %error.message(), "webhook round failed; retrying");
+                    self.metrics.notify_round_failed();
                     continue;
                 }
             };
-            self.metrics
-                .notifications_made(u64::try_from(made).unwrap_or(0));
+            self.metrics.notify_round(u64::try_from(made).unwrap_or(0));
             for ((claim, _), outcome) in finished.drain(..).flatten().zip(outcomes) {
                 self.count(&claim, outcome);
             }
+            if bodies.len() > BODIES_KEPT {
+                bodies.clear();
+            }
             for batch in by_webhook(claims) {
+                let batch: Vec<(Claim, Bytes)> = batch
+                    .into_iter()
+                    .map(|claim| {
+                        let body = bodies
+                            .entry((claim.notification_id, claim.format == "slack"))
+                            .or_insert_with(|| Bytes::from(payload::body(&claim)))
+                            .clone();
+                        (claim, body)
+                    })
+                    .collect();
                 in_flight += 1;
                 let done = done.clone();
                 let client = self.client.clone();
@@ -199,11 +223,11 @@ impl Worker {
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let mut sent = Vec::with_capacity(batch.len());
-                    for claim in batch {
+                    for (claim, body) in batch {
                         if !sent.is_empty() && started.elapsed() > SEND_WITHIN {
                             break;
                         }
-                        let attempt = deliver(&client, &claim, allow_private).await;
+                        let attempt = deliver(&client, &claim, body, allow_private).await;
                         let failed = attempt.error.is_some();
                         sent.push((claim, attempt));
                         if failed {
@@ -246,8 +270,14 @@ fn by_webhook(claims: Vec<Claim>) -> Vec<Vec<Claim>> {
     groups
 }
 
-/// Sends one notification, signed; the answer, whatever it is.
-async fn deliver(client: &reqwest::Client, claim: &Claim, allow_private: bool) -> Attempt {
+/// Sends one notification (its body, made once per notification and
+/// format), signed; the answer, whatever it is.
+async fn deliver(
+    client: &reqwest::Client,
+    claim: &Claim,
+    body: Bytes,
+    allow_private: bool,
+) -> Attempt {
     let started = Instant::now();
     let failed = |error: String| Attempt {
         http_status: None,
@@ -262,7 +292,6 @@ async fn deliver(client: &reqwest::Client, claim: &Claim, allow_private: bool) -
         return failed(refused.to_string());
     }
     let id = payload::message_id(claim);
-    let body = payload::body(claim);
     let timestamp = chrono::Utc::now().timestamp();
     let signature = match signature::sign(&claim.secret, &id, timestamp, &body) {
         Ok(signature) => signature,

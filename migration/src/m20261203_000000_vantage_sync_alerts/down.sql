@@ -10,6 +10,7 @@ DROP FUNCTION IF EXISTS public.create_vantage_webhook(text, text[], text[], text
 DROP FUNCTION IF EXISTS public.delete_vantage_webhook(uuid);
 DROP FUNCTION IF EXISTS public.ping_vantage_webhook(uuid);
 DROP FUNCTION IF EXISTS public.claim_vantage_webhook_deliveries(integer, interval, integer);
+DROP FUNCTION IF EXISTS public.record_vantage_webhook_attempts(jsonb, interval);
 DROP FUNCTION IF EXISTS public.record_vantage_webhook_attempt(uuid, uuid, bigint, integer, text, integer, interval, boolean);
 
 DROP TABLE IF EXISTS vantage_sync_private.webhook_secrets;

@@ -82,6 +82,9 @@ CREATE TABLE IF NOT EXISTS public.vantage_sync_webhooks (
     enabled          boolean     NOT NULL DEFAULT true,
     disabled_reason  text,
     created_at       timestamptz NOT NULL DEFAULT now(),
+    -- The last event committed when it was created: it is told only of
+    -- later ones (the event log's ids are in commit order).
+    after_event      bigint      NOT NULL DEFAULT 0,
     -- Delivery: the next attempt is not before next_attempt_at; failing
     -- since the first failure after the last success; leased while one
     -- replica delivers (the lease id proves which).
@@ -263,7 +266,8 @@ BEGIN
     FROM public.vantage_sync_webhooks w
     WHERE w.enabled
       AND p_type = ANY (w.events)
-      AND (w.resources IS NULL OR p_resource = ANY (w.resources));
+      AND (w.resources IS NULL OR p_resource = ANY (w.resources))
+      AND (p_event_id IS NULL OR p_event_id > w.after_event);
     RETURN v_id;
 END
 $$;
@@ -430,8 +434,9 @@ BEGIN
 END
 $$;
 
--- A webhook, created enabled with its signing secret. It receives what is
--- made from now on: alerts already firing are not sent to it.
+-- A webhook, created enabled with its signing secret. It receives what
+-- happens from now on: neither alerts already firing nor the changes
+-- committed before it, even if their notifications are made later.
 CREATE OR REPLACE FUNCTION public.create_vantage_webhook(
     p_url text,
     p_events text[],
@@ -447,8 +452,9 @@ AS $$
 DECLARE
     v_row public.vantage_sync_webhooks;
 BEGIN
-    INSERT INTO public.vantage_sync_webhooks (url, events, resources, format)
-    VALUES (p_url, p_events, p_resources, p_format)
+    INSERT INTO public.vantage_sync_webhooks (url, events, resources, format, after_event)
+    VALUES (p_url, p_events, p_resources, p_format,
+            (SELECT coalesce(max(e.id), 0) FROM public.vantage_sync_events e))
     RETURNING * INTO v_row;
     INSERT INTO vantage_sync_private.webhook_secrets (webhook_id, secret)
     VALUES (v_row.id, p_secret);
@@ -644,6 +650,38 @@ BEGIN
 END
 $$;
 
+-- Records many attempts in one call, in the order given: `p_attempts` is
+-- a JSON array of {webhook, lease, notification, http_status, error,
+-- duration_ms, release}. Returns each one's outcome, by position (1-based).
+CREATE OR REPLACE FUNCTION public.record_vantage_webhook_attempts(
+    p_attempts jsonb,
+    p_retry_window interval
+)
+RETURNS TABLE (ordinality bigint, outcome text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+    v_attempt record;
+BEGIN
+    FOR v_attempt IN
+        SELECT a.*
+        FROM ROWS FROM (pg_catalog.jsonb_to_recordset(p_attempts) AS (
+                 webhook uuid, lease uuid, notification bigint, http_status integer,
+                 error text, duration_ms integer, release boolean))
+             WITH ORDINALITY AS a(webhook, lease, notification, http_status, error, duration_ms, release, n)
+        ORDER BY a.n
+    LOOP
+        ordinality := v_attempt.n;
+        outcome := public.record_vantage_webhook_attempt(
+            v_attempt.webhook, v_attempt.lease, v_attempt.notification, v_attempt.http_status,
+            v_attempt.error, v_attempt.duration_ms, p_retry_window, coalesce(v_attempt.release, true));
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
 -- Pruning now also keeps every event that notifications have not been
 -- made from yet, and removes what is older than the retention and done
 -- with: notifications no outbox holds, delivery attempts, resolved alerts.
@@ -695,6 +733,7 @@ REVOKE ALL ON FUNCTION
     public.ping_vantage_webhook(uuid),
     public.claim_vantage_webhook_deliveries(integer, interval, integer),
     public.record_vantage_webhook_attempt(uuid, uuid, bigint, integer, text, integer, interval, boolean),
+    public.record_vantage_webhook_attempts(jsonb, interval),
     public.prune_vantage_sync_events(interval)
 FROM PUBLIC, anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION
@@ -704,6 +743,7 @@ GRANT EXECUTE ON FUNCTION
     public.ping_vantage_webhook(uuid),
     public.claim_vantage_webhook_deliveries(integer, interval, integer),
     public.record_vantage_webhook_attempt(uuid, uuid, bigint, integer, text, integer, interval, boolean),
+    public.record_vantage_webhook_attempts(jsonb, interval),
     public.prune_vantage_sync_events(interval)
 TO service_role;
 

@@ -310,6 +310,7 @@ async fn functions_pin_search_path_and_only_service_role_executes_them() {
         ("ping_vantage_webhook", true, true),
         ("prune_vantage_sync_events", true, true),
         ("record_vantage_webhook_attempt", true, true),
+        ("record_vantage_webhook_attempts", true, true),
         ("start_vantage_sync", true, true),
         ("update_vantage_sync_state_updated_at", false, false),
         // The alert rules and their parts: called only by the functions

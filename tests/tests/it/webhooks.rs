@@ -247,6 +247,28 @@ async fn a_failed_sync_delivers_signed_alert_and_sync_notifications_and_a_succes
         metrics.contains("vantage_sync_webhook_deliveries_total{outcome=\"delivered\"} 4"),
         "{metrics}"
     );
+    // That the worker has not silently stopped: its last round is recent.
+    assert!(
+        metrics.contains("vantage_sync_notify_rounds_failed_total 0"),
+        "{metrics}"
+    );
+    let last_round: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vantage_sync_notify_last_round_timestamp_seconds "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (chrono::Utc::now().timestamp() - last_round).abs() <= 2,
+        "{last_round}"
+    );
+    let made: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("vantage_sync_notifications_made_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(made >= 6, "{made}");
 }
 
 #[tokio::test]
@@ -413,8 +435,9 @@ async fn a_notification_survives_a_dead_receiver_and_a_server_restart() {
 
     receiver.resume().await;
     let app = spawn_app(db).await;
+    // Within the back-off of however many attempts failed meanwhile.
     let received = receiver
-        .wait_for("/later", Duration::from_secs(10), |r| !r.is_empty())
+        .wait_for("/later", Duration::from_secs(40), |r| !r.is_empty())
         .await;
     assert_eq!(kinds(&received), vec![kind("sync.failed", None, "funds")]);
     let log = deliveries(&app, &id).await;
@@ -820,4 +843,63 @@ async fn private_targets_are_refused_again_at_every_delivery() {
     }
     assert!(receiver.received("/by-name").is_empty());
     assert!(receiver.received("/by-address").is_empty());
+}
+
+/// A webhook is told only of changes committed after it was created, even
+/// when their notifications are made later (the worker lags), and of no
+/// alert already firing. In the database alone, no server.
+#[tokio::test]
+async fn a_new_webhook_is_told_only_what_happens_after_it() {
+    let db = TestDb::migrated().await;
+    let mut conn = db.connect().await;
+    let outbox = async |conn: &mut sqlx::PgConnection| -> Vec<(String, Option<String>, String)> {
+        sqlx::query_as(
+            "SELECT n.type, n.alert, n.resource FROM vantage_sync_webhook_outbox o
+             JOIN vantage_sync_notifications n ON n.id = o.notification_id ORDER BY n.id",
+        )
+        .fetch_all(conn)
+        .await
+        .unwrap()
+    };
+    for statement in [
+        "SELECT start_vantage_sync('accounts')",
+        "SELECT fail_vantage_sync('accounts', '[]')",
+    ] {
+        sqlx::query(statement).execute(&mut conn).await.unwrap();
+    }
+    sqlx::query(
+        "SELECT create_vantage_webhook('http://192.0.2.1/hook',
+             ARRAY['sync.started', 'sync.failed', 'alert.firing', 'alert.resolved'], NULL, 'json',
+             'whsec_QmVuY2hCZW5jaEJlbmNoQmVuY2hCZW5jaEJlbmNoISE=')",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    // The notifications of the earlier changes are made only now.
+    let made: i32 = sqlx::query_scalar("SELECT advance_vantage_sync_notifications(1000)")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(made >= 2, "{made}");
+    assert_eq!(outbox(&mut conn).await, vec![]);
+    // (Each its own transaction: events are written at commit.)
+    for statement in [
+        "SELECT start_vantage_sync('accounts')",
+        "SELECT fail_vantage_sync('accounts', '[]')",
+        "SELECT advance_vantage_sync_notifications(1000)",
+    ] {
+        sqlx::query(statement).execute(&mut conn).await.unwrap();
+    }
+    let accounts = || Some("accounts".to_owned());
+    assert_eq!(
+        outbox(&mut conn)
+            .await
+            .into_iter()
+            .map(|(t, a, r)| (t, a, Some(r)))
+            .collect::<Vec<_>>(),
+        vec![
+            ("sync.started".to_owned(), None, accounts()),
+            ("sync.failed".to_owned(), None, accounts()),
+        ]
+    );
 }
