@@ -139,6 +139,19 @@ async fn eventually_alerts(
     }
 }
 
+/// The delivery log once `done` holds for it (answers are recorded in the
+/// worker's next round), or after 5 s.
+async fn deliveries_when(app: &TestApp, id: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = deliveries(app, id).await;
+        if done(&log) || Instant::now() >= deadline {
+            return log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn deliveries(app: &TestApp, id: &str) -> Vec<Value> {
     let body = app
         .query("service_role", DELIVERIES, json!({"id": id}))
@@ -236,7 +249,7 @@ async fn a_failed_sync_delivers_signed_alert_and_sync_notifications_and_a_succes
     assert!(resolved.contains(&json!({"alert": "FAILED", "resource": "accounts"})));
     assert!(!resolved.contains(&json!({"alert": "FAILED", "resource": "funds"})));
 
-    let log = deliveries(&app, &id).await;
+    let log = deliveries_when(&app, &id, |log| log.len() >= 4).await;
     assert_eq!(log.len(), 4);
     assert!(
         log.iter()
@@ -385,8 +398,7 @@ async fn failed_attempts_are_retried_with_one_event_id_and_logged() {
     // Back-off: 1 s, then 2 s.
     assert!(received[1].at - received[0].at >= Duration::from_millis(900));
     assert!(received[2].at - received[1].at >= Duration::from_millis(1900));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let log = deliveries(&app, &id).await;
+    let log = deliveries_when(&app, &id, |log| log.len() >= 3).await;
     let event_id = &received[0].id;
     assert_eq!(
         log.iter()
@@ -440,7 +452,10 @@ async fn a_notification_survives_a_dead_receiver_and_a_server_restart() {
         .wait_for("/later", Duration::from_secs(40), |r| !r.is_empty())
         .await;
     assert_eq!(kinds(&received), vec![kind("sync.failed", None, "funds")]);
-    let log = deliveries(&app, &id).await;
+    let log = deliveries_when(&app, &id, |log| {
+        log.last().is_some_and(|d| d["status"] == "DELIVERED")
+    })
+    .await;
     assert_eq!(log.last().unwrap()["status"], "DELIVERED");
     assert!(log.len() >= 2);
 }
@@ -459,7 +474,8 @@ async fn gone_disables_the_webhook() {
     receiver
         .wait_for("/gone", Duration::from_secs(3), |r| !r.is_empty())
         .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Recorded in the worker's next round.
+    deliveries_when(&app, &id, |log| !log.is_empty()).await;
     let body = app
         .query(
             "service_role",
@@ -902,4 +918,92 @@ async fn a_new_webhook_is_told_only_what_happens_after_it() {
             ("sync.failed".to_owned(), None, accounts()),
         ]
     );
+}
+
+/// The README's receiver example, run with python3 as written (only its
+/// secret and port filled in): it takes real deliveries and refuses a
+/// forged one.
+#[tokio::test]
+async fn the_readme_receiver_verifies_real_deliveries() {
+    use std::io::{BufRead, BufReader};
+    let readme = include_str!("../../../README.md");
+    let example = readme
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a python block in the README");
+    let app = spawn_app(TestDb::migrated().await).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (id, secret) = create(
+        &app,
+        &format!("http://127.0.0.1:{port}/hook"),
+        &["SYNC_FAILED"],
+        None,
+    )
+    .await;
+    let script = example
+        .replace("\"whsec_...\"", &format!("\"{secret}\""))
+        .replace("(\"0.0.0.0\", 9000)", &format!("(\"127.0.0.1\", {port})"));
+    assert_ne!(script, example);
+    let mut child = std::process::Command::new("python3")
+        .args(["-u", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 is needed for this test");
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    // Until it listens: a POST without headers is refused, not a crash.
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.get(&url).send().await.is_err() {
+        assert!(Instant::now() < deadline, "the receiver did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fail(&app, "accounts").await;
+    let line = tokio::time::timeout(Duration::from_secs(5), lines.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line, "sync.failed None accounts");
+    // The answer is recorded in the worker's next round.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let log = loop {
+        let log = deliveries(&app, &id).await;
+        if !log.is_empty() || Instant::now() >= deadline {
+            break log;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(log[0]["status"], "DELIVERED");
+    assert_eq!(log[0]["httpStatus"], 204);
+    // A forged body with a made-up signature is refused.
+    let forged = client
+        .post(&url)
+        .header("webhook-id", "1")
+        .header(
+            "webhook-timestamp",
+            chrono::Utc::now().timestamp().to_string(),
+        )
+        .header(
+            "webhook-signature",
+            "v1,AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
+        .body(r#"{"type": "sync.failed"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let _ = child.kill();
+    let _ = child.wait();
 }
