@@ -13,8 +13,10 @@ use async_graphql::parser::types::{
 fn field_reads(name: &str) -> usize {
     match name {
         "__schema" | "__type" | "__typename" => 0,
-        // The pruning point and a page; failure streaks and the states.
-        "syncHistory" | "repeatedFailures" => 2,
+        // The pruning point and a page; failure streaks and the states;
+        // firing and resolved alerts (`firing: null`); a ping and the
+        // webhook.
+        "syncHistory" | "repeatedFailures" | "alerts" | "testWebhook" => 2,
         _ => 1,
     }
 }

@@ -18,7 +18,8 @@ async fn reads(conn: &mut PgConnection) -> i64 {
         "SELECT coalesce(sum(s.calls), 0)::bigint FROM pg_stat_statements s
          JOIN pg_database d ON d.oid = s.dbid
          WHERE d.datname = current_database()
-           AND (s.query ILIKE '%vantage_sync_state%' OR s.query ILIKE '%vantage_sync_events%')
+           AND (s.query ILIKE '%vantage_sync_state%' OR s.query ILIKE '%vantage_sync_events%'
+                OR s.query ILIKE '%vantage_sync_alerts%')
            AND s.query NOT ILIKE '%pg_stat_statements%'",
     )
     .fetch_one(conn)
@@ -121,6 +122,8 @@ async fn sample_queries_read_what_the_readme_says() {
             "{ syncState(resource: \"accounts\") { resource errors { code } } }",
             1,
         ),
+        ("{ alerts { alert resource firingSince } }", 1),
+        ("{ alerts(firing: null) { alert resource resolvedAt } }", 2),
     ] {
         let (read, status, body) = counted(&app, &mut conn, query).await;
         assert_eq!(status, StatusCode::OK, "{query}: {body}");
