@@ -271,6 +271,13 @@ function onNext(payload, id) {
   const change = payload.data.syncStateChanged;
   apply(change);
   if (id) board.lastEventId = id;
+  // Once per change, and once for a whole snapshot (its last event alone
+  // carries an id). The worker that settles alerts hears the same change:
+  // give it a moment.
+  if (change.operation !== 'SNAPSHOT' || id) {
+    board.alertRetries = 0;
+    askAlerts(change.operation === 'SNAPSHOT' ? 0 : 300);
+  }
   return null;
 }
 
@@ -289,9 +296,6 @@ function apply(change) {
       && Date.parse(state.startedAt) > Date.parse(before.startedAt);
     if (change.operation !== 'SNAPSHOT' && (ended || restarted)) loadTrends([change.resource]);
   }
-  // The worker that settles alerts hears the same change: give it a moment.
-  board.alertRetries = 0;
-  askAlerts(board.firing === null ? 0 : 300);
   render();
 }
 
