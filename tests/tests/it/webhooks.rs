@@ -631,34 +631,51 @@ async fn unsafe_or_unauthorised_webhooks_are_refused_and_nothing_is_stored() {
                 .to_owned(),
         )
     };
-    let loopback = app
-        .query(
-            "service_role",
-            CREATE,
-            json!({"url": "http://127.0.0.1:9/hook", "events": ["SYNC_FAILED"]}),
-        )
+    for (url, says) in [
+        ("http://127.0.0.1:9/hook", "WEBHOOK_ALLOW_PRIVATE"),
+        ("http://localhost:9/hook", "WEBHOOK_ALLOW_PRIVATE"),
+        (
+            "http://169.254.169.254/latest/meta-data/",
+            "WEBHOOK_ALLOW_PRIVATE",
+        ),
+        ("ftp://example.com/hook", "ftp://"),
+        ("http://user:pw@example.com/hook", "no user or password"),
+        ("not a url", "is not a URL"),
+    ] {
+        let body = app
+            .query(
+                "service_role",
+                CREATE,
+                json!({"url": url, "events": ["SYNC_FAILED"]}),
+            )
+            .await;
+        let (code, message) = refused(&body);
+        assert_eq!(code, "BAD_USER_INPUT", "{url}: {body}");
+        assert!(message.contains(says), "{url}: {message}");
+    }
+    // A public address literal (no DNS here), with bad events or resources.
+    for (variables, says) in [
+        (json!({"events": []}), "at least one event type"),
+        (
+            json!({"events": ["SYNC_FAILED"], "resources": []}),
+            "name 1 to 1000 resources",
+        ),
+        (
+            json!({"events": ["SYNC_FAILED"], "resources": ["Not Snake"]}),
+            "resource",
+        ),
+    ] {
+        let mut variables = variables;
+        variables["url"] = json!("https://93.184.215.14/hook");
+        let body = app.query("service_role", CREATE, variables).await;
+        let (code, message) = refused(&body);
+        assert_eq!(code, "BAD_USER_INPUT", "{body}");
+        assert!(message.contains(says), "{message}");
+    }
+    let body = app
+        .query("service_role", DELIVERIES, json!({"id": "not-a-webhook"}))
         .await;
-    let (code, message) = refused(&loopback);
-    assert_eq!(code, "BAD_USER_INPUT");
-    assert!(message.contains("WEBHOOK_ALLOW_PRIVATE"), "{message}");
-    let localhost = app
-        .query(
-            "service_role",
-            CREATE,
-            json!({"url": "http://localhost:9/hook", "events": ["SYNC_FAILED"]}),
-        )
-        .await;
-    assert_eq!(refused(&localhost).0, "BAD_USER_INPUT");
-    let ftp = app
-        .query(
-            "service_role",
-            CREATE,
-            json!({"url": "ftp://example.com/hook", "events": ["SYNC_FAILED"]}),
-        )
-        .await;
-    let (code, message) = refused(&ftp);
-    assert_eq!(code, "BAD_USER_INPUT");
-    assert!(message.contains("ftp://"), "{message}");
+    assert_eq!(refused(&body).0, "NOT_FOUND", "{body}");
     let (_, user) = app
         .graphql(
             Some("authenticated"),
