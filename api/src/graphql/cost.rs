@@ -14,9 +14,9 @@ fn field_reads(name: &str) -> usize {
     match name {
         "__schema" | "__type" | "__typename" => 0,
         // The pruning point and a page; failure streaks and the states;
-        // firing and resolved alerts (`firing: null`); a ping and the
-        // webhook.
-        "syncHistory" | "repeatedFailures" | "alerts" | "testWebhook" => 2,
+        // firing and resolved alerts (`firing: null`); the webhook and its
+        // log, or its ping.
+        "syncHistory" | "repeatedFailures" | "alerts" | "webhookDeliveries" | "testWebhook" => 2,
         _ => 1,
     }
 }
@@ -125,6 +125,12 @@ mod tests {
         assert_eq!(
             reads("{ syncHistory { edges { cursor } } repeatedFailures { resource } }"),
             4
+        );
+        assert_eq!(
+            reads(
+                "{ alerts { resource } webhookDeliveries(webhookId: \"x\") { edges { cursor } } webhooks { id } }"
+            ),
+            5
         );
         assert_eq!(
             reads(

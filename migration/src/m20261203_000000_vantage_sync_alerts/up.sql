@@ -331,6 +331,7 @@ SET search_path = ''
 AS $$
 DECLARE
     v_through bigint;
+    v_read_from bigint;
     v_evaluated_at timestamptz;
     v_now timestamptz := pg_catalog.clock_timestamp();
     v_event record;
@@ -344,6 +345,7 @@ BEGIN
     PERFORM pg_catalog.pg_advisory_xact_lock(6220413703001427540); -- "VSYNC_NT"
     SELECT through, evaluated_at INTO v_through, v_evaluated_at
     FROM public.vantage_sync_notify_progress FOR UPDATE;
+    v_read_from := v_through;
 
     FOR v_event IN
         SELECT id, resource, operation, status, previous_status, state, occurred_at
@@ -426,10 +428,12 @@ BEGIN
                 v_row.resource, v_row.holding, ARRAY['stuck', 'stale'], v_now, v_row.state, NULL);
         END LOOP;
         v_evaluated_at := v_now;
+        UPDATE public.vantage_sync_notify_progress
+        SET through = v_through, evaluated_at = v_evaluated_at;
+    ELSIF v_through <> v_read_from THEN
+        UPDATE public.vantage_sync_notify_progress SET through = v_through;
     END IF;
-
-    UPDATE public.vantage_sync_notify_progress
-    SET through = v_through, evaluated_at = v_evaluated_at;
+    -- Otherwise nothing moved: an idle round writes nothing.
     RETURN v_made;
 END
 $$;

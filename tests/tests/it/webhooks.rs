@@ -1024,3 +1024,23 @@ async fn the_readme_receiver_verifies_real_deliveries() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// An idle worker writes nothing: its round every second leaves the
+/// progress row alone but for the stuck/stale check every 10 s.
+#[tokio::test]
+async fn an_idle_worker_writes_nothing_but_its_ten_second_check() {
+    let app = spawn_app(TestDb::migrated().await).await;
+    let mut conn = app.db.connect().await;
+    let mut versions = std::collections::HashSet::new();
+    for _ in 0..10 {
+        let version: String =
+            sqlx::query_scalar("SELECT xmin::text FROM vantage_sync_notify_progress")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        versions.insert(version);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Five seconds of rounds: at most the row as found and one check.
+    assert!(versions.len() <= 2, "{versions:?}");
+}
