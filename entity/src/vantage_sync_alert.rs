@@ -4,6 +4,27 @@
 
 use sea_orm::entity::prelude::*;
 
+/// One of the seed's four alerts.
+// Stored as lower-case text; the GraphQL enum (feature `graphql`) takes
+// its names and descriptions from here too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
+#[sea_orm(rs_type = "String", db_type = "Text")]
+pub enum AlertKind {
+    /// The last completed sync failed (until one succeeds).
+    #[sea_orm(string_value = "failed")]
+    Failed,
+    /// Running for more than 30 minutes.
+    #[sea_orm(string_value = "stuck")]
+    Stuck,
+    /// No successful sync in the last 24 hours, or never.
+    #[sea_orm(string_value = "stale")]
+    Stale,
+    /// Failed 3 or more times in a row.
+    #[sea_orm(string_value = "repeated")]
+    Repeated,
+}
+
 /// One firing of an alert.
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(schema_name = "public", table_name = "vantage_sync_alerts")]
@@ -11,8 +32,8 @@ pub struct Model {
     /// Row id, in the order alerts fired.
     #[sea_orm(primary_key)]
     pub id: i64,
-    /// `failed`, `stuck`, `stale` or `repeated`.
-    pub alert: String,
+    /// Which alert.
+    pub alert: AlertKind,
     /// The resource it concerns.
     pub resource: String,
     /// When its condition started to hold.

@@ -3,6 +3,19 @@
 
 use sea_orm::entity::prelude::*;
 
+/// How a delivery attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum)]
+#[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
+#[sea_orm(rs_type = "String", db_type = "Text")]
+pub enum WebhookDeliveryStatus {
+    /// The endpoint answered 2xx.
+    #[sea_orm(string_value = "delivered")]
+    Delivered,
+    /// Anything else: another status, no answer in 10 s, no connection.
+    #[sea_orm(string_value = "failed")]
+    Failed,
+}
+
 /// One delivery attempt.
 #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
 #[sea_orm(schema_name = "public", table_name = "vantage_sync_webhook_deliveries")]
@@ -18,8 +31,8 @@ pub struct Model {
     pub event_type: String,
     /// 1 for the first attempt of this notification to this webhook.
     pub attempt: i32,
-    /// `delivered` or `failed`.
-    pub status: String,
+    /// Delivered or failed.
+    pub status: WebhookDeliveryStatus,
     /// The endpoint's HTTP status; `None` when it did not answer.
     pub http_status: Option<i32>,
     /// What went wrong, when it failed.

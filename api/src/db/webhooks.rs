@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use entity::vantage_sync_webhook::{self as webhook, Entity as Webhooks, Model as Webhook};
+use entity::vantage_sync_alert::AlertKind;
+use entity::vantage_sync_webhook::{
+    self as webhook, Entity as Webhooks, Model as Webhook, WebhookFormat,
+};
 use entity::vantage_sync_webhook_delivery::{
     self as delivery, Entity as Deliveries, Model as Delivery,
 };
@@ -23,8 +26,8 @@ pub struct NewWebhook {
     pub events: Vec<String>,
     /// Only these resources; `None`: all.
     pub resources: Option<Vec<String>>,
-    /// `json` or `slack`.
-    pub format: &'static str,
+    /// How deliveries are written.
+    pub format: WebhookFormat,
     /// The signing secret (`whsec_...`).
     pub secret: String,
 }
@@ -117,8 +120,8 @@ pub struct Claim {
     pub lease: Uuid,
     /// Where to POST.
     pub url: String,
-    /// `json` or `slack`.
-    pub format: String,
+    /// How deliveries are written.
+    pub format: WebhookFormat,
     /// Its signing secret.
     pub secret: String,
     /// Which attempt this is for the notification (1 for the first).
@@ -128,7 +131,7 @@ pub struct Claim {
     /// `alert.firing`, `sync.failed`, `ping`, ...
     pub kind: String,
     /// The alert, for alert notifications.
-    pub alert: Option<String>,
+    pub alert: Option<AlertKind>,
     /// The resource, except for pings.
     pub resource: Option<String>,
     /// When it happened.

@@ -2,37 +2,13 @@
 //! database records them (the alerts migration). The status board's
 //! banner reads the same query.
 
-use async_graphql::{Context, Enum, Object, SimpleObject};
+use async_graphql::{Context, Object, SimpleObject};
 use chrono::{DateTime, Utc};
+pub use entity::vantage_sync_alert::AlertKind;
 use entity::vantage_sync_alert::Model;
 
 use super::OperationContext;
 use crate::db::alerts;
-
-/// One of the seed's four alerts.
-#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AlertKind {
-    /// The last completed sync failed (until one succeeds).
-    Failed,
-    /// Running for more than 30 minutes.
-    Stuck,
-    /// No successful sync in the last 24 hours, or never.
-    Stale,
-    /// Failed 3 or more times in a row.
-    Repeated,
-}
-
-impl AlertKind {
-    fn from_stored(alert: &str) -> Option<Self> {
-        match alert {
-            "failed" => Some(Self::Failed),
-            "stuck" => Some(Self::Stuck),
-            "stale" => Some(Self::Stale),
-            "repeated" => Some(Self::Repeated),
-            _ => None,
-        }
-    }
-}
 
 /// An alert of one resource: firing while its condition holds, resolved
 /// once it stops holding.
@@ -49,14 +25,14 @@ pub struct Alert {
     pub resolved_at: Option<DateTime<Utc>>,
 }
 
-impl Alert {
-    fn from_row(row: Model) -> Option<Self> {
-        Some(Self {
-            alert: AlertKind::from_stored(&row.alert)?,
+impl From<Model> for Alert {
+    fn from(row: Model) -> Self {
+        Self {
+            alert: row.alert,
             resource: row.resource,
             firing_since: row.firing_since.with_timezone(&Utc),
             resolved_at: row.resolved_at.map(|at| at.with_timezone(&Utc)),
-        })
+        }
     }
 }
 
@@ -78,6 +54,6 @@ impl AlertQuery {
         let rows = request
             .read_once(ctx, "", async |txn| alerts::list(txn, firing).await)
             .await?;
-        Ok(rows.into_iter().filter_map(Alert::from_row).collect())
+        Ok(rows.into_iter().map(Alert::from).collect())
     }
 }

@@ -2,10 +2,13 @@
 //! test, and read the delivery log. Creating one checks its URL (after
 //! DNS resolution) and makes its signing secret, shown only then.
 
-use async_graphql::{Context, Enum, ID, Object, SimpleObject};
+use async_graphql::{Context, ID, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use entity::vantage_sync_webhook::Model as WebhookRow;
+pub use entity::vantage_sync_webhook::{WebhookEventType, WebhookFormat};
 use entity::vantage_sync_webhook_delivery::Model as DeliveryRow;
+pub use entity::vantage_sync_webhook_delivery::WebhookDeliveryStatus;
+use sea_orm::ActiveEnum;
 use sea_orm::prelude::Uuid;
 
 use super::OperationContext;
@@ -15,65 +18,6 @@ use crate::db::webhooks::{self, NewWebhook};
 use crate::error::ApiError;
 use crate::feed::cursor::Cursor;
 use crate::notify::{WebhookSettings, address, signature};
-
-/// What a webhook can be told.
-#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WebhookEventType {
-    /// An alert started firing (`alert.firing`).
-    AlertFiring,
-    /// A firing alert stopped holding (`alert.resolved`).
-    AlertResolved,
-    /// A sync started, or was restarted with `force` (`sync.started`).
-    SyncStarted,
-    /// A sync completed (`sync.succeeded`).
-    SyncSucceeded,
-    /// A sync failed (`sync.failed`).
-    SyncFailed,
-}
-
-impl WebhookEventType {
-    const ALL: [Self; 5] = [
-        Self::AlertFiring,
-        Self::AlertResolved,
-        Self::SyncStarted,
-        Self::SyncSucceeded,
-        Self::SyncFailed,
-    ];
-
-    /// The payload's `type`, as stored.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::AlertFiring => "alert.firing",
-            Self::AlertResolved => "alert.resolved",
-            Self::SyncStarted => "sync.started",
-            Self::SyncSucceeded => "sync.succeeded",
-            Self::SyncFailed => "sync.failed",
-        }
-    }
-
-    fn from_stored(stored: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.as_str() == stored)
-    }
-}
-
-/// How deliveries are written.
-#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WebhookFormat {
-    /// The JSON payload of SPEC 8, signed.
-    #[default]
-    Json,
-    /// A Slack incoming-webhook message, `{"text": ...}` (also signed).
-    Slack,
-}
-
-impl WebhookFormat {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Json => "json",
-            Self::Slack => "slack",
-        }
-    }
-}
 
 /// An endpoint that notifications are POSTed to.
 #[derive(SimpleObject, Debug, Clone)]
@@ -105,14 +49,10 @@ impl From<WebhookRow> for Webhook {
             events: row
                 .events
                 .iter()
-                .filter_map(|event| WebhookEventType::from_stored(event))
+                .filter_map(|event| WebhookEventType::try_from_value(event).ok())
                 .collect(),
             resources: row.resources,
-            format: if row.format == "slack" {
-                WebhookFormat::Slack
-            } else {
-                WebhookFormat::Json
-            },
+            format: row.format,
             enabled: row.enabled,
             disabled_reason: row.disabled_reason,
             created_at: row.created_at.with_timezone(&Utc),
@@ -128,15 +68,6 @@ pub struct WebhookCreated {
     /// The Standard Webhooks signing secret (`whsec_...`). Shown only
     /// here: keep it where the receiver can verify signatures with it.
     pub secret: String,
-}
-
-/// How a delivery attempt ended.
-#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WebhookDeliveryStatus {
-    /// The endpoint answered 2xx.
-    Delivered,
-    /// Anything else: another status, no answer in 10 s, no connection.
-    Failed,
 }
 
 /// One attempt to deliver a notification.
@@ -189,11 +120,7 @@ impl WebhookDeliveryConnection {
                     event_id: ID(row.notification_id.to_string()),
                     event_type: row.event_type,
                     attempt: row.attempt,
-                    status: if row.status == "delivered" {
-                        WebhookDeliveryStatus::Delivered
-                    } else {
-                        WebhookDeliveryStatus::Failed
-                    },
+                    status: row.status,
                     http_status: row.http_status,
                     error: row.error,
                     at: row.at.with_timezone(&Utc),
@@ -308,8 +235,9 @@ impl WebhookMutation {
         }
         let mut stored: Vec<String> = Vec::new();
         for event in &events {
-            if !stored.iter().any(|kind| kind == event.as_str()) {
-                stored.push(event.as_str().to_owned());
+            let value = event.to_value();
+            if !stored.contains(&value) {
+                stored.push(value);
             }
         }
         if let Some(resources) = &resources {
@@ -329,7 +257,7 @@ impl WebhookMutation {
             url,
             events: stored,
             resources,
-            format: format.unwrap_or(WebhookFormat::Json).as_str(),
+            format: format.unwrap_or(WebhookFormat::Json),
             secret: secret.clone(),
         };
         let row = request

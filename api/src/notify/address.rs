@@ -79,9 +79,11 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || first == 0x2001 && ip.segments()[1] == 0x0db8)
 }
 
-/// Checks `url` as a webhook target: http(s), a host, and (unless
-/// `allow_private`) only public addresses, after resolving a name.
-pub async fn check(url: &str, allow_private: bool) -> Result<Url, UrlRefused> {
+/// Checks `url` as written, resolving nothing: http(s), a host, no
+/// credentials, and (unless `allow_private`) no non-public address
+/// literal. At delivery this is the whole check: the client resolves names
+/// only through [`PublicOnly`].
+pub fn check_written(url: &str, allow_private: bool) -> Result<Url, UrlRefused> {
     let parsed = Url::parse(url).map_err(|_| UrlRefused::Malformed(url.to_owned()))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(UrlRefused::Scheme(parsed.scheme().to_owned()));
@@ -89,14 +91,24 @@ pub async fn check(url: &str, allow_private: bool) -> Result<Url, UrlRefused> {
     if !parsed.username().is_empty() || parsed.password().is_some() {
         return Err(UrlRefused::Host);
     }
-    let host = parsed.host_str().ok_or(UrlRefused::Host)?.to_owned();
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        return literal(&parsed, ip, allow_private);
+    let ip = literal(&parsed).ok_or(UrlRefused::Host)?;
+    match ip {
+        Some(ip) if !allow_private && !is_public(ip) => Err(UrlRefused::Private {
+            host: ip.to_string(),
+            ip,
+        }),
+        _ => Ok(parsed),
     }
-    if allow_private {
+}
+
+/// At creation: [`check_written`], then (unless `allow_private`) every
+/// address a name resolves to must be public.
+pub async fn check(url: &str, allow_private: bool) -> Result<Url, UrlRefused> {
+    let parsed = check_written(url, allow_private)?;
+    if allow_private || matches!(literal(&parsed), Some(Some(_))) {
         return Ok(parsed);
     }
+    let host = parsed.host_str().unwrap_or_default().to_owned();
     let port = parsed.port_or_known_default().unwrap_or(443);
     let addrs = tokio::net::lookup_host((host.as_str(), port))
         .await
@@ -115,29 +127,16 @@ pub async fn check(url: &str, allow_private: bool) -> Result<Url, UrlRefused> {
     Ok(parsed)
 }
 
-/// At delivery: `url` (checked at creation) still may not name a
-/// non-public address literally; names are checked by [`PublicOnly`].
-pub fn check_literal(url: &Url, allow_private: bool) -> Result<(), UrlRefused> {
-    let host = url.host_str().ok_or(UrlRefused::Host)?;
-    match host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-    {
-        Ok(ip) => literal(url, ip, allow_private).map(|_| ()),
-        Err(_) => Ok(()),
-    }
-}
-
-fn literal(url: &Url, ip: IpAddr, allow_private: bool) -> Result<Url, UrlRefused> {
-    if allow_private || is_public(ip) {
-        Ok(url.clone())
-    } else {
-        Err(UrlRefused::Private {
-            host: ip.to_string(),
-            ip,
-        })
-    }
+/// The URL's host as an address when it is one (`Some(None)`: a name;
+/// `None`: no host).
+fn literal(url: &Url) -> Option<Option<IpAddr>> {
+    let host = url.host_str()?;
+    Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok(),
+    )
 }
 
 /// The delivery client's resolver: the system's, keeping only public

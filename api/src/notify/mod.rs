@@ -22,6 +22,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use entity::vantage_sync_webhook::WebhookFormat;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::auth::{Caller, Role};
@@ -131,7 +132,7 @@ impl Worker {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let caller = Caller::for_role(Role::ServiceRole);
-        let mut bodies: HashMap<(i64, bool), Bytes> = HashMap::new();
+        let mut bodies: HashMap<(i64, WebhookFormat), Bytes> = HashMap::new();
         loop {
             tokio::select! {
                 change = changes.recv() => {
@@ -210,7 +211,7 @@ impl Worker {
                     .into_iter()
                     .map(|claim| {
                         let body = bodies
-                            .entry((claim.notification_id, claim.format == "slack"))
+                            .entry((claim.notification_id, claim.format))
                             .or_insert_with(|| Bytes::from(payload::body(&claim)))
                             .clone();
                         (claim, body)
@@ -284,13 +285,10 @@ async fn deliver(
         error: Some(error),
         duration: started.elapsed(),
     };
-    let url = match address::check(&claim.url, true).await {
+    let url = match address::check_written(&claim.url, allow_private) {
         Ok(url) => url,
         Err(refused) => return failed(refused.to_string()),
     };
-    if let Err(refused) = address::check_literal(&url, allow_private) {
-        return failed(refused.to_string());
-    }
     let id = payload::message_id(claim);
     let timestamp = chrono::Utc::now().timestamp();
     let signature = match signature::sign(&claim.secret, &id, timestamp, &body) {

@@ -69,32 +69,36 @@ async fn mutate(app: &TestApp, query: &str) {
     assert!(body.get("errors").is_none(), "{body}");
 }
 
-async fn fail(app: &TestApp, resource: &str) {
+async fn start(app: &TestApp, resource: &str) {
     mutate(
         app,
         &format!(r#"mutation {{ startSync(resource: "{resource}") {{ resource }} }}"#),
     )
     .await;
-    mutate(
+}
+
+/// Starts a sync of `resource` and ends it with the mutation field `end`.
+async fn run(app: &TestApp, resource: &str, end: &str) {
+    start(app, resource).await;
+    mutate(app, &format!("mutation {{ {end} {{ resource }} }}")).await;
+}
+
+async fn fail(app: &TestApp, resource: &str) {
+    let errors = r#"[{code: "HTTP_500", message: "upstream down"}]"#;
+    run(
         app,
-        &format!(
-            r#"mutation {{ failSync(resource: "{resource}", errors: [{{code: "HTTP_500", message: "upstream down"}}]) {{ resource }} }}"#
-        ),
+        resource,
+        &format!(r#"failSync(resource: "{resource}", errors: {errors})"#),
     )
     .await;
 }
 
 async fn succeed(app: &TestApp, resource: &str) {
-    mutate(
+    let counts = "recordsSynced: 3, recordsCreated: 1, recordsUpdated: 2";
+    run(
         app,
-        &format!(r#"mutation {{ startSync(resource: "{resource}") {{ resource }} }}"#),
-    )
-    .await;
-    mutate(
-        app,
-        &format!(
-            r#"mutation {{ completeSync(resource: "{resource}", recordsSynced: 3, recordsCreated: 1, recordsUpdated: 2) {{ resource }} }}"#
-        ),
+        resource,
+        &format!(r#"completeSync(resource: "{resource}", {counts})"#),
     )
     .await;
 }
@@ -122,34 +126,49 @@ fn kind(t: &str, alert: Option<&str>, resource: &str) -> (String, Option<String>
     )
 }
 
+/// What `fetch` returns once `done` holds for it, or once `within` has
+/// passed (the caller's assertions then say what is wrong).
+async fn eventually<T>(
+    within: Duration,
+    fetch: impl AsyncFn() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let value = fetch().await;
+        if done(&value) || Instant::now() >= deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The `alerts` that `query` reads once `done` holds for them (within 2 s).
 async fn eventually_alerts(
     app: &TestApp,
     query: &str,
     done: impl Fn(&Vec<Value>) -> bool,
 ) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
+    let fetch = async || {
         let body = app.query("authenticated", query, json!({})).await;
-        let alerts = body["data"]["alerts"].as_array().unwrap().clone();
-        if done(&alerts) || Instant::now() >= deadline {
-            return alerts;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        body["data"]["alerts"].as_array().unwrap().clone()
+    };
+    eventually(Duration::from_secs(2), fetch, done).await
 }
 
 /// The delivery log once `done` holds for it (answers are recorded in the
 /// worker's next round), or after 5 s.
-async fn deliveries_when(app: &TestApp, id: &str, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = deliveries(app, id).await;
-        if done(&log) || Instant::now() >= deadline {
-            return log;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+async fn deliveries_when(
+    app: &TestApp,
+    id: &str,
+    done: impl Fn(&Vec<Value>) -> bool,
+) -> Vec<Value> {
+    eventually(
+        Duration::from_secs(5),
+        async || deliveries(app, id).await,
+        done,
+    )
+    .await
 }
 
 async fn deliveries(app: &TestApp, id: &str) -> Vec<Value> {
@@ -295,11 +314,7 @@ async fn stuck_fires_on_the_timer_without_an_event() {
         Some(&["funds"]),
     )
     .await;
-    mutate(
-        &app,
-        r#"mutation { startSync(resource: "funds") { resource } }"#,
-    )
-    .await;
+    start(&app, "funds").await;
     let events_before = event_count(&app).await;
     // Straight in the table with triggers off: no event, no notify.
     app.sql(
@@ -431,16 +446,9 @@ async fn a_notification_survives_a_dead_receiver_and_a_server_restart() {
     receiver.stop();
     fail(&app, "funds").await;
     // It was tried, and failed: nothing listens.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let log = deliveries(&app, &id).await;
-        if log.iter().any(|d| d["status"] == "FAILED") {
-            assert!(log[0]["httpStatus"].is_null());
-            break;
-        }
-        assert!(Instant::now() < deadline, "no failed attempt: {log:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let log = deliveries_when(&app, &id, |log| log.iter().any(|d| d["status"] == "FAILED")).await;
+    assert_eq!(log[0]["status"], "FAILED", "no failed attempt: {log:?}");
+    assert!(log[0]["httpStatus"].is_null());
     // /readyz does not care about a dead endpoint.
     assert_eq!(app.readiness().await, reqwest::StatusCode::OK);
     app.begin_shutdown().await.unwrap();
@@ -466,11 +474,7 @@ async fn gone_disables_the_webhook() {
     let receiver = Receiver::start().await;
     let (id, _) = create(&app, &receiver.url("/gone"), &["SYNC_STARTED"], None).await;
     receiver.answer(&[410]);
-    mutate(
-        &app,
-        r#"mutation { startSync(resource: "accounts") { resource } }"#,
-    )
-    .await;
+    start(&app, "accounts").await;
     receiver
         .wait_for("/gone", Duration::from_secs(3), |r| !r.is_empty())
         .await;
@@ -491,11 +495,7 @@ async fn gone_disables_the_webhook() {
         "{hook}"
     );
     // Nothing more is sent to it.
-    mutate(
-        &app,
-        r#"mutation { startSync(resource: "funds") { resource } }"#,
-    )
-    .await;
+    start(&app, "funds").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(receiver.received("/gone").len(), 1);
     assert!(
@@ -571,15 +571,9 @@ async fn two_replicas_deliver_everything_and_nothing_twice_in_order() {
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let total = delivered(&a.metrics().await) + delivered(&b.metrics().await);
-        if total == 400 || Instant::now() >= deadline {
-            assert_eq!(total, 400);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let fetch = async || delivered(&a.metrics().await) + delivered(&b.metrics().await);
+    let total = eventually(Duration::from_secs(3), fetch, |total| *total == 400).await;
+    assert_eq!(total, 400);
 }
 
 #[tokio::test]
@@ -790,15 +784,10 @@ async fn a_webhook_failing_for_the_whole_retry_window_is_disabled() {
     let url = receiver.url("/down");
     receiver.stop();
     let (id, _) = create(&app, &url, &["SYNC_STARTED"], None).await;
-    mutate(
-        &app,
-        r#"mutation { startSync(resource: "accounts") { resource } }"#,
-    )
-    .await;
+    start(&app, "accounts").await;
     // Attempts at 0, 1 and 3 s (back-off 1 s, 2 s): the third is past the
     // 2 s window and disables it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let hook = loop {
+    let fetch = async || {
         let body = app
             .query(
                 "service_role",
@@ -806,12 +795,12 @@ async fn a_webhook_failing_for_the_whole_retry_window_is_disabled() {
                 json!({}),
             )
             .await;
-        let hook = body["data"]["webhooks"][0].clone();
-        if hook["enabled"] == false || Instant::now() >= deadline {
-            break hook;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        body["data"]["webhooks"][0].clone()
     };
+    let hook = eventually(Duration::from_secs(10), fetch, |hook| {
+        hook["enabled"] == false
+    })
+    .await;
     assert_eq!(hook["id"], id.as_str());
     assert_eq!(hook["enabled"], false, "{hook}");
     assert!(
@@ -855,20 +844,9 @@ async fn private_targets_are_refused_again_at_every_delivery() {
         .unwrap();
         ids.push(id.to_string());
     }
-    mutate(
-        &app,
-        r#"mutation { startSync(resource: "accounts") { resource } }"#,
-    )
-    .await;
+    start(&app, "accounts").await;
     for id in &ids {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let log = loop {
-            let log = deliveries(&app, id).await;
-            if !log.is_empty() || Instant::now() >= deadline {
-                break log;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let log = deliveries_when(&app, id, |log| !log.is_empty()).await;
         assert_eq!(log[0]["status"], "FAILED", "{log:?}");
         assert!(log[0]["httpStatus"].is_null());
         let error = log[0]["error"].as_str().unwrap();
@@ -994,14 +972,7 @@ async fn the_readme_receiver_verifies_real_deliveries() {
         .unwrap();
     assert_eq!(line, "sync.failed None accounts");
     // The answer is recorded in the worker's next round.
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let log = loop {
-        let log = deliveries(&app, &id).await;
-        if !log.is_empty() || Instant::now() >= deadline {
-            break log;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let log = deliveries_when(&app, &id, |log| !log.is_empty()).await;
     assert_eq!(log[0]["status"], "DELIVERED");
     assert_eq!(log[0]["httpStatus"], 204);
     // A forged body with a made-up signature is refused.
