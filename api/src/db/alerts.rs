@@ -41,23 +41,18 @@ pub async fn list(db: &impl ConnectionTrait, firing: Option<bool>) -> Result<Vec
     Ok(rows)
 }
 
-/// Turns up to `batch` new events into notifications, and with
-/// `evaluate_time` also checks the alerts time alone makes true (the
-/// database does so anyway when its last check is 10 s old). Returns how
-/// many notifications were made.
-pub async fn advance(
-    db: &impl ConnectionTrait,
-    batch: i32,
-    evaluate_time: bool,
-) -> Result<i64, DbErr> {
+/// Turns up to `batch` new events into notifications, and checks the
+/// alerts time alone makes true when the last check is 10 s old. Returns
+/// how many notifications were made.
+pub async fn advance(db: &impl ConnectionTrait, batch: i32) -> Result<i64, DbErr> {
     #[derive(FromQueryResult)]
     struct Made {
         made: i32,
     }
     let made = Made::find_by_statement(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        "SELECT public.advance_vantage_sync_notifications($1, $2) AS made",
-        [batch.into(), evaluate_time.into()],
+        "SELECT public.advance_vantage_sync_notifications($1) AS made",
+        [batch.into()],
     ))
     .one(db)
     .await?;

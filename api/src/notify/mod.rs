@@ -180,7 +180,7 @@ impl Worker {
                         })
                         .collect();
                     let outcomes = webhooks::record(txn, &sent, window).await?;
-                    let made = alerts::advance(txn, EVENTS_PER_ROUND, false).await?;
+                    let made = alerts::advance(txn, EVENTS_PER_ROUND).await?;
                     let claims = if room > 0 {
                         webhooks::claim(txn, room, LEASE, PER_CLAIM).await?
                     } else {

@@ -1,7 +1,7 @@
 -- Reverts alerts and webhooks: their functions, tables and private
 -- schema go, and pruning goes back to the event log's own definition.
 
-DROP FUNCTION IF EXISTS public.advance_vantage_sync_notifications(integer, boolean);
+DROP FUNCTION IF EXISTS public.advance_vantage_sync_notifications(integer);
 DROP FUNCTION IF EXISTS public.vantage_sync_settle_alerts(text, text[], text[], timestamptz, jsonb, bigint);
 DROP FUNCTION IF EXISTS public.vantage_sync_notify(text, text, text, timestamptz, jsonb, bigint);
 DROP FUNCTION IF EXISTS public.vantage_sync_failure_streak(text, bigint);

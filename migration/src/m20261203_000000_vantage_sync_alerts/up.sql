@@ -12,7 +12,7 @@
 --
 -- Delivery: claim_vantage_webhook_deliveries() leases due webhooks (row
 -- locks, SKIP LOCKED: replicas never take the same one) and returns each
--- one's oldest undelivered notifications, in order; record_vantage_webhook_attempt()
+-- one's oldest undelivered notifications, in order; record_vantage_webhook_attempts()
 -- records the answer (delivered: next; failed: back off, or disable after
 -- the retry window; 410: disable). One notification in flight per webhook,
 -- in order.
@@ -316,13 +316,12 @@ END
 $$;
 
 -- Reads up to `p_batch` events after the recorded position and makes their
--- notifications; with `p_evaluate_time` (or when the last check is older
--- than 10 seconds) also checks stuck and stale for every resource.
+-- notifications; when the last check is older than 10 seconds, also
+-- checks stuck and stale for every resource.
 -- Returns how many notifications it made. Safe to call from any number of
 -- replicas at once: they take turns on a lock, and each event is read once.
 CREATE OR REPLACE FUNCTION public.advance_vantage_sync_notifications(
-    p_batch integer DEFAULT 1000,
-    p_evaluate_time boolean DEFAULT false
+    p_batch integer DEFAULT 1000
 )
 RETURNS integer
 LANGUAGE plpgsql
@@ -403,7 +402,7 @@ BEGIN
         v_through := v_event.id;
     END LOOP;
 
-    IF p_evaluate_time OR v_evaluated_at IS NULL OR v_evaluated_at < v_now - interval '10 seconds' THEN
+    IF v_evaluated_at IS NULL OR v_evaluated_at < v_now - interval '10 seconds' THEN
         -- Only rows where time changed what holds (the rest are settled
         -- already), and only rows whose last change was read above: a
         -- newer change is settled when its event is read, in order.
@@ -731,7 +730,7 @@ REVOKE ALL ON FUNCTION
     public.vantage_sync_failure_streak(text, bigint),
     public.vantage_sync_notify(text, text, text, timestamptz, jsonb, bigint),
     public.vantage_sync_settle_alerts(text, text[], text[], timestamptz, jsonb, bigint),
-    public.advance_vantage_sync_notifications(integer, boolean),
+    public.advance_vantage_sync_notifications(integer),
     public.create_vantage_webhook(text, text[], text[], text, text),
     public.delete_vantage_webhook(uuid),
     public.ping_vantage_webhook(uuid),
@@ -741,12 +740,11 @@ REVOKE ALL ON FUNCTION
     public.prune_vantage_sync_events(interval)
 FROM PUBLIC, anon, authenticated, service_role;
 GRANT EXECUTE ON FUNCTION
-    public.advance_vantage_sync_notifications(integer, boolean),
+    public.advance_vantage_sync_notifications(integer),
     public.create_vantage_webhook(text, text[], text[], text, text),
     public.delete_vantage_webhook(uuid),
     public.ping_vantage_webhook(uuid),
     public.claim_vantage_webhook_deliveries(integer, interval, integer),
-    public.record_vantage_webhook_attempt(uuid, uuid, bigint, integer, text, integer, interval, boolean),
     public.record_vantage_webhook_attempts(jsonb, interval),
     public.prune_vantage_sync_events(interval)
 TO service_role;

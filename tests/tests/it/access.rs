@@ -309,7 +309,8 @@ async fn functions_pin_search_path_and_only_service_role_executes_them() {
         ("notify_vantage_sync_state_change", true, false),
         ("ping_vantage_webhook", true, true),
         ("prune_vantage_sync_events", true, true),
-        ("record_vantage_webhook_attempt", true, true),
+        // Called by record_vantage_webhook_attempts, one attempt each.
+        ("record_vantage_webhook_attempt", true, false),
         ("record_vantage_webhook_attempts", true, true),
         ("start_vantage_sync", true, true),
         ("update_vantage_sync_state_updated_at", false, false),
