@@ -335,6 +335,11 @@ fn configuration_errors_say_what_to_fix() {
         "--feed-poll-secs",
     );
     fails_with(
+        &["serve"],
+        &[url, secret, ("WEBHOOK_RETRY_HOURS", "0")],
+        "--webhook-retry-hours",
+    );
+    fails_with(
         &[
             "token",
             "--role",

@@ -175,7 +175,8 @@ pub struct ServeArgs {
 
     /// Hours a webhook may fail without a success before it is disabled;
     /// failed deliveries are retried with exponential back-off meanwhile.
-    #[arg(long, env = "WEBHOOK_RETRY_HOURS", default_value_t = 24,
+    #[arg(long, env = "WEBHOOK_RETRY_HOURS",
+          default_value_t = crate::notify::WebhookSettings::DEFAULT.retry_window.as_secs() / 3600,
           value_parser = clap::value_parser!(u64).range(1..=720))]
     pub webhook_retry_hours: u64,
 
