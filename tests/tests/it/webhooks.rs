@@ -729,6 +729,9 @@ async fn a_ping_and_a_slack_message() {
         .unwrap()
         .to_owned();
     assert_eq!(body["data"]["createWebhook"]["webhook"]["format"], "SLACK");
+    // A JSON webhook told the same alert gets its own body (bodies are
+    // made once per notification and format).
+    let (json_id, _) = create(&app, &receiver.url("/json"), &["ALERT_FIRING"], None).await;
     mutate(
         &app,
         &format!(r#"mutation {{ testWebhook(id: "{id}") {{ id }} }}"#),
@@ -742,6 +745,15 @@ async fn a_ping_and_a_slack_message() {
         .iter()
         .map(|r| r.json()["text"].as_str().unwrap().to_owned())
         .collect();
+    let json = receiver
+        .wait_for("/json", Duration::from_secs(3), |r| !r.is_empty())
+        .await;
+    assert_eq!(
+        kinds(&json),
+        vec![kind("alert.firing", Some("failed"), "accounts")]
+    );
+    assert_eq!(json[0].id, received[1].id);
+    assert!(json[0].json().get("text").is_none());
     assert_eq!(texts.len(), 2, "{texts:?}");
     assert!(texts[0].contains("ping"), "{texts:?}");
     assert!(
@@ -766,9 +778,12 @@ async fn a_ping_and_a_slack_message() {
         .await;
     assert_eq!(deleted["data"]["deleteWebhook"]["id"], id.as_str());
     let list = app
-        .query("service_role", "{ webhooks { id } }", json!({}))
+        .query("service_role", "{ webhooks { id url } }", json!({}))
         .await;
-    assert_eq!(list["data"]["webhooks"], json!([]));
+    assert_eq!(
+        list["data"]["webhooks"],
+        json!([{"id": json_id, "url": receiver.url("/json")}])
+    );
 }
 
 #[tokio::test]
@@ -1014,4 +1029,58 @@ async fn an_idle_worker_writes_nothing_but_its_ten_second_check() {
     }
     // Five seconds of rounds: at most the row as found and one check.
     assert!(versions.len() <= 2, "{versions:?}");
+}
+
+/// A claim sends a webhook's queued notifications one after another and
+/// stops at the first failure: the rest wait for its retry, in order.
+#[tokio::test]
+async fn a_failure_stops_the_rest_of_a_claim_until_its_retry() {
+    let app = spawn_app(TestDb::migrated().await).await;
+    let receiver = Receiver::start().await;
+    create(
+        &app,
+        &receiver.url("/queued"),
+        &["SYNC_STARTED", "SYNC_SUCCEEDED"],
+        None,
+    )
+    .await;
+    receiver.answer(&[200, 500]);
+    // Three changes in one commit: all three queued before any is claimed.
+    app.sql(
+        "SELECT start_vantage_sync('accounts');
+         SELECT complete_vantage_sync('accounts', 1, 1, 0);
+         SELECT start_vantage_sync('accounts');",
+    )
+    .await;
+    let received = receiver
+        .wait_for("/queued", Duration::from_secs(10), |r| r.len() >= 4)
+        .await;
+    let sent: Vec<(String, u16)> = received
+        .iter()
+        .map(|r| (r.id.clone(), r.answered))
+        .collect();
+    let ids: Vec<&String> = sent.iter().map(|(id, _)| id).collect();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    assert_eq!(
+        sent.iter().map(|(_, status)| *status).collect::<Vec<_>>(),
+        vec![200, 500, 200, 200]
+    );
+    assert!(
+        ids[0] != ids[1] && ids[1] == ids[2] && ids[2] != ids[3],
+        "{sent:?}"
+    );
+    assert_eq!(
+        kinds(&received)
+            .into_iter()
+            .map(|k| k.0)
+            .collect::<Vec<_>>(),
+        [
+            "sync.started",
+            "sync.succeeded",
+            "sync.succeeded",
+            "sync.started"
+        ]
+    );
+    // The retry waited its back-off.
+    assert!(received[2].at - received[1].at >= Duration::from_millis(900));
 }
