@@ -6,9 +6,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::auth::{Role, SigningKey, TokenKeys};
+use crate::config::{ClaimArgs, ConfigError, ServeArgs};
 use crate::db::migrate::{self, MigrateCommand, MigrateError};
-use crate::infra::config::{ClaimArgs, ConfigError, ServeArgs, ServerConfig};
-use crate::infra::managed_postgres::{self, ManagedError, ManagedPostgres};
+use crate::managed_postgres::{self, ManagedError, ManagedPostgres};
 use crate::server::{ServeError, Server};
 
 /// The Vantage sync state service.
@@ -250,7 +250,7 @@ async fn serve_with(
     secret: Option<&[u8]>,
     managed: bool,
 ) -> Result<(), CliError> {
-    let config = ServerConfig::from_args(args, database_url, secret)?;
+    let config = args.server_config(database_url, secret)?;
     let board_token = managed
         .then(|| {
             config

@@ -314,3 +314,231 @@ impl From<ApiError> for async_graphql::Error {
 
 /// Result of a resolver.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use std::borrow::Cow;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use sea_orm::sqlx;
+
+    use super::*;
+
+    /// A database refusal as PostgreSQL reports one: a SQLSTATE and, for a
+    /// constraint, its name.
+    #[derive(Debug)]
+    struct Refusal {
+        code: &'static str,
+        constraint: Option<&'static str>,
+    }
+
+    impl std::fmt::Display for Refusal {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "refused with {}", self.code)
+        }
+    }
+
+    impl std::error::Error for Refusal {}
+
+    impl sqlx::error::DatabaseError for Refusal {
+        fn message(&self) -> &str {
+            "the database's own text, never shown"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(self.code.into())
+        }
+        fn constraint(&self) -> Option<&str> {
+            self.constraint
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn refused(code: &'static str, constraint: Option<&'static str>) -> DbErr {
+        DbErr::Query(RuntimeErr::SqlxError(Arc::new(sqlx::Error::Database(
+            Box::new(Refusal { code, constraint }),
+        ))))
+    }
+
+    #[test]
+    fn every_error_has_its_code_and_status() {
+        let bad_input = ApiError::BadUserInput {
+            message: "no".into(),
+            field: None,
+        };
+        let table = [
+            (ApiError::Unauthenticated, "UNAUTHENTICATED", 401),
+            (
+                ApiError::Forbidden {
+                    role: "authenticated",
+                    action: "write",
+                },
+                "FORBIDDEN",
+                403,
+            ),
+            (
+                ApiError::InvalidToken("expired".into()),
+                "INVALID_TOKEN",
+                401,
+            ),
+            (bad_input, "BAD_USER_INPUT", 400),
+            (
+                ApiError::PayloadTooLarge { limit: 1024 },
+                "BAD_USER_INPUT",
+                413,
+            ),
+            (ApiError::MethodNotAllowed("POST"), "BAD_USER_INPUT", 405),
+            (ApiError::NotFound("funds".into()), "NOT_FOUND", 500),
+            (ApiError::WebhookNotFound("7".into()), "NOT_FOUND", 500),
+            (
+                ApiError::AlreadyExists("funds".into()),
+                "ALREADY_EXISTS",
+                500,
+            ),
+            (
+                ApiError::AlreadyRunning("funds".into()),
+                "ALREADY_RUNNING",
+                500,
+            ),
+            (ApiError::NotRunning("funds".into()), "NOT_RUNNING", 500),
+            (ApiError::CursorExpired, "CURSOR_EXPIRED", 500),
+            (ApiError::Timeout, "INTERNAL_SERVER_ERROR", 504),
+            (ApiError::Unavailable, "SERVICE_UNAVAILABLE", 503),
+            (
+                ApiError::RateLimited(Duration::from_millis(1500)),
+                "RATE_LIMITED",
+                429,
+            ),
+            (
+                ApiError::Internal("a detail".into()),
+                "INTERNAL_SERVER_ERROR",
+                500,
+            ),
+        ];
+        for (error, code, status) in table {
+            assert_eq!(error.code().as_str(), code, "{error:?}");
+            assert_eq!(error.http_status().as_u16(), status, "{error:?}");
+            assert!(!error.message().is_empty(), "{error:?}");
+        }
+    }
+
+    #[test]
+    fn messages_say_what_to_do_and_keep_internals_out() {
+        assert_eq!(
+            ApiError::Internal("password=hunter2".into()).message(),
+            "internal server error"
+        );
+        assert!(
+            ApiError::AlreadyRunning("funds".into())
+                .message()
+                .contains("force: true")
+        );
+        assert!(
+            ApiError::RateLimited(Duration::from_millis(1500))
+                .message()
+                .contains("2 s")
+        );
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn database_refusals_translate_by_sqlstate_and_constraint() {
+        let table = [
+            (refused("VS001", None), "ALREADY_RUNNING", None),
+            (refused("VS002", None), "NOT_RUNNING", None),
+            (refused("VS003", None), "NOT_FOUND", None),
+            (refused("23505", None), "ALREADY_EXISTS", None),
+            (
+                refused("23514", Some("resource_format")),
+                "BAD_USER_INPUT",
+                Some("resource"),
+            ),
+            (
+                refused("23514", Some("non_negative_records_synced")),
+                "BAD_USER_INPUT",
+                Some("recordsSynced"),
+            ),
+            (
+                refused("23514", Some("non_negative_records_created")),
+                "BAD_USER_INPUT",
+                Some("recordsCreated"),
+            ),
+            (
+                refused("23514", Some("non_negative_records_updated")),
+                "BAD_USER_INPUT",
+                Some("recordsUpdated"),
+            ),
+            (
+                refused("23514", Some("records_breakdown_consistent")),
+                "BAD_USER_INPUT",
+                Some("recordsSynced"),
+            ),
+            (
+                refused("23514", Some("errors_is_array")),
+                "BAD_USER_INPUT",
+                Some("errors"),
+            ),
+            (
+                refused("23514", Some("a_constraint_added_later")),
+                "BAD_USER_INPUT",
+                None,
+            ),
+            (refused("23502", None), "BAD_USER_INPUT", None),
+            (refused("42501", None), "FORBIDDEN", None),
+            (refused("57014", None), "INTERNAL_SERVER_ERROR", None),
+            (refused("57P01", None), "SERVICE_UNAVAILABLE", None),
+            (refused("08006", None), "SERVICE_UNAVAILABLE", None),
+            (refused("XX000", None), "INTERNAL_SERVER_ERROR", None),
+            (
+                DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout),
+                "SERVICE_UNAVAILABLE",
+                None,
+            ),
+            (
+                DbErr::Query(RuntimeErr::SqlxError(Arc::new(sqlx::Error::PoolClosed))),
+                "SERVICE_UNAVAILABLE",
+                None,
+            ),
+            (DbErr::Custom("a bug".into()), "INTERNAL_SERVER_ERROR", None),
+        ];
+        for (db_error, code, field) in table {
+            let shown = format!("{db_error:?}");
+            let error = ApiError::from_db(db_error, "funds");
+            assert_eq!(error.code().as_str(), code, "{shown}");
+            let graphql = async_graphql::Error::from(error);
+            let extensions = graphql.extensions.as_ref().unwrap();
+            assert_eq!(
+                extensions.get("code"),
+                Some(&async_graphql::Value::from(code)),
+                "{shown}"
+            );
+            assert_eq!(
+                extensions.get("field"),
+                field.map(async_graphql::Value::from).as_ref(),
+                "{shown}"
+            );
+            assert!(
+                !graphql.message.contains("never shown"),
+                "the database's text reached the client: {shown}"
+            );
+        }
+        // The resource worked on is named.
+        assert!(
+            ApiError::from_db(refused("VS002", None), "cashflows")
+                .message()
+                .contains("\"cashflows\"")
+        );
+    }
+}

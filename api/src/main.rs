@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 use vantage_sync::cli::Cli;
 
 // glibc's malloc and free were a large share of the server's CPU under the
-// dashboard query; the README's Performance section has the figures.
+// dashboard query (docs/adr/0005-mimalloc.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

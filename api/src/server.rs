@@ -3,27 +3,114 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sea_orm::DbErr;
 use tokio::net::TcpListener;
 
-use crate::auth::{Caller, Role};
+use crate::auth::TokenKeys;
 use crate::db::migrate::{self, MigrateError};
-use crate::db::{Access, Pool, PrivilegeError, events};
+use crate::db::{Access, Identity, Pool, PreparedStatements, PrivilegeError, Role, events};
 use crate::feed::Feed;
-use crate::graphql::documents::DocumentCache;
-use crate::infra::config::ConnectionLimits;
-use crate::infra::config::ServerConfig;
-use crate::infra::metrics::Metrics;
-use crate::infra::rate_limit::RateLimiter;
-use crate::transport::http::{AppState, router};
-use crate::transport::listener;
+use crate::graphql::QueryLimits;
+use crate::graphql::parsed_queries::ParsedQueryCache;
+use crate::metrics::Metrics;
+use crate::transport::cors::CorsOrigins;
+use crate::transport::listener::{self, ConnectionLimits};
+use crate::transport::rate_limit::{RateLimit, RateLimiter};
+use crate::transport::ws::WebSocketConfig;
+use crate::transport::{AppState, router};
+use crate::webhooks::WebhookSettings;
 use crate::{db, graphql};
+
+/// Address served when none is given.
+pub const DEFAULT_LISTEN_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+/// Request and statement timeout, in seconds.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 30;
+/// Largest request body, in bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Days of sync events kept.
+pub const DEFAULT_EVENT_RETENTION_DAYS: u32 = 30;
 
 /// Longest a pruning of the event log may take.
 const PRUNE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Distinct query texts whose parsed documents are kept.
-const DOCUMENT_CACHE_CAPACITY: usize = 512;
+const PARSED_QUERIES_KEPT: usize = 512;
+
+/// The server's validated settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// PostgreSQL URL.
+    pub database_url: String,
+    /// Session connection the live feed LISTENs on; `None`: `database_url`.
+    pub listen_database_url: Option<String>,
+    /// Named prepared statements, or how to decide.
+    pub prepared_statements: PreparedStatements,
+    /// Longest time between two reads of the event log.
+    pub feed_poll_interval: Duration,
+    /// Origins browsers may call from.
+    pub cors: CorsOrigins,
+    /// Token keys made from the secret.
+    pub keys: TokenKeys,
+    /// Address to listen on (port 0: any free port).
+    pub listen_addr: SocketAddr,
+    /// Apply pending migrations at start.
+    pub migrate: bool,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Longest wait for a pooled connection.
+    pub acquire_timeout: Duration,
+    /// Request and statement timeout.
+    pub request_timeout: Duration,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Query depth and complexity limits.
+    pub limits: QueryLimits,
+    /// Days of events to keep; `None` keeps everything.
+    pub event_retention_days: Option<u32>,
+    /// WebSocket transport settings.
+    pub websocket: WebSocketConfig,
+    /// Timeouts and cap of HTTP connections; `max_connections` of 0: from
+    /// the open-file limit at start.
+    pub connections: ConnectionLimits,
+    /// Requests per caller; `None`: no limit.
+    pub rate_limit: Option<RateLimit>,
+    /// Webhook retry window and allowed addresses.
+    pub webhooks: WebhookSettings,
+}
+
+impl ServerConfig {
+    /// Settings with defaults for everything but the database and secret.
+    pub fn new(database_url: String, jwt_secret: &[u8]) -> Result<Self, String> {
+        let keys = TokenKeys::new(jwt_secret)?;
+        Ok(Self::with_keys(database_url, keys))
+    }
+
+    /// Settings with defaults for everything but the database and keys.
+    pub fn with_keys(database_url: String, keys: TokenKeys) -> Self {
+        Self {
+            database_url,
+            listen_database_url: None,
+            prepared_statements: PreparedStatements::Auto,
+            feed_poll_interval: crate::feed::DEFAULT_POLL_INTERVAL,
+            cors: CorsOrigins::default(),
+            keys,
+            listen_addr: DEFAULT_LISTEN_ADDR,
+            migrate: true,
+            max_connections: db::default_max_connections(),
+            acquire_timeout: db::DEFAULT_ACQUIRE_TIMEOUT,
+            request_timeout: Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SECS),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            limits: QueryLimits::DEFAULT,
+            event_retention_days: Some(DEFAULT_EVENT_RETENTION_DAYS),
+            websocket: WebSocketConfig::DEFAULT,
+            connections: ConnectionLimits::DEFAULT,
+            rate_limit: None,
+            webhooks: WebhookSettings::DEFAULT,
+        }
+    }
+}
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +145,7 @@ pub enum ServeError {
     },
     /// The webhook client could not be built.
     #[error("{0}")]
-    Webhooks(#[from] crate::notify::ClientError),
+    Webhooks(#[from] crate::webhooks::ClientError),
     /// The listen address could not be bound, or serving failed.
     #[error("cannot serve on {addr}: {source}")]
     Io {
@@ -155,10 +242,10 @@ impl Server {
                 .map(|limit| Arc::new(RateLimiter::new(limit))),
             websocket: config.websocket,
             shutting_down: shutdown_seen,
-            documents: Arc::new(DocumentCache::new(DOCUMENT_CACHE_CAPACITY)),
+            parsed_queries: Arc::new(ParsedQueryCache::new(PARSED_QUERIES_KEPT)),
             cors: config.cors,
         };
-        crate::notify::start(
+        crate::webhooks::start(
             state.pool.clone(),
             &state.feed,
             state.metrics.clone(),
@@ -272,7 +359,7 @@ async fn forget_idle_callers(limiter: std::sync::Weak<RateLimiter>) {
 /// Deletes events older than `days` days, at start and then hourly.
 async fn prune_events(pool: Pool, days: u32, feed: std::sync::Weak<Feed>) {
     let mut every_hour = tokio::time::interval(std::time::Duration::from_secs(3600));
-    let caller = Caller::for_role(Role::ServiceRole);
+    let pruner = Identity::of_role(Role::ServiceRole);
     loop {
         every_hour.tick().await;
         // Ends with the server.
@@ -280,7 +367,7 @@ async fn prune_events(pool: Pool, days: u32, feed: std::sync::Weak<Feed>) {
             return;
         }
         let pruned = pool
-            .run(&caller, Access::Write, PRUNE_TIMEOUT, async |txn| {
+            .run(&pruner, Access::Write, PRUNE_TIMEOUT, async |txn| {
                 events::prune(txn, days).await
             })
             .await;

@@ -4,7 +4,7 @@
 
 use sea_orm::entity::prelude::*;
 
-/// One of the seed's four alerts.
+/// One of the four alerts: failed, stuck, stale, repeated.
 // Stored as lower-case text; the GraphQL enum (feature `graphql`) takes
 // its names and descriptions from here too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum)]

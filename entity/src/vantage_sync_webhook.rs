@@ -34,7 +34,8 @@ pub enum WebhookEventType {
 #[cfg_attr(feature = "graphql", derive(async_graphql::Enum))]
 #[sea_orm(rs_type = "String", db_type = "Text")]
 pub enum WebhookFormat {
-    /// The JSON payload of SPEC 8, signed.
+    /// The JSON payload (`id`, `type`, `alert`, `resource`, `at`, `state`),
+    /// signed.
     #[sea_orm(string_value = "json")]
     Json,
     /// A Slack incoming-webhook message, `{"text": ...}` (also signed).

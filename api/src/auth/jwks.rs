@@ -14,8 +14,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::infra::metrics::{JwksOutcome, Metrics};
+use crate::metrics::{JwksOutcome, Metrics};
 
+/// Time between refreshes of a JSON Web Key Set (`--jwks-refresh-secs`).
+pub const DEFAULT_JWKS_REFRESH: Duration = Duration::from_secs(600);
 /// Fetches for unknown key ids are at most this frequent.
 pub const UNKNOWN_KID_INTERVAL: Duration = Duration::from_secs(10);
 /// Shortest accepted RSA modulus.

@@ -12,52 +12,16 @@ use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::{Map, Value};
 
-pub use jwks::{Jwks, JwksSource, UNKNOWN_KID_INTERVAL, VerifyingKey};
+pub use jwks::{DEFAULT_JWKS_REFRESH, Jwks, JwksSource, UNKNOWN_KID_INTERVAL, VerifyingKey};
 pub use signing::SigningKey;
 
+use crate::db::Identity;
+pub use crate::db::Role;
 use crate::error::ApiError;
-use crate::infra::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Shortest accepted JWT secret, in bytes (HS256 wants at least 256 bits).
 pub const MIN_SECRET_BYTES: usize = 32;
-
-/// The database role a request runs as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    /// No token: may introspect, nothing else.
-    Anon,
-    /// A signed-in user: may read.
-    Authenticated,
-    /// An ETL worker: may read and write.
-    ServiceRole,
-}
-
-impl Role {
-    /// The PostgreSQL role name (and the token's `role` claim).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Anon => "anon",
-            Self::Authenticated => "authenticated",
-            Self::ServiceRole => "service_role",
-        }
-    }
-
-    /// Parses a role name; only the three roles of the contract exist.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "anon" => Some(Self::Anon),
-            "authenticated" => Some(Self::Authenticated),
-            "service_role" => Some(Self::ServiceRole),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// Who is calling: the role, and the verified claims that go to the
 /// database as `request.jwt.claims`.
@@ -90,8 +54,8 @@ impl Caller {
         Self::for_role(Role::Anon)
     }
 
-    /// Whether this caller may read (queries and subscriptions): SPEC 4's
-    /// table, written once for every transport.
+    /// Whether this caller may read (queries and subscriptions): the
+    /// access rules, written once for every transport.
     pub fn may_read(&self) -> Result<(), ApiError> {
         match self.role {
             Role::Anon => Err(ApiError::Unauthenticated),
@@ -124,15 +88,21 @@ impl Caller {
         }
     }
 
-    /// The server itself acting as `role` (e.g. the feed reading the log).
+    /// A caller with no token but a role (the server's own work, tests).
     pub fn for_role(role: Role) -> Self {
         Self {
             role,
-            claims: serde_json::json!({ "role": role.as_str() })
-                .to_string()
-                .into(),
+            claims: Identity::of_role(role).claims,
             expires_at: None,
             subject: None,
+        }
+    }
+
+    /// Whom this caller's database work runs as.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            role: self.role,
+            claims: self.claims.clone(),
         }
     }
 }

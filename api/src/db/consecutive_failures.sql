@@ -1,5 +1,6 @@
 -- Failed completions since the latest success, per registered resource
--- that has any (the seed's "failed 3 or more times in a row").
+-- that has any (what the "repeated" alert, failed 3 or more times in a
+-- row, counts).
 --
 -- Cost: the latest success is one lookup in its partial index, and only
 -- the run ends after it are read (the partial index of run ends), so a

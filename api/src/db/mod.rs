@@ -10,7 +10,7 @@ pub mod webhooks;
 
 pub use pool::{
     DEFAULT_ACQUIRE_TIMEOUT, Pool, PreparedStatements, PrivilegeError, check_privileges, connect,
-    connect_session, connect_with, is_transaction_pooler,
+    connect_session, connect_with, default_max_connections, is_transaction_pooler,
 };
 
 use std::sync::Arc;
@@ -25,8 +25,69 @@ use sea_orm::{
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
-use crate::auth::{Caller, Role};
 use crate::error::{ApiError, ApiResult};
+
+/// The PostgreSQL role a transaction runs as: one of the three API roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// No token: may introspect, nothing else.
+    Anon,
+    /// A signed-in user: may read.
+    Authenticated,
+    /// An ETL worker: may read and write.
+    ServiceRole,
+}
+
+impl Role {
+    /// The PostgreSQL role name (and the token's `role` claim).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anon => "anon",
+            Self::Authenticated => "authenticated",
+            Self::ServiceRole => "service_role",
+        }
+    }
+
+    /// Parses a role name; only the three roles of the contract exist.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "anon" => Some(Self::Anon),
+            "authenticated" => Some(Self::Authenticated),
+            "service_role" => Some(Self::ServiceRole),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whom a transaction runs as: an API role, and the claims it reads as
+/// `request.jwt.claims` (PostgREST's convention), as JSON text.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The role.
+    pub role: Role,
+    /// The verified token's claims as JSON text, shared rather than copied
+    /// by every transaction and subscription of a caller.
+    pub claims: Arc<str>,
+}
+
+impl Identity {
+    /// The server itself acting as `role` (the feed reading the log, the
+    /// webhook worker): claims that name only the role.
+    pub fn of_role(role: Role) -> Self {
+        Self {
+            role,
+            claims: serde_json::json!({ "role": role.as_str() })
+                .to_string()
+                .into(),
+        }
+    }
+}
 
 /// How a transaction is begun.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,18 +107,18 @@ impl Access {
 }
 
 impl Pool {
-    /// Runs `work` in one transaction as `caller`, then ends it: the one
+    /// Runs `work` in one transaction as `identity`, then ends it: the one
     /// begin-use-end of every piece of database work outside a GraphQL
     /// request (whose resolvers share a [`RequestDb`] instead). A failure
     /// rolls back.
     pub async fn run<T>(
         &self,
-        caller: &Caller,
+        identity: &Identity,
         access: Access,
         statement_timeout: Duration,
         work: impl AsyncFnOnce(&RequestTxn) -> Result<T, DbErr>,
     ) -> ApiResult<T> {
-        let db = RequestDb::new(self.clone(), caller, access, statement_timeout);
+        let db = RequestDb::new(self.clone(), identity.clone(), access, statement_timeout);
         let result = {
             let txn = db.txn().await?;
             work(&txn)
@@ -74,20 +135,23 @@ impl Pool {
 /// PostgreSQL's grants and RLS refuse whatever a guard might miss.
 pub struct RequestDb {
     pool: Pool,
-    role: Role,
-    claims: Arc<str>,
+    identity: Identity,
     access: Access,
     statement_timeout: Duration,
     txn: Mutex<Option<RequestTxn>>,
 }
 
 impl RequestDb {
-    /// Work for `caller`, begun as `access` says.
-    pub fn new(pool: Pool, caller: &Caller, access: Access, statement_timeout: Duration) -> Self {
+    /// Work for `identity`, begun as `access` says.
+    pub fn new(
+        pool: Pool,
+        identity: Identity,
+        access: Access,
+        statement_timeout: Duration,
+    ) -> Self {
         Self {
             pool,
-            role: caller.role,
-            claims: caller.claims.clone(),
+            identity,
             access,
             statement_timeout,
             txn: Mutex::new(None),
@@ -109,8 +173,12 @@ impl RequestDb {
     }
 
     async fn begin(&self) -> ApiResult<RequestTxn> {
-        let statement =
-            begin_statement(self.role, &self.claims, self.statement_timeout, self.access);
+        let statement = begin_statement(
+            self.identity.role,
+            &self.identity.claims,
+            self.statement_timeout,
+            self.access,
+        );
         let txn = self
             .pool
             .sqlx()
@@ -159,16 +227,16 @@ impl RequestDb {
 /// token's `claims` (PostgREST's `request.jwt.claims`), in one round trip.
 ///
 /// One simple-protocol message of utility statements: PostgreSQL parses
-/// them but plans nothing, and the load tool measured it cheaper for the
-/// database than BEGIN followed by a prepared `set_config` call, besides
-/// saving the round trip. The role is one of the three API roles' fixed
+/// them but plans nothing, which costs the database less than BEGIN
+/// followed by a prepared `set_config` call, besides saving the round trip
+/// (`docs/adr/0001`). The role is one of the three API roles' fixed
 /// names; the claims are JSON text from the verified token, written as an
 /// escape string literal, so nothing in them can end it.
 ///
 /// JIT compilation is off: PostgreSQL compiles a plan whose estimated cost
 /// passes `jit_above_cost`, which a read over a long event log can, and the
-/// compile took 200 to 400 ms where the read itself takes a few: requests
-/// here are short transactions that it never pays off for.
+/// compilation then takes far longer than the read: requests here are short
+/// transactions that it never pays off for.
 pub fn begin_statement(
     role: Role,
     claims: &str,

@@ -8,7 +8,7 @@ use sea_orm::sqlx::postgres::PgConnectOptions;
 use sea_orm::sqlx::{self, AssertSqlSafe, Connection, PgPool, Row};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr};
 
-use crate::auth::Role;
+use super::Role;
 
 /// Whether statements are prepared by name and kept per connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -265,4 +265,14 @@ pub async fn check_privileges(pool: &Pool) -> Result<(), PrivilegeError> {
         }
     }
     Ok(())
+}
+
+/// Twice the CPU cores, at least 4: PostgreSQL's rule of thumb for a pool
+/// (about two connections per core keep the database busy; more only
+/// queue inside it; `docs/adr/0001`).
+pub fn default_max_connections() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    u32::try_from(cores.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .clamp(4, 1000)
 }

@@ -13,9 +13,8 @@ use sea_orm::{
 };
 
 /// The columns every read of whole rows selects, in the order of
-/// [`Model`]'s fields, so that rows are decoded by position (a lookup by
-/// name per field and row was a sixth of the dashboard's database work in
-/// the server).
+/// [`Model`]'s fields, so that rows are decoded by position instead of by a
+/// lookup of each column's name, per field and row.
 const COLUMNS: [Column; 12] = [
     Column::Resource,
     Column::LastSyncTime,

@@ -23,12 +23,14 @@ use sea_orm::sqlx;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::{broadcast, watch};
 
-use crate::auth::{Caller, Role};
-use crate::db::{Access, Pool, RequestTxn, events};
-use crate::infra::metrics::Metrics;
+use crate::db::{Access, Identity, Pool, RequestTxn, Role, events};
+use crate::metrics::Metrics;
 
 /// Channel the state table's trigger notifies.
 pub const CHANNEL: &str = "vantage_sync_state_changes";
+/// Longest time between two reads of the event log that no notification
+/// asked for (`--feed-poll-secs`).
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Events kept for subscribers that are momentarily behind.
 const BROADCAST_CAPACITY: usize = 1024;
 /// Events read per query while catching up.
@@ -138,15 +140,17 @@ impl Feed {
         self.read_timeout
     }
 
-    /// Runs `work` in a read-only transaction as `caller` (see
+    /// Runs `work` in a read-only transaction as `identity` (see
     /// [`Pool::run`]), within the read timeout.
     pub async fn read<T>(
         &self,
-        caller: &Caller,
+        identity: &Identity,
         access: Access,
         work: impl AsyncFnOnce(&RequestTxn) -> Result<T, sea_orm::DbErr>,
     ) -> crate::error::ApiResult<T> {
-        self.pool.run(caller, access, self.read_timeout, work).await
+        self.pool
+            .run(identity, access, self.read_timeout, work)
+            .await
     }
 
     /// The metrics registry.
@@ -162,7 +166,7 @@ impl Feed {
     /// Reads and broadcasts every event after the position; the ids it
     /// broadcast, oldest first.
     async fn catch_up(&self) -> Result<Vec<i64>, String> {
-        let reader = Caller::for_role(Role::Authenticated);
+        let reader = Identity::of_role(Role::Authenticated);
         let mut sent = Vec::new();
         loop {
             let after = self.position.load(Ordering::Acquire);
@@ -255,7 +259,7 @@ async fn follow(
     let mut poll = tokio::time::interval(poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
-    let mut announcements = Announcements::default();
+    let mut ledger = NotificationLedger::default();
     loop {
         let polled = match listener.as_mut() {
             Some(listener) => {
@@ -263,10 +267,10 @@ async fn follow(
                     notification = listener.try_recv() => {
                         match notification {
                             Ok(Some(notification)) => {
-                                announcements.heard(notification.payload());
+                                ledger.heard(notification.payload());
                                 // Drain what else is buffered: one read serves them all.
                                 while let Some(notification) = listener.next_buffered() {
-                                    announcements.heard(notification.payload());
+                                    ledger.heard(notification.payload());
                                 }
                             }
                             Ok(None) => return Err("connection lost".into()),
@@ -288,10 +292,10 @@ async fn follow(
         }
         let sent = feed.catch_up().await?;
         if polled {
-            let unannounced = announcements.polled(sent);
+            let unannounced = ledger.polled(sent);
             if unannounced > 0 {
                 feed.metrics.unannounced_events(unannounced);
-                if announcements.time_to_warn() {
+                if ledger.time_to_warn() {
                     tracing::warn!(
                         events = unannounced,
                         "the live feed found changes that no notification announced, so \
@@ -324,7 +328,7 @@ async fn connect_listener(listen_url: &str) -> Result<PgListener, sqlx::Error> {
 /// an event the timer had to find is judged one poll later, once its
 /// notification has had a whole interval to arrive.
 #[derive(Debug, Default)]
-struct Announcements {
+struct NotificationLedger {
     /// Highest event id a notification named.
     heard_through: i64,
     /// Events the last poll found, not yet judged.
@@ -333,7 +337,7 @@ struct Announcements {
     warned: Option<tokio::time::Instant>,
 }
 
-impl Announcements {
+impl NotificationLedger {
     fn heard(&mut self, payload: &str) {
         let id = serde_json::from_str::<serde_json::Value>(payload)
             .ok()
@@ -367,17 +371,17 @@ impl Announcements {
 
 #[cfg(test)]
 mod tests {
-    use super::Announcements;
+    use super::NotificationLedger;
 
     #[test]
     fn an_event_is_unannounced_when_no_notification_named_it_within_a_poll() {
-        let mut announcements = Announcements::default();
-        assert_eq!(announcements.polled(vec![1, 2, 3]), 0);
+        let mut ledger = NotificationLedger::default();
+        assert_eq!(ledger.polled(vec![1, 2, 3]), 0);
         // 1 and 2 were announced late (after the poll found them): fine.
-        announcements.heard(r#"{"id": 2, "operation": "UPDATE", "resource": "funds"}"#);
-        assert_eq!(announcements.polled(vec![]), 1);
-        announcements.heard("not json");
-        assert_eq!(announcements.polled(vec![4]), 0);
-        assert_eq!(announcements.polled(vec![]), 1);
+        ledger.heard(r#"{"id": 2, "operation": "UPDATE", "resource": "funds"}"#);
+        assert_eq!(ledger.polled(vec![]), 1);
+        ledger.heard("not json");
+        assert_eq!(ledger.polled(vec![4]), 0);
+        assert_eq!(ledger.polled(vec![]), 1);
     }
 }

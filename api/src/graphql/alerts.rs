@@ -1,4 +1,5 @@
-//! `alerts`: the seed's four alerts as state, firing and resolved, as the
+//! `alerts`: the four alerts (failed, stuck, stale, repeated) as state,
+//! firing and resolved, as the
 //! database records them (the alerts migration). The status board's
 //! banner reads the same query.
 

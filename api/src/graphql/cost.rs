@@ -1,4 +1,4 @@
-//! What a request may cost the database, known before it runs (SPEC 6b):
+//! What a request may cost the database, known before it runs:
 //! each root field that reads weighs its reads, and a request over
 //! `MAX_DB_READS_PER_REQUEST` is refused before any database work. Every
 //! field as written counts, so the weight is an upper bound: identical root

@@ -1,11 +1,12 @@
-//! The GraphQL schema of SPEC section 3, by domain.
+//! The GraphQL schema, by domain: sync state queries and mutations,
+//! history and trends, the live subscription, alerts and webhooks.
 
 pub mod alerts;
 pub mod cost;
-pub mod documents;
 pub mod history;
+pub mod in_memory;
 pub mod mutation;
-pub mod plain;
+pub mod parsed_queries;
 pub mod query;
 pub mod subscription;
 pub mod sync_state;
@@ -105,27 +106,27 @@ enum OperationDb {
     /// its event ids with the transport.
     PerRead {
         feed: Arc<Feed>,
-        event_stream: Option<Arc<EventStream>>,
+        sse_resume: Option<Arc<SseResume>>,
     },
 }
 
 /// One query root field's read, shared by its repeats in a request.
 type ReadOnce = tokio::sync::OnceCell<Arc<dyn std::any::Any + Send + Sync>>;
 
-/// What an SSE stream and its subscription tell each other: the cursor it
+/// The resume state an SSE stream and its subscription share: the cursor it
 /// resumes after (the request's `Last-Event-ID`), the cursor of the change
 /// last sent (which the transport writes as that event's `id`), and
 /// whether the subscription was cut short by an outage (the stream then
 /// ends without `complete`, so the client reconnects).
 #[derive(Debug, Default)]
-pub struct EventStream {
+pub struct SseResume {
     resume_after: Option<String>,
     last: std::sync::Mutex<Option<String>>,
     interrupted: std::sync::atomic::AtomicBool,
 }
 
-impl EventStream {
-    /// A stream that resumes after `resume_after`, if given.
+impl SseResume {
+    /// The state of a stream that resumes after `resume_after`, if given.
     pub fn resuming(resume_after: Option<String>) -> Self {
         Self {
             resume_after,
@@ -182,16 +183,16 @@ impl OperationContext {
     }
 
     /// The subscriptions of `caller` on one connection, fed by `feed`;
-    /// an SSE stream passes its `event_stream`.
+    /// an SSE stream passes its `sse_resume`.
     pub fn subscriptions(
         caller: Caller,
         feed: Arc<Feed>,
-        event_stream: Option<Arc<EventStream>>,
+        sse_resume: Option<Arc<SseResume>>,
     ) -> Self {
         Self {
             caller,
             now: Utc::now(),
-            db: OperationDb::PerRead { feed, event_stream },
+            db: OperationDb::PerRead { feed, sse_resume },
         }
     }
 
@@ -245,7 +246,8 @@ impl OperationContext {
 
     /// [`Self::read`] for a query's root field, once per request however
     /// often the field appears with the same arguments (under aliases):
-    /// the repeats share the first one's result (SPEC 6b).
+    /// the repeats share the first one's result, so a request's cost is
+    /// its distinct reads.
     pub async fn read_once<T: Clone + Send + Sync + 'static>(
         &self,
         ctx: &Context<'_>,
@@ -291,9 +293,9 @@ impl OperationContext {
     }
 
     /// The SSE stream's event ids, when the operation runs on one.
-    pub fn event_stream(&self) -> Option<&Arc<EventStream>> {
+    pub fn sse_resume(&self) -> Option<&Arc<SseResume>> {
         match &self.db {
-            OperationDb::PerRead { event_stream, .. } => event_stream.as_ref(),
+            OperationDb::PerRead { sse_resume, .. } => sse_resume.as_ref(),
             OperationDb::Request { .. } => None,
         }
     }
@@ -308,7 +310,7 @@ impl OperationContext {
                 .await
                 .map(Cow::Borrowed),
             OperationDb::PerRead { feed, .. } => feed
-                .read(&self.caller, Access::Read, read)
+                .read(&self.caller.identity(), Access::Read, read)
                 .await
                 .map(Cow::Owned),
         }

@@ -1,4 +1,5 @@
-//! Read operations: the seed documentation's sample queries and alerts.
+//! Read operations: sync states, statistics, history, trends and the
+//! queries behind the alerts.
 
 use async_graphql::{Context, Object};
 use chrono::Duration;

@@ -13,13 +13,12 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::sync_state::SyncState;
 use super::validate;
-use crate::auth::Caller;
-use crate::db::{Access, events};
+use super::{OperationContext, SseResume};
+use crate::db::{Access, Identity, events};
 use crate::error::{ApiError, ApiResult};
 use crate::feed::cursor::Cursor;
 use crate::feed::{BATCH, Feed, FeedEvent, LIVE_WAIT};
-use crate::graphql::{EventStream, OperationContext};
-use crate::infra::metrics::SubscriptionGuard;
+use crate::metrics::SubscriptionGuard;
 
 /// What happened to a resource.
 #[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,11 +103,11 @@ impl Subscription {
     ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<SyncStateChange>> + use<>>
     {
         let operation = OperationContext::reader(ctx)?;
-        let caller = operation.caller.clone();
-        let event_stream = operation.event_stream().cloned();
+        let identity = operation.caller.identity();
+        let sse_resume = operation.sse_resume().cloned();
         // An SSE stream resuming (`Last-Event-ID`) already had its
         // snapshot: it continues after its last event, as `after` would.
-        let resume_after = event_stream
+        let resume_after = sse_resume
             .as_ref()
             .and_then(|ids| ids.resume_after().map(str::to_owned));
         let (initial, after) = match resume_after {
@@ -135,9 +134,9 @@ impl Subscription {
             guard: feed.metrics_handle().subscription_opened(),
             cursor: Cursor::at(feed.position()),
             feed,
-            caller: Box::new(caller),
+            identity: Box::new(identity),
             resources,
-            event_stream,
+            sse_resume,
             rx,
             pending: VecDeque::new(),
             needs_log: false,
@@ -157,13 +156,13 @@ impl Subscription {
 
 /// One subscription's state. Every idle subscriber's stream holds it
 /// several times over, inline: what only a database read needs (the
-/// caller) is kept out of line; what every delivery reads stays inline.
+/// identity) is kept out of line; what every delivery reads stays inline.
 struct Subscriber {
     feed: Arc<Feed>,
-    caller: Box<Caller>,
+    identity: Box<Identity>,
     resources: Option<Vec<String>>,
     /// An SSE stream's ids, told each change's cursor as it is sent.
-    event_stream: Option<Arc<EventStream>>,
+    sse_resume: Option<Arc<SseResume>>,
     rx: Receiver<Arc<FeedEvent>>,
     cursor: Cursor,
     pending: VecDeque<SyncStateChange>,
@@ -186,7 +185,7 @@ impl Subscriber {
         let resources = self.resources.as_deref();
         let snapshot = self
             .feed
-            .read(&self.caller, Access::Snapshot, async |txn| {
+            .read(&self.identity, Access::Snapshot, async |txn| {
                 events::state_snapshot(txn, resources).await
             })
             .await?;
@@ -212,7 +211,7 @@ impl Subscriber {
         let cursor = Cursor::decode(after).ok_or(ApiError::CursorExpired)?;
         let (pruned, newest) = self
             .feed
-            .read(&self.caller, Access::Read, async |txn| {
+            .read(&self.identity, Access::Read, async |txn| {
                 Ok((
                     events::pruned_through(txn).await?,
                     events::newest(txn).await?,
@@ -257,7 +256,7 @@ impl Subscriber {
     /// gets it as its id: a stream cut during the snapshot resumes without
     /// one, so it is sent again whole.
     fn sending(&self, change: &SyncStateChange) {
-        let Some(ids) = &self.event_stream else {
+        let Some(ids) = &self.sse_resume else {
             return;
         };
         let more_snapshots = self
@@ -274,7 +273,7 @@ impl Subscriber {
         let after = self.cursor.position;
         let batch = self
             .feed
-            .read(&self.caller, Access::Read, async |txn| {
+            .read(&self.identity, Access::Read, async |txn| {
                 events::read_after(txn, after, BATCH, None).await
             })
             .await?;
@@ -307,7 +306,7 @@ impl Subscriber {
                     // last cursor and loses nothing.
                     tracing::warn!(error = ?error, "subscription could not read the log");
                     self.done = true;
-                    if let Some(stream) = &self.event_stream {
+                    if let Some(stream) = &self.sse_resume {
                         stream.interrupt();
                     }
                     return Some((Err(ApiError::Unavailable.into()), self));

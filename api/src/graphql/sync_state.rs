@@ -5,22 +5,20 @@ use std::borrow::Cow;
 use async_graphql::parser::types::Field;
 use async_graphql::registry::Registry;
 use async_graphql::{ContextSelectionSet, OutputType, Positioned, ServerResult, Value};
-use chrono::{DateTime, Duration, Utc};
-use entity::SyncStatus as Status;
+use chrono::{DateTime, Utc};
 use entity::vantage_sync_state::Model;
 
-use super::plain::{Walk, plain_enums, plain_object};
+use super::in_memory::{Walk, in_memory_enums, in_memory_object};
 use super::types::{SyncError, SyncHealth, SyncStatus};
-
-/// A sync running longer than this is stuck (RED).
-pub const STUCK_AFTER: Duration = Duration::minutes(30);
-/// No success for longer than this is stale (YELLOW).
-pub const STALE_AFTER: Duration = Duration::hours(24);
+use crate::derived::{
+    duration_seconds, error_count, health, hours_since_sync, records_per_second, running_seconds,
+    utc,
+};
 
 /// The sync state of one resource, as of the request's clock.
 ///
-/// Resolved in one pass when every selected field is a plain value (see
-/// [`super::plain`]), else by the derived resolvers of [`SyncStateFields`],
+/// Resolved in one pass when every selected field is a value in memory (see
+/// [`super::in_memory`]), else by the derived resolvers of [`SyncStateFields`],
 /// which also give the schema its type.
 pub struct SyncState(SyncStateFields);
 
@@ -41,13 +39,8 @@ impl SyncState {
         &self.0.row
     }
 
-    /// The fields `selection` names, shaped as a query's answer would be;
-    /// `None` when one of them needs a resolver (the database).
-    pub fn plain(&self, selection: &async_graphql::parser::types::SelectionSet) -> Option<Value> {
-        Walk::without_fragments().object(&self.0, selection)
-    }
-
-    /// The dashboard rule of the seed documentation.
+    /// RED when failed or stuck, YELLOW when never run or stale, GREEN
+    /// otherwise ([`health`]).
     pub fn health(&self) -> SyncHealth {
         health(&self.0.row, self.0.now)
     }
@@ -67,68 +60,17 @@ impl OutputType for SyncState {
         ctx: &ContextSelectionSet<'_>,
         field: &Positioned<Field>,
     ) -> ServerResult<Value> {
-        let plain = Walk::new(ctx).object(&self.0, &ctx.item.node);
-        match plain {
+        let in_memory = Walk::new(ctx).object(&self.0, &ctx.item.node);
+        match in_memory {
             Some(value) => Ok(value),
             None => OutputType::resolve(&self.0, ctx, field).await,
         }
     }
 }
 
-/// RED: failed, or running for more than 30 minutes. YELLOW: never run, or
-/// no success in the last 24 hours. GREEN otherwise.
-pub fn health(row: &Model, now: DateTime<Utc>) -> SyncHealth {
-    let stuck = row.last_sync_status == Status::Running
-        && row
-            .started_at
-            .is_some_and(|started| now - started.with_timezone(&Utc) > STUCK_AFTER);
-    if row.last_sync_status == Status::Failed || stuck {
-        return SyncHealth::Red;
-    }
-    let fresh = row
-        .last_sync_time
-        .is_some_and(|at| now - at.with_timezone(&Utc) <= STALE_AFTER);
-    if row.last_sync_status == Status::NeverRun || !fresh {
-        SyncHealth::Yellow
-    } else {
-        SyncHealth::Green
-    }
-}
+in_memory_enums!(SyncStatus, SyncHealth);
 
-fn utc(at: Option<DateTime<chrono::FixedOffset>>) -> Option<DateTime<Utc>> {
-    at.map(|at| at.with_timezone(&Utc))
-}
-
-fn error_count(row: &Model) -> i32 {
-    i32::try_from(row.errors.0.len()).unwrap_or(i32::MAX)
-}
-
-fn running_seconds(row: &Model, now: DateTime<Utc>) -> Option<i32> {
-    if row.last_sync_status != Status::Running {
-        return None;
-    }
-    let started = row.started_at?.with_timezone(&Utc);
-    i32::try_from((now - started).num_seconds().max(0)).ok()
-}
-
-fn hours_since_sync(row: &Model, now: DateTime<Utc>) -> Option<f64> {
-    let at = row.last_sync_time?.with_timezone(&Utc);
-    Some((now - at).num_milliseconds() as f64 / 3_600_000.0)
-}
-
-fn duration_seconds(row: &Model) -> Option<f64> {
-    row.duration_ms.map(|ms| f64::from(ms) / 1000.0)
-}
-
-fn records_per_second(row: &Model) -> Option<f64> {
-    let ms = row.duration_ms.filter(|ms| *ms > 0)?;
-    (row.last_sync_status == Status::Success)
-        .then(|| f64::from(row.records_synced) * 1000.0 / f64::from(ms))
-}
-
-plain_enums!(SyncStatus, SyncHealth);
-
-plain_object! {
+in_memory_object! {
     /// The sync state of one resource.
     impl SyncStateFields as "SyncState" {
         /// Resource name in lower snake case (accounts, funds, ...).

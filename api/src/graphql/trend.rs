@@ -1,5 +1,5 @@
-//! Run trends from the event log: `syncTrend` and `syncTrends` (the seed's
-//! "no historical trend analysis" trade-off, answered).
+//! Run trends from the event log: `syncTrend` and `syncTrends`, each
+//! resource's recent runs, their durations and success rate.
 
 use async_graphql::{Enum, SimpleObject};
 use chrono::{DateTime, Utc};

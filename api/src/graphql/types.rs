@@ -1,6 +1,6 @@
 //! Enums, errors and statistics of the schema.
 
-use async_graphql::{Enum, Json, SimpleObject};
+use async_graphql::{Json, SimpleObject};
 use chrono::{DateTime, Utc};
 
 /// Status of a resource's last sync: the entity's enum, which is also the
@@ -8,20 +8,12 @@ use chrono::{DateTime, Utc};
 pub use entity::SyncStatus;
 
 /// Dashboard traffic light of a resource.
-#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SyncHealth {
-    /// Failed, or running for more than 30 minutes (stuck).
-    Red,
-    /// Never run, or no successful sync in the last 24 hours.
-    Yellow,
-    /// Synced successfully within the last 24 hours.
-    Green,
-}
+pub use crate::derived::SyncHealth;
 
 /// One error reported by a failed sync, as stored.
 pub struct SyncError<'a>(pub &'a entity::SyncError);
 
-super::plain::plain_object! {
+super::in_memory::in_memory_object! {
     /// One error reported by a failed sync.
     impl SyncError<'a> as "SyncError" where lifetime 'a {
         /// Machine-readable error code, e.g. `HTTP_500`.

@@ -1,4 +1,4 @@
-//! Webhooks (SPEC 8), for `service_role` callers: create, delete, list,
+//! Webhooks, for `service_role` callers: create, delete, list,
 //! test, and read the delivery log. Creating one checks its URL (after
 //! DNS resolution) and makes its signing secret, shown only then.
 
@@ -17,7 +17,7 @@ use super::validate;
 use crate::db::webhooks::{self, NewWebhook};
 use crate::error::ApiError;
 use crate::feed::cursor::Cursor;
-use crate::notify::{WebhookSettings, address, signature};
+use crate::webhooks::{WebhookSettings, address, signature};
 
 /// An endpoint that notifications are POSTed to.
 #[derive(SimpleObject, Debug, Clone)]

@@ -1,4 +1,4 @@
-//! The status board at `/` (SPEC 7): a page, its style sheet and its script,
+//! The status board at `/`: a page, its style sheet and its script,
 //! hand-written and compiled into the binary. Nothing is fetched from
 //! anywhere else; the page talks only to `/graphql` on its own origin.
 

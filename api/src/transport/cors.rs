@@ -98,7 +98,11 @@ impl CorsOrigins {
 /// Runs outside [`CorsOrigins::layer`]: strips what tower-http adds for an
 /// origin that is not allowed (it answers every preflight), and makes an
 /// allowed preflight's answer 204 No Content.
-pub async fn fix_up(State(origins): State<CorsOrigins>, request: Request, next: Next) -> Response {
+pub async fn enforce_allowed_origins(
+    State(origins): State<CorsOrigins>,
+    request: Request,
+    next: Next,
+) -> Response {
     let allowed = request
         .headers()
         .get(header::ORIGIN)

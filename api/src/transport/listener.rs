@@ -1,4 +1,4 @@
-//! The HTTP listener (SPEC 6b): hyper's HTTP/1.1 connections, with what
+//! The HTTP listener: hyper's HTTP/1.1 connections, with what
 //! `axum::serve` lacks against slow and idle clients.
 //!
 //! - At most `max_connections` open at once (WebSocket connections
@@ -28,8 +28,28 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
-use crate::infra::config::ConnectionLimits;
-use crate::infra::metrics::{ConnectionClosed, ConnectionGuard, Metrics};
+use crate::metrics::{ConnectionClosed, ConnectionGuard, Metrics};
+
+/// Limits on HTTP connections: slow heads, idle connections, and how many
+/// may be open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Time to send a request head, from its first byte.
+    pub header_read_timeout: Duration,
+    /// Time a connection may sit with no request in flight.
+    pub idle_timeout: Duration,
+    /// Most open connections.
+    pub max_connections: usize,
+}
+
+impl ConnectionLimits {
+    /// The defaults of the flags (the cap comes from the file limit).
+    pub const DEFAULT: Self = Self {
+        header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 0,
+    };
+}
 
 /// Serves `router` on `listener` until `shutdown` completes, then lets the
 /// open connections finish what they are doing.

@@ -1,17 +1,166 @@
 //! Transports: bytes in, a GraphQL request and its context out, a response
 //! (or a stream of them) back to bytes. The schema and the database are
-//! the same for every transport (`graphql::OperationContext`).
+//! the same for every transport (`graphql::OperationContext`); admitting,
+//! running and answering a request is one path (`request`) that plain
+//! HTTP (`http`), SSE (`sse`) and WebSocket (`ws`) share.
+//!
+//! The GraphQL handlers are written here rather than taken from
+//! async-graphql-axum (not a dependency), whose extractor ignores the body
+//! limit, runs mutations over GET and answers malformed JSON in plain text
+//! (`docs/adr/0003`).
 
 pub mod board;
 pub mod cors;
 pub mod graphiql;
 pub mod http;
 pub mod listener;
+pub mod operator;
+pub mod rate_limit;
+pub mod request;
 pub mod sse;
 pub mod ws;
 
-use axum::http::{HeaderValue, header};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::auth::TokenKeys;
+use crate::db::Pool;
+use crate::error::ApiError;
+use crate::feed::Feed;
+use crate::graphql::AppSchema;
+use crate::graphql::parsed_queries::ParsedQueryCache;
+use crate::metrics::Metrics;
+use cors::CorsOrigins;
+use listener::ClientAddr;
+use rate_limit::RateLimiter;
+use request::{HttpMethod, refuse};
+use ws::WebSocketConfig;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// The GraphQL schema.
+    pub schema: AppSchema,
+    /// The database pool.
+    pub pool: Pool,
+    /// Token verification.
+    pub keys: TokenKeys,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// The live feed.
+    pub feed: Arc<Feed>,
+    /// WebSocket transport settings.
+    pub websocket: WebSocketConfig,
+    /// Becomes true when the server starts shutting down.
+    pub shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// Longest a request may run.
+    pub request_timeout: Duration,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+    /// Most database reads one request may make.
+    pub max_db_reads: usize,
+    /// Requests per caller, when limited.
+    pub rate_limiter: Option<Arc<RateLimiter>>,
+    /// Parsed queries, by text.
+    pub parsed_queries: Arc<ParsedQueryCache>,
+    /// Origins browsers may call from.
+    pub cors: CorsOrigins,
+}
+
+/// The service's routes.
+pub fn router(state: AppState) -> Router {
+    let cors = state.cors.clone();
+    let graphql = Router::new()
+        .route("/graphql", get(graphql_get_or_websocket).post(graphql_post))
+        .route_layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.metrics.clone(),
+            request::record_requests,
+        ));
+    let routes = Router::new()
+        .merge(graphql)
+        .route("/", get(board::page))
+        .route("/board.css", get(board::style))
+        .route("/board.js", get(board::script))
+        .merge(graphiql::routes())
+        .route("/healthz", get(operator::healthz))
+        .route("/readyz", get(operator::readyz))
+        .route("/metrics", get(operator::metrics))
+        // One span per request (method, path) with status and latency
+        // events, filtered by RUST_LOG (e.g. `tower_http=debug`).
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state);
+    match cors.layer() {
+        Some(layer) => routes
+            .layer(layer)
+            .layer(axum::middleware::from_fn_with_state(
+                cors,
+                cors::enforce_allowed_origins,
+            )),
+        None => routes,
+    }
+}
+
+/// `POST /graphql`: a JSON body; answered as an event stream when the
+/// client accepts one (`sse`), else as one JSON response (`http`).
+async fn graphql_post(
+    State(app): State<AppState>,
+    client: Option<axum::Extension<ClientAddr>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let client = client.map(|axum::Extension(addr)| addr.0.ip());
+    let request = match request::from_body(&app, body) {
+        Ok(request) => request,
+        Err(error) => return refuse(error),
+    };
+    if sse::wanted(&headers) {
+        match request::admit(&app, &headers, client, request, HttpMethod::Post).await {
+            Ok(admitted) => sse::respond(app, &headers, admitted).await,
+            Err(refused) => refused,
+        }
+    } else {
+        http::execute(&app, &headers, client, request, HttpMethod::Post).await
+    }
+}
+
+/// `GET /graphql`: a WebSocket upgrade (`ws`), or a query in the query
+/// string (`http`).
+async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request) -> Response {
+    let (mut parts, _) = request.into_parts();
+    let wants_websocket = parts
+        .headers
+        .get(header::UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
+    if wants_websocket {
+        return match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(upgrade) => {
+                let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
+                ws::upgrade(app, &parts.headers, client, upgrade).await
+            }
+            Err(rejection) => rejection.into_response(),
+        };
+    }
+    match async_graphql::http::parse_query_string(parts.uri.query().unwrap_or_default()) {
+        Ok(request) => {
+            let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
+            http::execute(&app, &parts.headers, client, request, HttpMethod::Get).await
+        }
+        Err(error) => refuse(ApiError::BadUserInput {
+            message: format!("bad query string: {error}"),
+            field: None,
+        }),
+    }
+}
 
 /// A page or asset compiled into the binary, with its content security
 /// policy, its cache rule, and no sniffing or referrers.

@@ -20,13 +20,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
+use super::AppState;
+use super::request::{Admitted, RequestOutcome, answer, fill_codes, refused_as, run, status_of};
 use crate::error::ApiError;
 use crate::feed::LIVE_WAIT;
-use crate::graphql::{EventStream, OperationContext};
-use crate::infra::metrics::{Operation, Outcome};
-use crate::transport::http::{
-    Admitted, AppState, Ran, answer, fill_codes, refused_as, run, status_of,
-};
+use crate::graphql::{OperationContext, SseResume};
+use crate::metrics::{Operation, Outcome};
 
 /// Longest silence on a stream (or the WebSocket ping interval, if
 /// shorter): a comment line goes out at least this often, so proxies keep
@@ -49,7 +48,7 @@ pub fn wanted(headers: &HeaderMap) -> bool {
 }
 
 /// Answers an admitted request as an event stream.
-pub async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> Response {
+pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> Response {
     let operation = admitted.operation;
     if admitted.kind != Some(OperationType::Subscription) {
         // A query or mutation: its one result, then `complete`.
@@ -59,7 +58,7 @@ pub async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> 
             Ok((response, outcome)) => match status_of(&response) {
                 StatusCode::OK => {
                     let events = stream::iter([next(&response, None), complete()]);
-                    ran(stream_response(events, KEEP_ALIVE), operation, outcome)
+                    marked(stream_response(events, KEEP_ALIVE), operation, outcome)
                 }
                 _ => answer(response, operation, outcome),
             },
@@ -79,14 +78,14 @@ pub async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> 
         caller, request, ..
     } = admitted;
     let expiry = caller.expires_in();
-    let event_stream = Arc::new(EventStream::resuming(resume_after));
+    let sse_resume = Arc::new(SseResume::resuming(resume_after));
     let context =
-        OperationContext::subscriptions(caller, app.feed.clone(), Some(event_stream.clone()));
+        OperationContext::subscriptions(caller, app.feed.clone(), Some(sse_resume.clone()));
     let mut shutting_down = app.shutting_down.clone();
     let mut liveness = app.feed.liveness();
     let live = Live {
         results: app.schema.execute_stream(request.data(context)),
-        event_stream,
+        sse_resume,
         expiry: Box::pin(async move {
             match expiry {
                 Some(left) => tokio::time::sleep(left).await,
@@ -101,13 +100,13 @@ pub async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> 
     };
     let events = stream::unfold(live, Live::next).flat_map(stream::iter);
     let keep_alive = app.websocket.ping_interval.min(KEEP_ALIVE);
-    ran(stream_response(events, keep_alive), operation, Outcome::Ok)
+    marked(stream_response(events, keep_alive), operation, Outcome::Ok)
 }
 
 /// A subscription's stream of events.
 struct Live {
     results: BoxStream<'static, async_graphql::Response>,
-    event_stream: Arc<EventStream>,
+    sse_resume: Arc<SseResume>,
     expiry: BoxFuture<'static, ()>,
     shutdown: BoxFuture<'static, ()>,
     feed_lost: BoxFuture<'static, ()>,
@@ -128,9 +127,9 @@ impl Live {
             result = self.results.next() => match result {
                 Some(mut response) => {
                     fill_codes(&mut response);
-                    vec![next(&response, self.event_stream.take())]
+                    vec![next(&response, self.sse_resume.take())]
                 }
-                None if self.event_stream.interrupted() => return None,
+                None if self.sse_resume.interrupted() => return None,
                 None => {
                     self.done = true;
                     vec![complete()]
@@ -160,8 +159,10 @@ fn stream_response(
         .into_response()
 }
 
-fn ran(mut response: Response, operation: Operation, outcome: Outcome) -> Response {
-    response.extensions_mut().insert(Ran { operation, outcome });
+fn marked(mut response: Response, operation: Operation, outcome: Outcome) -> Response {
+    response
+        .extensions_mut()
+        .insert(RequestOutcome { operation, outcome });
     response
 }
 

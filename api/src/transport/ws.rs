@@ -3,13 +3,14 @@
 //!
 //! async-graphql's protocol state machine does the GraphQL part; this
 //! module wraps it with what it lacks: the subprotocol chosen once and used
-//! for both the handshake and the messages, the spec's close codes (4403
+//! for both the handshake and the messages, the protocol's close codes (4403
 //! for a refused `connection_init` or an expired token, 4408 when none
 //! arrives in time, 4409 for a duplicate id), server keep-alive pings, and
 //! a cap on subscriptions per connection.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_graphql::Data;
 use async_graphql::futures_util::{SinkExt, StreamExt, future};
@@ -20,11 +21,12 @@ use axum::response::Response;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, oneshot};
 
+use super::AppState;
+use super::request::refuse;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::LIVE_WAIT;
 use crate::graphql::OperationContext;
-use crate::transport::http::{AppState, refuse};
 
 /// What the connection's reader (inside async-graphql's machine) and its
 /// writer loop share. Kept small: every idle subscriber holds one.
@@ -70,6 +72,27 @@ enum InitOutcome {
         /// The close code the spec gives the refusal.
         close_code: u16,
     },
+}
+
+/// WebSocket transport settings (`--max-subscriptions-per-connection`,
+/// `--ws-init-timeout-secs`, `--ws-ping-interval-secs`).
+#[derive(Debug, Clone, Copy)]
+pub struct WebSocketConfig {
+    /// Most subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Time allowed for `connection_init`.
+    pub init_timeout: Duration,
+    /// Interval of server pings.
+    pub ping_interval: Duration,
+}
+
+impl WebSocketConfig {
+    /// The defaults of the flags.
+    pub const DEFAULT: Self = Self {
+        max_subscriptions: 100,
+        init_timeout: Duration::from_secs(10),
+        ping_interval: Duration::from_secs(15),
+    };
 }
 
 /// Longest subscription id a client may use.
@@ -142,8 +165,8 @@ pub async fn upgrade(
         upgrade.protocols([protocol.sec_websocket_protocol()])
     };
     // A task of its own: inside axum's upgrade task this connection's
-    // future would sit in a larger one for its whole life (README,
-    // Performance: idle subscribers).
+    // future would sit in a larger one for its whole life, and every idle
+    // subscriber would pay for it.
     upgrade.on_upgrade(move |socket| async move {
         tokio::spawn(serve(socket, app, protocol, header_caller, client));
     })

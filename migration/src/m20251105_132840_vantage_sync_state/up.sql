@@ -23,7 +23,7 @@ BEGIN
 END
 $roles$;
 
--- Seed rows go in only when this run creates the table: a seed resource
+-- The initial resources go in only when this run creates the table: one
 -- deleted since must stay deleted when this file is applied again.
 SELECT pg_catalog.set_config(
     'vantage_sync.creating_table',
@@ -372,7 +372,7 @@ GRANT EXECUTE ON FUNCTION
 TO service_role;
 
 INSERT INTO public.vantage_sync_state (resource)
-SELECT seed.resource
+SELECT initial.resource
 FROM (VALUES
     ('accounts'),
     ('funds'),
@@ -381,6 +381,6 @@ FROM (VALUES
     ('investors'),
     ('investments'),
     ('valuations')
-) AS seed (resource)
+) AS initial (resource)
 WHERE pg_catalog.current_setting('vantage_sync.creating_table', true) = 'true'
 ON CONFLICT (resource) DO NOTHING;

@@ -1,6 +1,6 @@
 -- Event log of vantage_sync_state: one row per committed change, written in
 -- the changing transaction. The backbone of the live feed and of sync
--- history (the seed report's "future consideration").
+-- history.
 --
 -- Ordering. A sequence alone does not give commit order: a transaction may
 -- hold id 5 uncommitted while id 6 commits, and a reader that moved past 6

@@ -1,5 +1,6 @@
--- Alerts and webhooks (SPEC 8): the seed's four alerts become state that
--- fires and resolves, and changes and alerts are pushed to webhooks.
+-- Alerts and webhooks: the four alerts (failed, stuck, stale, repeated)
+-- become state that fires and resolves, and changes and alerts are pushed
+-- to webhooks.
 --
 -- Everything is derived inside PostgreSQL, from the event log, by cursor:
 -- advance_vantage_sync_notifications() reads the events after the position

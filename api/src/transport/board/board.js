@@ -1,12 +1,12 @@
 // The status board: every resource's sync state, live over GraphQL over SSE,
-// with the seed's health rule recomputed as time passes, the alerts the
+// with the health rule recomputed as time passes, the alerts the
 // server holds (the `alerts` query: what webhooks are told), and each
 // resource's recent runs (syncTrends) as a small chart.
 //
 // One stream per open board and no polling: the page subscribes with
 // `initial: true`, resumes with `Last-Event-ID` after any break, asks for
 // a resource's trend again only when a change ends one of its runs, and
-// for the alerts only after a change or when the seed's rule says time
+// for the alerts only after a change or when the alert rules say time
 // alone may have changed one.
 'use strict';
 
@@ -299,7 +299,7 @@ function apply(change) {
   render();
 }
 
-// ---- the rules the seed's dashboard states --------------------------------
+// ---- the dashboard's health and alert rules -------------------------------
 
 function ageMs(at) {
   return at ? now() - Date.parse(at) : null;
@@ -321,7 +321,7 @@ function health(state) {
   return 'GREEN';
 }
 
-/** The seed's alert rules, by kind, as [kind, [resource]] (the server's
+/** The alert rules, by kind, as [kind, [resource]] (the server's
  *  definition: failed until a run succeeds, a running retry included). */
 function ruleAlerts(states) {
   const holding = {

@@ -1,0 +1,313 @@
+//! The request path every transport shares: a GraphQL request is admitted
+//! (its token verified, its rate and weight checked, its operation
+//! classified) or refused with the error's own status; then run in one
+//! transaction as its caller; then answered with the status and the
+//! metrics mark its outcome calls for.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_graphql::parser::types::{DocumentOperations, OperationType};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::AppState;
+use crate::auth::Caller;
+use crate::db::{Access, RequestDb};
+use crate::error::{ApiError, ErrorCode, retry_after_secs};
+use crate::graphql::{OperationContext, cost};
+use crate::metrics::{Metrics, Operation, Outcome};
+
+/// A GraphQL-shaped error body for requests refused before execution
+/// (HTTP or the WebSocket upgrade), with the status the error calls for.
+pub(crate) fn refuse(error: ApiError) -> Response {
+    let body = json!({
+        "errors": [{
+            "message": error.message(),
+            "extensions": { "code": error.code().as_str() },
+        }]
+    });
+    let mut response = (error.http_status(), Json(body)).into_response();
+    if let ApiError::RateLimited(wait) = error {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            header::HeaderValue::from(retry_after_secs(wait)),
+        );
+    }
+    response
+}
+
+/// What a GraphQL request ran and how it ended, left in the response for
+/// [`record_requests`]. A response without it was refused before its
+/// operation was known.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestOutcome {
+    pub operation: Operation,
+    pub outcome: Outcome,
+}
+
+/// Counts and times every GraphQL HTTP request (not WebSocket upgrades),
+/// by what the handler says it ran.
+pub(crate) async fn record_requests(
+    State(metrics): State<Arc<Metrics>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let response = next.run(request).await;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let recorded = response.extensions().get::<RequestOutcome>().copied();
+        let RequestOutcome { operation, outcome } = recorded.unwrap_or(RequestOutcome {
+            operation: Operation::Unknown,
+            outcome: Outcome::Rejected,
+        });
+        metrics.record_request(operation, outcome, started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+/// A refusal of an operation whose kind is known, counted as such.
+pub(crate) fn refused_as(operation: Operation, error: ApiError) -> Response {
+    let mut refused = refuse(error);
+    refused.extensions_mut().insert(RequestOutcome {
+        operation,
+        outcome: Outcome::Rejected,
+    });
+    refused
+}
+
+/// The GraphQL request in a POST body, or its refusal: a body over the
+/// limit (axum's, on the route) or one that is not a JSON object.
+pub(crate) fn from_body(
+    app: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<async_graphql::Request, ApiError> {
+    // The limit is axum's (DefaultBodyLimit on the route); its refusal
+    // becomes a GraphQL error like every other.
+    let bytes = match body {
+        Ok(bytes) => bytes,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Err(ApiError::PayloadTooLarge {
+                limit: app.max_body_bytes,
+            });
+        }
+        Err(rejection) => {
+            return Err(ApiError::BadUserInput {
+                message: format!("the request body could not be read: {rejection}"),
+                field: None,
+            });
+        }
+    };
+    // async-graphql's Request would also accept an array; only an object is
+    // a GraphQL request (batches are not supported).
+    let is_object = bytes.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'{');
+    let parsed = if is_object {
+        serde_json::from_slice::<async_graphql::Request>(&bytes).map_err(|error| error.to_string())
+    } else {
+        Err("expected a JSON object".to_owned())
+    };
+    parsed.map_err(|error| ApiError::BadUserInput {
+        message: format!(
+            "the body must be a JSON object with a \"query\" string (and optional \"variables\", \"operationName\"): {error}"
+        ),
+        field: None,
+    })
+}
+
+/// How a GraphQL request arrived over HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HttpMethod {
+    /// A query string.
+    Get,
+    /// A JSON body.
+    Post,
+}
+
+/// The type of the operation a request will run and the database reads it
+/// will make at most, if it parses.
+fn classify(request: &mut async_graphql::Request) -> Option<(OperationType, usize)> {
+    let name = request.operation_name.clone();
+    let document = request.parsed_query().ok()?;
+    let operation = match &document.operations {
+        DocumentOperations::Single(operation) => Some(&operation.node),
+        DocumentOperations::Multiple(operations) => match name {
+            Some(name) => operations
+                .get(name.as_str())
+                .map(|operation| &operation.node),
+            None if operations.len() == 1 => operations.values().next().map(|op| &op.node),
+            None => None,
+        },
+    }?;
+    Some((operation.ty, cost::database_reads(document, operation)))
+}
+
+/// A GraphQL request let in: its caller known, its operation classified.
+pub(crate) struct Admitted {
+    pub caller: Caller,
+    pub request: async_graphql::Request,
+    pub operation: Operation,
+    pub kind: Option<OperationType>,
+}
+
+/// Authenticates and classifies one GraphQL request, or refuses it with
+/// the error's own status before anything runs.
+pub(crate) async fn admit(
+    app: &AppState,
+    headers: &HeaderMap,
+    client: Option<std::net::IpAddr>,
+    mut request: async_graphql::Request,
+    method: HttpMethod,
+) -> Result<Admitted, Response> {
+    if request.query.trim().is_empty() {
+        return Err(refuse(ApiError::bad_input(
+            "query",
+            "the request has no \"query\"",
+        )));
+    }
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .map(|value| value.to_str().unwrap_or("\u{0}"));
+    let caller = app.keys.caller(authorization).await.map_err(refuse)?;
+    if let Some(limiter) = &app.rate_limiter
+        && let Err(wait) = limiter.check(&caller, client)
+    {
+        app.metrics.rate_limited();
+        return Err(refuse(ApiError::RateLimited(wait)));
+    }
+    app.parsed_queries.prepare(&mut request);
+    let classified = classify(&mut request);
+    let kind = classified.map(|(kind, _)| kind);
+    let operation = match kind {
+        Some(OperationType::Mutation) if method == HttpMethod::Get => {
+            return Err(refused_as(
+                Operation::Mutation,
+                ApiError::MethodNotAllowed("mutations must be sent with POST"),
+            ));
+        }
+        Some(OperationType::Mutation) => Operation::Mutation,
+        Some(OperationType::Query) => Operation::Query,
+        Some(OperationType::Subscription) => Operation::Subscription,
+        None => Operation::Unknown,
+    };
+    if let Some((_, reads)) = classified
+        && reads > app.max_db_reads
+    {
+        return Err(refused_as(
+            operation,
+            ApiError::BadUserInput {
+                message: format!(
+                    "this request would read the database {reads} times; at most {} reads are allowed per request (MAX_DB_READS_PER_REQUEST): split it, or ask for a field once",
+                    app.max_db_reads
+                ),
+                field: None,
+            },
+        ));
+    }
+    Ok(Admitted {
+        caller,
+        request,
+        operation,
+        kind,
+    })
+}
+
+/// An executed request as one JSON response, with its status (and
+/// `Retry-After` when the database was unavailable).
+pub(crate) fn answer(
+    response: async_graphql::Response,
+    operation: Operation,
+    outcome: Outcome,
+) -> Response {
+    let mut answer = (status_of(&response), Json(response)).into_response();
+    if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    answer
+        .extensions_mut()
+        .insert(RequestOutcome { operation, outcome });
+    answer
+}
+
+/// The HTTP status of an executed request: 200, but 503 when the database
+/// could not be reached for any of it, so that load balancers and clients
+/// know to retry rather than take it for a bug.
+pub(crate) fn status_of(response: &async_graphql::Response) -> StatusCode {
+    let unavailable = response.errors.iter().any(|error| {
+        error
+            .extensions
+            .as_ref()
+            .and_then(|extensions| extensions.get("code"))
+            == Some(&async_graphql::Value::from(
+                ErrorCode::ServiceUnavailable.as_str(),
+            ))
+    });
+    if unavailable {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+/// Runs an admitted query or mutation in one request transaction, as its
+/// caller, within the request timeout.
+pub(crate) async fn run(
+    app: &AppState,
+    admitted: Admitted,
+) -> Result<(async_graphql::Response, Outcome), Response> {
+    let Admitted {
+        caller,
+        request,
+        operation,
+        kind,
+    } = admitted;
+    let access = match kind {
+        Some(OperationType::Mutation) => Access::Write,
+        _ => Access::Read,
+    };
+    let db = Arc::new(RequestDb::new(
+        app.pool.clone(),
+        caller.identity(),
+        access,
+        app.request_timeout,
+    ));
+    let context = OperationContext::request(caller, db.clone());
+    let executed = tokio::time::timeout(
+        app.request_timeout,
+        app.schema.execute(request.data(context)),
+    )
+    .await;
+    let Ok(mut response) = executed else {
+        return Err(refused_as(operation, ApiError::Timeout));
+    };
+    if let Err(error) = db.commit().await {
+        response = async_graphql::Response::from_errors(vec![
+            async_graphql::Error::from(error).into_server_error(Default::default()),
+        ]);
+    }
+    fill_codes(&mut response);
+    let outcome = if response.errors.is_empty() {
+        Outcome::Ok
+    } else {
+        Outcome::Error
+    };
+    Ok((response, outcome))
+}
+
+/// Gives every error a code: parse, validation and limit errors come from
+/// async-graphql without one, and they are all the client's to fix.
+pub(crate) fn fill_codes(response: &mut async_graphql::Response) {
+    for error in &mut response.errors {
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", ErrorCode::BadUserInput.as_str());
+        }
+    }
+}

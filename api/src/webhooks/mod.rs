@@ -1,0 +1,333 @@
+//! Alerts and webhooks: the worker that turns the event log into
+//! notifications and delivers them.
+//!
+//! Everything durable happens in PostgreSQL (see the alerts migration):
+//! notifications are made there from the event log by cursor, each webhook
+//! has an outbox, and a delivery is leased to one replica with row locks.
+//! This worker only drives it: each round, in one transaction, it records
+//! the answers of finished deliveries, asks the database to make the
+//! notifications of new events (and check stuck and stale), and claims
+//! the next notifications (a few, in order) of every webhook that is due
+//! and not leased. Each webhook's claim then goes out on its own task, one
+//! request after another, stopping at the first failure, so a slow or dead
+//! endpoint holds up only its own webhook. Rounds run on every change the
+//! live feed hears, on every finished claim, and every second.
+
+pub mod address;
+pub mod payload;
+pub mod signature;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use entity::vantage_sync_webhook::WebhookFormat;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::db::webhooks::{self, Attempt, AttemptOutcome, Claim, Sent};
+use crate::db::{Access, Identity, Pool, Role, alerts};
+use crate::feed::Feed;
+use crate::metrics::Metrics;
+
+/// Longest a webhook's endpoint has to answer.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a claimed delivery is this replica's: past it, another
+/// replica may send it again (at least once).
+const LEASE: Duration = Duration::from_secs(30);
+/// Webhooks being delivered to at once from this replica.
+const MAX_IN_FLIGHT: usize = 256;
+/// Notifications one claim may take for a webhook: sent one after
+/// another, they save a round each.
+const PER_CLAIM: i32 = 16;
+/// Bodies kept for reuse: every webhook of a format is sent the same body
+/// for a notification (only the signature differs).
+const BODIES_KEPT: usize = 4_096;
+/// A claim stops sending new requests once this much of its lease is gone.
+const SEND_WITHIN: Duration = Duration::from_secs(15);
+/// Events turned into notifications per round.
+const EVENTS_PER_ROUND: i32 = 1_000;
+/// A round's transaction may take this long.
+const ROUND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rounds run at least this often (retries fall due, stuck and stale are
+/// checked by the database every 10 s).
+const TICK: Duration = Duration::from_secs(1);
+
+/// Webhook settings (`--webhook-retry-hours`, `--webhook-allow-private`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebhookSettings {
+    /// A webhook failing without a success for this long is disabled.
+    pub retry_window: Duration,
+    /// Whether loopback, private and link-local addresses may be targets.
+    pub allow_private: bool,
+}
+
+impl WebhookSettings {
+    /// The defaults: 24 hours, public addresses only.
+    pub const DEFAULT: Self = Self {
+        retry_window: Duration::from_secs(24 * 3600),
+        allow_private: false,
+    };
+}
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the webhook HTTP client: {0}")]
+pub struct ClientError(#[from] reqwest::Error);
+
+/// The HTTP client deliveries use: no redirects (a redirect could aim it
+/// anywhere), no proxy from the environment, names resolved only to
+/// public addresses unless private ones are allowed.
+fn client(settings: WebhookSettings) -> Result<reqwest::Client, ClientError> {
+    let builder = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(REQUEST_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("vantage-sync/", env!("CARGO_PKG_VERSION")));
+    let builder = if settings.allow_private {
+        builder
+    } else {
+        builder.dns_resolver(address::PublicOnly::shared())
+    };
+    Ok(builder.build()?)
+}
+
+/// Starts the worker; it ends when `feed` (the server) is gone.
+pub fn start(
+    pool: Pool,
+    feed: &Arc<Feed>,
+    metrics: Arc<Metrics>,
+    settings: WebhookSettings,
+) -> Result<(), ClientError> {
+    let worker = Worker {
+        pool,
+        metrics,
+        settings,
+        client: client(settings)?,
+        feed: Arc::downgrade(feed),
+    };
+    tokio::spawn(worker.run(feed.subscribe()));
+    Ok(())
+}
+
+struct Worker {
+    pool: Pool,
+    metrics: Arc<Metrics>,
+    settings: WebhookSettings,
+    client: reqwest::Client,
+    feed: Weak<Feed>,
+}
+
+/// One webhook's claim that went out: each notification sent with its
+/// answer, in order (those not sent after a failure are left out).
+type Finished = Vec<(Claim, Attempt)>;
+
+impl Worker {
+    async fn run(self, mut changes: broadcast::Receiver<Arc<crate::feed::FeedEvent>>) {
+        let (done, mut finished_rx) = mpsc::unbounded_channel::<Finished>();
+        let mut finished: Vec<Finished> = Vec::new();
+        let mut in_flight = 0_usize;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let worker = Identity::of_role(Role::ServiceRole);
+        let mut bodies: HashMap<(i64, WebhookFormat), Bytes> = HashMap::new();
+        loop {
+            tokio::select! {
+                change = changes.recv() => {
+                    if matches!(change, Err(broadcast::error::RecvError::Closed)) {
+                        return;
+                    }
+                }
+                Some(delivery) = finished_rx.recv() => {
+                    in_flight -= 1;
+                    finished.push(delivery);
+                }
+                _ = tick.tick() => {}
+            }
+            if self.feed.strong_count() == 0 {
+                return;
+            }
+            // One round for everything that woke it meanwhile.
+            while let Ok(delivery) = finished_rx.try_recv() {
+                in_flight -= 1;
+                finished.push(delivery);
+            }
+            loop {
+                match changes.try_recv() {
+                    Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                    Err(broadcast::error::TryRecvError::Empty) => break,
+                    Err(broadcast::error::TryRecvError::Closed) => return,
+                }
+            }
+            let room = i32::try_from(MAX_IN_FLIGHT.saturating_sub(in_flight)).unwrap_or(0);
+            let window = self.settings.retry_window;
+            let round = self
+                .pool
+                .run(&worker, Access::Write, ROUND_TIMEOUT, async |txn| {
+                    let sent: Vec<Sent<'_>> = finished
+                        .iter()
+                        .flat_map(|claimed| {
+                            claimed
+                                .iter()
+                                .enumerate()
+                                .map(|(index, (claim, attempt))| Sent {
+                                    claim,
+                                    attempt,
+                                    release: index + 1 == claimed.len(),
+                                })
+                        })
+                        .collect();
+                    let outcomes = webhooks::record(txn, &sent, window).await?;
+                    let made = alerts::advance(txn, EVENTS_PER_ROUND).await?;
+                    let claims = if room > 0 {
+                        webhooks::claim(txn, room, LEASE, PER_CLAIM).await?
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((outcomes, made, claims))
+                })
+                .await;
+            let (outcomes, made, claims) = match round {
+                Ok(round) => round,
+                Err(error) => {
+                    // Answers are kept for the next round; leases run out
+                    // and the deliveries go again: at least once.
+                    tracing::warn!(error = %error.message(), "webhook round failed; retrying");
+                    self.metrics.notify_round_failed();
+                    continue;
+                }
+            };
+            self.metrics.notify_round(u64::try_from(made).unwrap_or(0));
+            for ((claim, _), outcome) in finished.drain(..).flatten().zip(outcomes) {
+                self.count(&claim, outcome);
+            }
+            if bodies.len() > BODIES_KEPT {
+                bodies.clear();
+            }
+            for batch in by_webhook(claims) {
+                let batch: Vec<(Claim, Bytes)> = batch
+                    .into_iter()
+                    .map(|claim| {
+                        let body = bodies
+                            .entry((claim.notification_id, claim.format))
+                            .or_insert_with(|| Bytes::from(payload::body(&claim)))
+                            .clone();
+                        (claim, body)
+                    })
+                    .collect();
+                in_flight += 1;
+                let done = done.clone();
+                let client = self.client.clone();
+                let allow_private = self.settings.allow_private;
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let mut sent = Vec::with_capacity(batch.len());
+                    for (claim, body) in batch {
+                        if !sent.is_empty() && started.elapsed() > SEND_WITHIN {
+                            break;
+                        }
+                        let attempt = deliver(&client, &claim, body, allow_private).await;
+                        let failed = attempt.error.is_some();
+                        sent.push((claim, attempt));
+                        if failed {
+                            break;
+                        }
+                    }
+                    let _ = done.send(sent);
+                });
+            }
+        }
+    }
+
+    fn count(&self, claim: &Claim, outcome: AttemptOutcome) {
+        match outcome {
+            AttemptOutcome::Delivered => {
+                let made = claim.at.with_timezone(&chrono::Utc);
+                let latency = (chrono::Utc::now() - made).num_microseconds().unwrap_or(0);
+                self.metrics.webhook_delivered(latency as f64 / 1e6);
+            }
+            AttemptOutcome::Retry => self.metrics.webhook_failed(true),
+            AttemptOutcome::Disabled => {
+                self.metrics.webhook_failed(false);
+                self.metrics.webhook_disabled();
+                tracing::warn!(webhook = %claim.webhook_id, url = %claim.url, "webhook disabled");
+            }
+            AttemptOutcome::Stale => {}
+        }
+    }
+}
+
+/// Claims grouped by webhook, each group in order (as claimed).
+fn by_webhook(claims: Vec<Claim>) -> Vec<Vec<Claim>> {
+    let mut groups: Vec<Vec<Claim>> = Vec::new();
+    for claim in claims {
+        match groups.last_mut() {
+            Some(group) if group[0].webhook_id == claim.webhook_id => group.push(claim),
+            _ => groups.push(vec![claim]),
+        }
+    }
+    groups
+}
+
+/// Sends one notification (its body, made once per notification and
+/// format), signed; the answer, whatever it is.
+async fn deliver(
+    client: &reqwest::Client,
+    claim: &Claim,
+    body: Bytes,
+    allow_private: bool,
+) -> Attempt {
+    let started = Instant::now();
+    let failed = |error: String| Attempt {
+        http_status: None,
+        error: Some(error),
+        duration: started.elapsed(),
+    };
+    let url = match address::check_written(&claim.url, allow_private) {
+        Ok(url) => url,
+        Err(refused) => return failed(refused.to_string()),
+    };
+    let id = payload::message_id(claim);
+    let timestamp = chrono::Utc::now().timestamp();
+    let signature = match signature::sign(&claim.secret, &id, timestamp, &body) {
+        Ok(signature) => signature,
+        Err(error) => return failed(error.to_string()),
+    };
+    let sent = client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(response) => {
+            let status = response.status();
+            Attempt {
+                http_status: Some(status.as_u16()),
+                error: (!status.is_success()).then(|| format!("the endpoint answered {status}")),
+                duration: started.elapsed(),
+            }
+        }
+        Err(error) => failed(describe(&error)),
+    }
+}
+
+/// A transport error with its causes (reqwest's own text says little).
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = if error.is_timeout() {
+        format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())
+    } else {
+        error.to_string()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

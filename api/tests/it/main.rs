@@ -1,0 +1,35 @@
+//! Integration tests of the Vantage sync state service, against real
+//! PostgreSQL: one binary, a fresh database per test.
+// Test code throughout, helpers included: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod access;
+mod api_auth;
+mod api_http;
+mod api_mutations;
+mod api_queries;
+mod auth_keys;
+mod board;
+mod cli;
+mod connections;
+mod cors;
+mod entity;
+mod graphql_schema;
+mod history;
+mod layers;
+mod least_privilege;
+mod live;
+mod live_faults;
+mod log_growth;
+mod migrate_command;
+mod migration;
+mod notify;
+mod pooler;
+mod rate_limit;
+mod read_cost;
+mod server_kill;
+mod sse;
+mod state_table;
+mod transitions;
+mod trends;
+mod webhooks;

@@ -1,0 +1,123 @@
+//! `vantage-sync migrate`, driven through the same code the binary runs.
+
+use vantage_sync::db::migrate::{self, MigrateCommand, MigrateError};
+use vantage_sync_testkit::TestDb;
+
+async fn run(command: MigrateCommand, url: Option<&str>) -> Result<String, MigrateError> {
+    let mut out = Vec::new();
+    migrate::run(&command, url, &mut out).await?;
+    Ok(String::from_utf8(out).unwrap())
+}
+
+const STATE: &str = "m20251105_132840_vantage_sync_state";
+const EVENTS: &str = "m20251106_000000_vantage_sync_events";
+const INDEXES: &str = "m20261202_000000_vantage_sync_event_indexes";
+const ALERTS: &str = "m20261203_000000_vantage_sync_alerts";
+
+fn lines(prefix: &str, names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|name| format!("{prefix}\t{name}\n"))
+        .collect()
+}
+
+#[tokio::test]
+async fn migrate_status_up_down_fresh() {
+    let db = TestDb::empty().await;
+    let url = Some(db.url.as_str());
+    let run = |command| run(command, url);
+    assert_eq!(
+        run(MigrateCommand::Status).await.unwrap(),
+        lines("Pending", &[STATE, EVENTS, INDEXES, ALERTS])
+    );
+    assert_eq!(
+        run(MigrateCommand::Up).await.unwrap(),
+        lines("applied", &[STATE, EVENTS, INDEXES, ALERTS])
+    );
+    assert_eq!(
+        run(MigrateCommand::Status).await.unwrap(),
+        lines("Applied", &[STATE, EVENTS, INDEXES, ALERTS])
+    );
+    assert_eq!(run(MigrateCommand::Up).await.unwrap(), "nothing to do\n");
+    assert_eq!(
+        run(MigrateCommand::Fresh).await.unwrap(),
+        lines("reverted", &[ALERTS, INDEXES, EVENTS, STATE])
+            + &lines("applied", &[STATE, EVENTS, INDEXES, ALERTS])
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        lines("reverted", &[ALERTS])
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        lines("reverted", &[INDEXES])
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        lines("reverted", &[EVENTS])
+    );
+    assert_eq!(
+        run(MigrateCommand::Status).await.unwrap(),
+        lines("Applied", &[STATE]) + &lines("Pending", &[EVENTS, INDEXES, ALERTS])
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        lines("reverted", &[STATE])
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        "nothing to do\n"
+    );
+    assert_eq!(
+        run(MigrateCommand::Status).await.unwrap(),
+        lines("Pending", &[STATE, EVENTS, INDEXES, ALERTS])
+    );
+}
+
+#[tokio::test]
+async fn migrate_sql_prints_without_a_database() {
+    assert_eq!(
+        run(MigrateCommand::Sql { down: false }, None)
+            .await
+            .unwrap(),
+        migration::up_sql()
+    );
+    assert_eq!(
+        run(MigrateCommand::Sql { down: true }, None).await.unwrap(),
+        migration::down_sql()
+    );
+}
+
+#[tokio::test]
+async fn migrate_without_a_database_says_what_to_set() {
+    let error = run(MigrateCommand::Up, None).await.unwrap_err();
+    assert!(matches!(error, MigrateError::NoDatabase));
+    assert!(error.to_string().contains("DATABASE_URL"));
+}
+
+/// Four replicas starting at once: each migration is applied exactly once
+/// and none of them fails.
+#[tokio::test]
+async fn concurrent_migrate_up_applies_once() {
+    let db = TestDb::empty().await;
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let url = db.url.clone();
+            tokio::spawn(async move { run(MigrateCommand::Up, Some(&url)).await })
+        })
+        .collect();
+    let mut outputs = Vec::new();
+    for task in tasks {
+        outputs.push(task.await.unwrap().unwrap());
+    }
+    outputs.sort();
+    assert_eq!(
+        outputs,
+        [
+            lines("applied", &[STATE, EVENTS, INDEXES, ALERTS]),
+            "nothing to do\n".to_owned(),
+            "nothing to do\n".to_owned(),
+            "nothing to do\n".to_owned()
+        ]
+    );
+}

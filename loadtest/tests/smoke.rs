@@ -1,0 +1,132 @@
+//! The load tool keeps working: its smoke size runs every scenario against
+//! a server it starts itself and checks correctness (no errors, nothing
+//! missed or lost), never timings.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// The load tool's JSON report of a `--smoke --json` run with `args`.
+fn smoke(args: &[&str]) -> Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_vantage-sync-loadtest"))
+        .args(["--smoke", "--json"])
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
+#[test]
+fn smoke_runs_every_scenario_correctly() {
+    let report = smoke(&[]);
+    for scenario in ["query", "floor", "mutate"] {
+        assert!(
+            report[scenario]["requests"].as_u64().unwrap() > 0,
+            "{scenario} did nothing"
+        );
+        assert_eq!(report[scenario]["errors"], 0, "{scenario}");
+        // The CPU the load tool measured for itself and, but for the
+        // floor (which bypasses it), for the server it started.
+        let cpu = &report[scenario]["cpu_us_per_request"];
+        assert!(
+            cpu["load_tool"].as_f64().unwrap() > 0.0,
+            "{scenario}: {cpu}"
+        );
+        assert!(cpu["postgres"].as_f64().unwrap() > 0.0, "{scenario}: {cpu}");
+        if scenario != "floor" {
+            assert!(cpu["server"].as_f64().unwrap() > 0.0, "{scenario}: {cpu}");
+        }
+    }
+    assert_eq!(report["mutate"]["lost"], 0);
+    for transport in ["fanout", "sse"] {
+        let fanout = &report[transport];
+        assert_eq!(fanout["missed"], 0, "{transport}");
+        assert_eq!(fanout["errors"], 0, "{transport}");
+        assert_eq!(fanout["connected"], fanout["subscribers"], "{transport}");
+        assert_eq!(
+            fanout["delivered"].as_u64(),
+            Some(fanout["subscribers"].as_u64().unwrap() * fanout["changes"].as_u64().unwrap()),
+            "{transport}"
+        );
+    }
+    // Every change reached every webhook, once, in order.
+    let hooks = &report["webhooks"];
+    assert_eq!(
+        hooks["delivered"].as_u64(),
+        Some(hooks["webhooks"].as_u64().unwrap() * hooks["changes"].as_u64().unwrap()),
+        "{hooks}"
+    );
+    assert_eq!(hooks["lost"], 0);
+    assert_eq!(hooks["duplicates"], 0);
+    assert_eq!(hooks["out_of_order"], 0);
+    assert!(report["query_to_floor_throughput"].as_f64().unwrap() > 0.0);
+}
+
+/// The same through a real PgBouncer in transaction mode: no request
+/// fails, no transition is lost, no change is missed.
+#[test]
+fn smoke_through_pgbouncer_loses_nothing() {
+    let report = smoke(&["query", "mutate", "fanout", "--through-pgbouncer"]);
+    assert_eq!(report["through_pgbouncer"], true);
+    for scenario in ["query", "mutate"] {
+        assert!(
+            report[scenario]["requests"].as_u64().unwrap() > 0,
+            "{scenario}"
+        );
+        assert_eq!(report[scenario]["errors"], 0, "{scenario}");
+    }
+    assert_eq!(report["mutate"]["lost"], 0);
+    assert_eq!(report["fanout"]["missed"], 0);
+}
+
+/// The soak at smoke size (20 s in 5 s windows): subscribers leave and
+/// resume by cursor and miss nothing, no transition is lost, slowloris
+/// connections are closed by the header timeout (10 s by default), and
+/// every window has the server's memory and open files.
+#[test]
+fn smoke_soak_resumes_and_closes_attackers() {
+    let report = smoke(&["soak"]);
+    let soak = &report["soak"];
+    let totals = &soak["totals"];
+    for field in ["errors", "missed", "lost", "duplicates"] {
+        assert_eq!(totals[field], 0, "{field}: {totals}");
+    }
+    assert!(totals["requests"].as_u64().unwrap() > 0, "{totals}");
+    assert!(totals["transitions_acknowledged"].as_u64().unwrap() > 0);
+    assert_eq!(
+        totals["transitions_acknowledged"],
+        totals["transitions_logged"]
+    );
+    // Every subscriber saw every event, over more sessions than there
+    // are subscribers: they left and came back.
+    assert_eq!(
+        totals["delivered"].as_u64(),
+        Some(totals["events"].as_u64().unwrap() * soak["subscribers"].as_u64().unwrap())
+    );
+    assert!(
+        totals["sessions"].as_u64().unwrap() > soak["subscribers"].as_u64().unwrap(),
+        "{totals}"
+    );
+    let windows = soak["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 4);
+    let mut attacks_closed = 0;
+    for window in windows {
+        assert!(window["rss_kib"].as_u64().unwrap() > 0, "{window}");
+        assert!(window["open_fds_max"].as_u64().unwrap() > 0, "{window}");
+        assert!(
+            window["attack_hold_max_s"].as_f64().unwrap() < 15.0,
+            "an attacker was held past the header timeout: {window}"
+        );
+        attacks_closed += window["attacks_closed"].as_u64().unwrap();
+    }
+    assert!(attacks_closed >= soak["attackers"].as_u64().unwrap());
+    assert!(soak["rss_kib_per_minute"].as_f64().is_some());
+}
