@@ -113,13 +113,7 @@ impl TestApp {
 
     /// A valid token for `role`.
     pub fn token(&self, role: &str) -> String {
-        self.keys
-            .mint(
-                Role::parse(role).unwrap(),
-                Duration::from_secs(600),
-                Some("test-user"),
-            )
-            .unwrap()
+        token(&self.keys, role)
     }
 
     /// URL of `path` on this server.
@@ -183,4 +177,15 @@ pub fn base64url(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// A token for `role` signed with `keys`, valid for ten minutes, for the
+/// subject `test-user`.
+pub(crate) fn token(keys: &TokenKeys, role: &str) -> String {
+    keys.mint(
+        Role::parse(role).unwrap(),
+        Duration::from_secs(600),
+        Some("test-user"),
+    )
+    .unwrap()
 }

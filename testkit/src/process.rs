@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use vantage_sync::auth::{Role, TokenKeys};
+use vantage_sync::auth::TokenKeys;
 use vantage_sync::server::Server;
 use vantage_sync::server::ServerConfig;
 
@@ -151,13 +151,7 @@ impl ServerProcess {
 
     /// A token for `role` that this server accepts, valid for ten minutes.
     pub fn token(&self, role: &str) -> String {
-        self.keys
-            .mint(
-                Role::parse(role).unwrap(),
-                Duration::from_secs(600),
-                Some("test-user"),
-            )
-            .unwrap()
+        crate::app::token(&self.keys, role)
     }
 
     /// Sends SIGKILL and waits for the process to be gone: no shutdown,

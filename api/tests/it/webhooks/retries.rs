@@ -97,14 +97,7 @@ async fn gone_disables_the_webhook() {
         .await;
     // Recorded in the worker's next round.
     deliveries_when(&app, &id, |log| !log.is_empty()).await;
-    let body = app
-        .query(
-            "service_role",
-            "{ webhooks { id enabled disabledReason } }",
-            json!({}),
-        )
-        .await;
-    let hook = &body["data"]["webhooks"][0];
+    let hook = &first_webhook(&app).await;
     assert_eq!(hook["id"], id.as_str());
     assert_eq!(hook["enabled"], false);
     assert!(
@@ -138,16 +131,7 @@ async fn a_webhook_failing_for_the_whole_retry_window_is_disabled() {
     start(&app, "accounts").await;
     // Attempts at 0, 1 and 3 s (back-off 1 s, 2 s): the third is past the
     // 2 s window and disables it.
-    let fetch = async || {
-        let body = app
-            .query(
-                "service_role",
-                "{ webhooks { id enabled disabledReason } }",
-                json!({}),
-            )
-            .await;
-        body["data"]["webhooks"][0].clone()
-    };
+    let fetch = async || first_webhook(&app).await;
     let hook = eventually(Duration::from_secs(10), fetch, |hook| {
         hook["enabled"] == false
     })
@@ -224,4 +208,16 @@ async fn a_failure_stops_the_rest_of_a_claim_until_its_retry() {
     );
     // The retry waited its back-off.
     assert!(received[2].at - received[1].at >= Duration::from_millis(900));
+}
+
+/// The first webhook's id, whether it is enabled, and why not.
+async fn first_webhook(app: &TestApp) -> serde_json::Value {
+    let body = app
+        .query(
+            "service_role",
+            "{ webhooks { id enabled disabledReason } }",
+            json!({}),
+        )
+        .await;
+    body["data"]["webhooks"][0].clone()
 }
