@@ -11,9 +11,17 @@ use crate::db::migrate::{self, MigrateCommand, MigrateError};
 use crate::managed_postgres::{self, ManagedError, ManagedPostgres};
 use crate::server::{ServeError, Server};
 
+/// The version and the commit the binary was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("VANTAGE_SYNC_COMMIT"),
+    ")"
+);
+
 /// The Vantage sync state service.
 #[derive(Debug, Parser)]
-#[command(name = "vantage-sync", version, about)]
+#[command(name = "vantage-sync", version = VERSION, about)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -121,6 +129,57 @@ pub enum CliError {
     Output(#[from] std::io::Error),
 }
 
+/// Adds a tip naming the flag an unknown one was probably meant as, when
+/// clap found no similar name itself (`--port` is not like `--listen-addr`).
+fn add_flag_tip(error: &mut clap::Error) {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::UnknownArgument || error.get(ContextKind::SuggestedArg).is_some()
+    {
+        return;
+    }
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
+        return;
+    };
+    let Some(tip) = flag_tip(arg) else {
+        return;
+    };
+    let mut tips = match error.get(ContextKind::Suggested) {
+        Some(ContextValue::StyledStrs(tips)) => tips.clone(),
+        _ => Vec::new(),
+    };
+    tips.insert(0, tip.into());
+    error.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+}
+
+/// Where to set what a flag this command line does not have, but other
+/// servers do, would set.
+fn flag_tip(arg: &str) -> Option<String> {
+    let name = arg.trim_start_matches('-').split('=').next()?;
+    let tip = match name.to_ascii_lowercase().as_str() {
+        "port" | "host" | "bind" | "addr" | "address" | "listen" | "http" | "server" => {
+            "the address and port are set with --listen-addr HOST:PORT (or LISTEN_ADDR), e.g. --listen-addr 127.0.0.1:8081"
+        }
+        "db" | "database" | "postgres" | "postgresql" | "pg" | "db-url" | "dsn" | "url"
+        | "database-uri" | "connection-string" => {
+            "the database is set with --database-url URL (or DATABASE_URL)"
+        }
+        "secret" | "jwt" | "jwt-key" | "key" => {
+            "the token secret is set with --jwt-secret SECRET (or JWT_SECRET)"
+        }
+        "data" | "dir" | "data-directory" | "datadir" => {
+            "the managed PostgreSQL's directory is set with --data-dir DIR (or VANTAGE_SYNC_DATA_DIR)"
+        }
+        "log" | "log-level" | "verbose" | "debug" | "quiet" | "v" => {
+            "logging is set with the RUST_LOG environment variable, e.g. RUST_LOG=debug"
+        }
+        "config" | "config-file" | "c" => {
+            "settings are flags or environment variables, listed by `vantage-sync serve --help`"
+        }
+        _ => return None,
+    };
+    Some(tip.to_owned())
+}
+
 fn parse_role(name: &str) -> Result<Role, String> {
     Role::parse(name).ok_or_else(|| "use anon, authenticated or service_role".to_owned())
 }
@@ -149,6 +208,15 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
 }
 
 impl Cli {
+    /// The command line of this process; on an error, clap's message (with
+    /// a tip for flags people guess that have another name here) and exit.
+    pub fn parse_or_exit() -> Self {
+        Self::try_parse().unwrap_or_else(|mut error| {
+            add_flag_tip(&mut error);
+            error.exit()
+        })
+    }
+
     /// Runs the parsed command.
     pub async fn run(self) -> Result<(), CliError> {
         match self.command {

@@ -2,7 +2,6 @@
 
 use std::io::IsTerminal;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use vantage_sync::cli::Cli;
 
@@ -21,6 +20,6 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    Cli::parse().run().await?;
+    Cli::parse_or_exit().run().await?;
     Ok(())
 }

@@ -218,6 +218,13 @@ async fn listen(feed: std::sync::Weak<Feed>, listen_url: Option<String>, poll_in
         current.live.send_replace(false);
         match result {
             Ok(()) => return,
+            // This task holds the last handle: the server has stopped, and
+            // its database going away after it (a managed one is stopped
+            // with it) is no failure to report.
+            Err(error) if Arc::strong_count(&current) == 1 => {
+                tracing::debug!(%error, "live feed listener ended with the server");
+                return;
+            }
             Err(error) => tracing::warn!(%error, ?backoff, "live feed listener lost; reconnecting"),
         }
         drop(current);

@@ -2,6 +2,10 @@
 //! gets a precise message and never starts a transaction. The database
 //! enforces the same rules again (constraints), as the last word.
 
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use async_graphql::parser::types::{TypeKind, TypeSystemDefinition};
 use entity::SyncErrors;
 
 use crate::error::{ApiError, ApiResult};
@@ -98,6 +102,42 @@ pub fn errors(errors: Vec<entity::SyncError>) -> ApiResult<SyncErrors> {
         ));
     }
     Ok(errors)
+}
+
+/// Every enum of the schema with its values, in schema order.
+static ENUM_VALUES: LazyLock<HashMap<String, Vec<String>>> = LazyLock::new(|| {
+    let Ok(document) = async_graphql::parser::parse_schema(super::sdl()) else {
+        return HashMap::new();
+    };
+    document
+        .definitions
+        .into_iter()
+        .filter_map(|definition| match definition {
+            TypeSystemDefinition::Type(definition) => Some(definition.node),
+            _ => None,
+        })
+        .filter_map(|definition| match definition.kind {
+            TypeKind::Enum(values) => Some((
+                definition.name.node.to_string(),
+                values
+                    .values
+                    .iter()
+                    .map(|value| value.node.value.node.to_string())
+                    .collect(),
+            )),
+            _ => None,
+        })
+        .collect()
+});
+
+/// `message` with the valid values added when it says an enum argument
+/// does not contain a value (GraphQL enums are written in upper case, so a
+/// lower-case `failed` is a common first guess).
+pub fn with_enum_values(message: &str) -> Option<String> {
+    let (_, rest) = message.split_once("enumeration type \"")?;
+    let (name, _) = rest.split_once('"')?;
+    let values = ENUM_VALUES.get(name)?;
+    Some(format!("{message}; expected one of {}", values.join(", ")))
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use super::AppState;
 use crate::auth::Caller;
 use crate::db::{Access, RequestDb};
 use crate::error::{ApiError, ErrorCode, retry_after_secs};
-use crate::graphql::{OperationContext, cost};
+use crate::graphql::{OperationContext, cost, validate};
 use crate::metrics::{Metrics, Operation, Outcome};
 
 /// A GraphQL-shaped error body for requests refused before execution
@@ -302,9 +302,13 @@ pub(crate) async fn run(
 }
 
 /// Gives every error a code: parse, validation and limit errors come from
-/// async-graphql without one, and they are all the client's to fix.
+/// async-graphql without one, and they are all the client's to fix; an
+/// unknown enum value is told the valid ones.
 pub(crate) fn fill_codes(response: &mut async_graphql::Response) {
     for error in &mut response.errors {
+        if let Some(message) = validate::with_enum_values(&error.message) {
+            error.message = message;
+        }
         let extensions = error.extensions.get_or_insert_with(Default::default);
         if extensions.get("code").is_none() {
             extensions.set("code", ErrorCode::BadUserInput.as_str());

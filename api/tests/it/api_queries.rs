@@ -540,3 +540,30 @@ async fn plain_fields_come_in_selection_order() {
         r#"{"data":{"syncState":{"health":"RED","resource":"funds","__typename":"SyncState","errorCount":1}}}"#
     );
 }
+
+/// An enum value written as the database stores it (lower case) is refused
+/// with the values GraphQL takes, in a variable or in the query text.
+#[tokio::test]
+async fn an_unknown_enum_value_is_told_the_valid_ones() {
+    let app = TestApp::spawn().await;
+    for (query, variables) in [
+        ("{ syncStates(status: failed) { resource } }", json!({})),
+        (
+            "query ($s: [SyncStatus!]) { syncStates(status: $s) { resource } }",
+            json!({"s": ["failed"]}),
+        ),
+        ("{ syncStates(health: red) { resource } }", json!({})),
+    ] {
+        let (status, body) = app.graphql(Some("authenticated"), query, variables).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let error = &body["errors"][0];
+        assert_eq!(error["extensions"]["code"], "BAD_USER_INPUT", "{body}");
+        let message = error["message"].as_str().unwrap();
+        let expected = if query.contains("health") {
+            "expected one of RED, YELLOW, GREEN"
+        } else {
+            "expected one of NEVER_RUN, RUNNING, SUCCESS, FAILED"
+        };
+        assert!(message.contains(expected), "{message}");
+    }
+}

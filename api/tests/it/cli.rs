@@ -223,6 +223,12 @@ async fn zero_config_first_run_and_second_run() {
     );
     let (clean, lines) = first.stop();
     assert!(clean, "serve exited with an error:\n{}", lines.join("\n"));
+    // A normal shutdown says nothing alarming.
+    let alarming: Vec<&String> = lines
+        .iter()
+        .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+        .collect();
+    assert!(alarming.is_empty(), "shutdown logged {alarming:#?}");
     assert!(
         lines
             .iter()
@@ -288,6 +294,9 @@ fn configuration_errors_say_what_to_fix() {
         &[url, secret],
         "--max-query-depth",
     );
+    // A flag other servers have points at the one this one has.
+    fails_with(&["serve", "--port", "8081"], &[], "--listen-addr HOST:PORT");
+    fails_with(&["serve", "--dsn", "x"], &[], "--database-url URL");
     fails_with(
         &["serve", "--listen-addr", "nowhere"],
         &[],
@@ -509,6 +518,29 @@ fn token_and_schema_commands() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../schema.graphql"))
             .unwrap();
     assert_eq!(String::from_utf8(output.stdout).unwrap(), committed);
+}
+
+/// `--version` names the commit the binary was built from.
+#[test]
+fn version_names_the_commit() {
+    let output = vantage_sync().arg("--version").output().unwrap();
+    assert!(output.status.success());
+    let version = String::from_utf8(output.stdout).unwrap();
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8(output.stdout).unwrap().trim().to_owned());
+    let commit = head.unwrap_or_else(|| "unknown".into());
+    assert_eq!(
+        version.trim(),
+        format!(
+            "vantage-sync {} (commit {commit})",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
 }
 
 fn decode_base64url(text: &str) -> Vec<u8> {
