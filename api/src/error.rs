@@ -120,7 +120,7 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             Self::Unauthenticated => {
-                "authentication required: send an Authorization: Bearer token".into()
+                "authentication required: send an Authorization: Bearer token (`vantage-sync token --role authenticated` makes one)".into()
             }
             Self::Forbidden { role, action } => format!("the {role} role may not {action}"),
             Self::InvalidToken(reason) => format!("invalid token: {reason}"),

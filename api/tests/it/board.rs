@@ -541,7 +541,85 @@ async fn graphiql_loads_from_the_server_alone_and_reads_the_schema() {
         .filter(|url| !url.starts_with(&origin) && !url.starts_with("data:"))
         .collect();
     assert_eq!(foreign, Vec::<&String>::new());
+    // With no token, the first query says how to get one.
+    eventually(
+        &browser,
+        "document.querySelector('.graphiql-query-editor').innerText.includes('vantage-sync token --role authenticated')",
+        Duration::from_secs(5),
+        "how to get a token, in the editor",
+    )
+    .await;
     browser.screenshot().await;
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
+    // A token in the address is taken, as the board takes it, and leaves
+    // the address bar.
+    let token = app.token("authenticated");
+    // A new document (a hash change alone would not load the page again).
+    browser.client.goto("about:blank").await.unwrap();
+    browser
+        .client
+        .goto(&format!("{}#token={token}", app.url("/graphiql")))
+        .await
+        .unwrap();
+    eventually(
+        &browser,
+        "document.querySelector('.graphiql-container .graphiql-query-editor') !== null",
+        Duration::from_secs(15),
+        "GraphiQL's editor",
+    )
+    .await;
+    let seen = browser
+        .js(
+            "return [location.hash, sessionStorage.getItem('vantage-sync-token')];",
+            vec![],
+        )
+        .await;
+    assert_eq!(seen, json!(["", token]));
+    browser.close().await;
+}
+
+/// A fresh install: every resource has never run, so each is YELLOW and
+/// the stale alert fires for all of them, as the contract defines it; the
+/// board says they are waiting for a first run rather than late.
+#[tokio::test]
+async fn a_fresh_install_says_its_resources_wait_for_a_first_run() {
+    let app = TestApp::spawn().await;
+    app.sql("SELECT start_vantage_sync('accounts'); SELECT complete_vantage_sync('accounts', 1, 1, 0);
+             UPDATE vantage_sync_state SET last_sync_time = now() - interval '2 days' WHERE resource = 'accounts';")
+        .await;
+    let (browser, _) = open(&app, "fresh-install", 1280, 7).await;
+    eventually(
+        &browser,
+        &alert_shown("stale"),
+        Duration::from_secs(10),
+        "the stale alert",
+    )
+    .await;
+    let banner = browser
+        .js(
+            "return document.querySelector('[data-alert=\"stale\"]').textContent;",
+            vec![],
+        )
+        .await;
+    let banner = banner.as_str().unwrap();
+    assert!(
+        banner.contains("accounts: no successful sync in 24 hours"),
+        "{banner}"
+    );
+    assert!(
+        banner.contains(
+            "cashflows, commitments, funds, investments, investors, valuations: waiting for a first run"
+        ),
+        "{banner}"
+    );
+    let funds = browser
+        .js(
+            "return document.querySelector('[data-resource=\"funds\"] .health').textContent;",
+            vec![],
+        )
+        .await;
+    assert_eq!(funds, json!("YELLOW · waiting for a first run"));
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+    browser.screenshot().await;
     browser.close().await;
 }

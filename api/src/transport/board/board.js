@@ -438,7 +438,7 @@ function card(state) {
   const level = health(state);
   const reason = state.lastSyncStatus === 'FAILED' ? 'failed'
     : isStuck(state) ? 'stuck'
-      : state.lastSyncStatus === 'NEVER_RUN' ? 'never run'
+      : state.lastSyncStatus === 'NEVER_RUN' ? 'waiting for a first run'
         : state.lastSyncStatus === 'RUNNING' ? 'running'
           : isStale(state) ? 'stale' : 'ok';
   const node = element('article', {
@@ -459,6 +459,20 @@ function card(state) {
 function sortedStates() {
   return [...board.states.values()].sort((a, b) => (STATUS_RANK[a.lastSyncStatus] - STATUS_RANK[b.lastSyncStatus])
     || (a.resource < b.resource ? -1 : a.resource > b.resource ? 1 : 0));
+}
+
+/** Who an alert is firing for. A resource that has never run is stale by
+ *  definition (no success in the last 24 hours), and a new install has
+ *  nothing but those: say so, rather than leave a fresh board looking like
+ *  an incident. */
+function alertDetail(kind, list) {
+  if (kind !== 'stale') return list.join(', ');
+  const waiting = list.filter((resource) => board.states.get(resource)?.lastSyncStatus === 'NEVER_RUN');
+  const late = list.filter((resource) => !waiting.includes(resource));
+  const parts = [];
+  if (late.length > 0) parts.push(`${late.join(', ')}: no successful sync in 24 hours`);
+  if (waiting.length > 0) parts.push(`${waiting.join(', ')}: waiting for a first run`);
+  return parts.join('; ');
 }
 
 /** Alerts as text, to compare them. */
@@ -482,7 +496,7 @@ function render() {
   $('resources').replaceChildren(...cards);
   const firing = serverAlerts();
   $('alerts').replaceChildren(...firing.map(([kind, list]) => element('p', { class: 'alert', 'data-alert': kind },
-    element('strong', {}, ALERTS[kind]), ' ', list.join(', '))));
+    element('strong', {}, ALERTS[kind]), ' ', alertDetail(kind, list))));
   if (focus) {
     const again = cards.find((node) => node.dataset.resource === focus.resource);
     const target = again && (focus.summary ? again.querySelector('summary') : again);
