@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::auth::{Role, SigningKey, TokenKeys};
+use crate::check::{self, Verdict};
 use crate::config::{ClaimArgs, ConfigError, ServeArgs};
 use crate::db::migrate::{self, MigrateCommand, MigrateError};
 use crate::managed_postgres::{self, ManagedError, ManagedPostgres};
@@ -33,6 +34,11 @@ pub struct Cli {
 pub enum Command {
     /// Serve the GraphQL API (with no DATABASE_URL: on a managed local PostgreSQL).
     Serve(Box<ServeArgs>),
+    /// Check a deployment without serving: the configuration, the database,
+    /// migrations, roles, the live feed's LISTEN, the key set and webhook
+    /// secrets, one line each; fails if any check fails. Takes the same
+    /// flags and variables as `serve`.
+    Check(Box<ServeArgs>),
     /// Manage the database schema.
     Migrate {
         /// PostgreSQL connection URL (not needed by `migrate sql`).
@@ -118,6 +124,14 @@ pub enum CliError {
     /// The server failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// `check` found problems (each printed with what to do).
+    #[error("{failed} of {checks} checks failed")]
+    CheckFailed {
+        /// Checks that failed.
+        failed: usize,
+        /// Checks made.
+        checks: usize,
+    },
     /// Minting a token failed.
     #[error("token: {0}")]
     Token(String),
@@ -221,6 +235,7 @@ impl Cli {
     pub async fn run(self) -> Result<(), CliError> {
         match self.command {
             Command::Serve(args) => serve(*args).await,
+            Command::Check(args) => check(*args).await,
             Command::Migrate {
                 database_url,
                 command,
@@ -267,6 +282,35 @@ impl Cli {
                 Ok(())
             }
         }
+    }
+}
+
+/// Runs every start-up check of `serve` and prints a line for each.
+async fn check(args: ServeArgs) -> Result<(), CliError> {
+    let report = match &args.database_url {
+        None => check::managed(&args.data_dir, managed_postgres::server_bin_dir()),
+        Some(url) => {
+            let secret = args.jwt_secret.as_deref().map(str::as_bytes);
+            match args.server_config(url.clone(), secret) {
+                Ok(config) => check::deployment(&config).await,
+                Err(error) => check::Report::configuration_failed(error),
+            }
+        }
+    };
+    for finding in &report.findings {
+        println!("{finding}");
+    }
+    let failed = report
+        .findings
+        .iter()
+        .filter(|finding| finding.verdict == Verdict::Fail)
+        .count();
+    match failed {
+        0 => Ok(()),
+        failed => Err(CliError::CheckFailed {
+            failed,
+            checks: report.findings.len(),
+        }),
     }
 }
 

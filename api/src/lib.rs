@@ -9,8 +9,9 @@
 //! 3. `auth` (tokens to callers), `feed` (the event log, live), then
 //!    `webhooks` (alerts delivered), then `graphql` (the schema).
 //! 4. `transport`: HTTP, SSE and WebSocket around one request path.
-//! 5. `server` (assembles and serves), `config` (flags into settings),
-//!    `cli` (the binary's commands).
+//! 5. `server` (assembles and serves), `check` (the start-up checks,
+//!    without serving), `config` (flags into settings), `cli` (the
+//!    binary's commands).
 
 pub mod derived;
 pub mod error;
@@ -26,6 +27,7 @@ pub mod webhooks;
 
 pub mod transport;
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod server;

@@ -20,6 +20,11 @@ pub struct SqlScript {
     pub up: &'static str,
     /// SQL that reverts it completely, in dependency order.
     pub down: &'static str,
+    /// A relation this migration creates and no later one removes: its
+    /// presence in the catalogs, which every role may read, shows the
+    /// migration applied, whether by `migrate up` or as printed SQL through
+    /// another tool (which records nothing in `seaql_migrations`).
+    pub marker: &'static str,
 }
 
 /// Every migration, oldest first.
@@ -28,21 +33,25 @@ pub const SCRIPTS: &[SqlScript] = &[
         name: "m20251105_132840_vantage_sync_state",
         up: include_str!("m20251105_132840_vantage_sync_state/up.sql"),
         down: include_str!("m20251105_132840_vantage_sync_state/down.sql"),
+        marker: "public.vantage_sync_state",
     },
     SqlScript {
         name: "m20251106_000000_vantage_sync_events",
         up: include_str!("m20251106_000000_vantage_sync_events/up.sql"),
         down: include_str!("m20251106_000000_vantage_sync_events/down.sql"),
+        marker: "public.vantage_sync_events",
     },
     SqlScript {
         name: "m20261202_000000_vantage_sync_event_indexes",
         up: include_str!("m20261202_000000_vantage_sync_event_indexes/up.sql"),
         down: include_str!("m20261202_000000_vantage_sync_event_indexes/down.sql"),
+        marker: "public.idx_vantage_sync_events_run_ends",
     },
     SqlScript {
         name: "m20261203_000000_vantage_sync_alerts",
         up: include_str!("m20261203_000000_vantage_sync_alerts/up.sql"),
         down: include_str!("m20261203_000000_vantage_sync_alerts/down.sql"),
+        marker: "public.vantage_sync_alerts",
     },
 ];
 

@@ -187,6 +187,25 @@ impl Jwks {
     }
 
     /// Loads the set once; a failure keeps the set in use.
+    /// Reads the key set now, without installing it: the key ids it holds,
+    /// sorted (what `vantage-sync check` reports).
+    pub async fn key_ids(&self) -> Result<Vec<String>, String> {
+        let document = match &self.source {
+            JwksSource::Url(url) => self.fetch(url).await?,
+            JwksSource::File(path) => tokio::fs::read(path)
+                .await
+                .map_err(|error| format!("cannot read: {error}"))?,
+        };
+        let mut kids: Vec<String> = parse_key_set(&document)?.into_keys().collect();
+        kids.sort();
+        Ok(kids)
+    }
+
+    /// Where the key set comes from.
+    pub fn source(&self) -> &JwksSource {
+        &self.source
+    }
+
     async fn load(&self) -> Result<(), String> {
         let result = match &self.source {
             JwksSource::Url(url) => self.fetch(url).await,

@@ -332,6 +332,16 @@ impl TokenKeys {
         }
     }
 
+    /// Whether an HS256 secret verifies tokens.
+    pub fn has_secret(&self) -> bool {
+        self.0.secret.is_some()
+    }
+
+    /// The key set, if tokens are verified by one.
+    pub fn key_set(&self) -> Option<&Jwks> {
+        self.0.jwks.as_deref()
+    }
+
     /// Whether tokens can be verified: the key set, if any, is loaded.
     pub fn is_ready(&self) -> bool {
         self.0.jwks.as_ref().is_none_or(|jwks| jwks.is_loaded())

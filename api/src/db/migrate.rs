@@ -4,6 +4,7 @@ use std::io::Write;
 
 use clap::Subcommand;
 use migration::{Migrator, MigratorTrait};
+use sea_orm::sqlx::{self, Row};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr};
 
 use crate::db;
@@ -142,6 +143,58 @@ async fn run_command(
         writeln!(out, "nothing to do")?;
     }
     Ok(())
+}
+
+/// Which migrations a database has, against the ones this binary knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrationState {
+    /// Applied and known, oldest first.
+    pub applied: Vec<String>,
+    /// Known and not applied yet.
+    pub pending: Vec<String>,
+    /// Recorded as applied in `seaql_migrations` but unknown to this
+    /// binary (a newer release migrated it); `None` when that table cannot
+    /// be read (absent where the printed SQL was applied by another tool,
+    /// or not readable by a least-privilege login role).
+    pub unknown: Option<Vec<String>>,
+}
+
+/// The migrations the database of `pool` has applied, read without taking
+/// the migration lock or writing anything: a migration is applied when its
+/// marker relation exists ([`migration::SqlScript::marker`]), which any
+/// role can see. Simple-protocol statements only, so this works through a
+/// transaction-mode pooler too.
+pub async fn state(pool: &sqlx::PgPool) -> Result<MigrationState, sqlx::Error> {
+    let mut applied = Vec::new();
+    let mut pending = Vec::new();
+    for script in migration::SCRIPTS {
+        // The marker is a constant of this binary, never input.
+        let sql = format!("SELECT to_regclass('{}') IS NOT NULL", script.marker);
+        let row = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .fetch_one(pool)
+            .await?;
+        // Simple-protocol results are text: PostgreSQL's `t` or `f`.
+        if row.try_get::<bool, _>(0)? {
+            applied.push(script.name.to_owned());
+        } else {
+            pending.push(script.name.to_owned());
+        }
+    }
+    let recorded = sqlx::raw_sql("SELECT version FROM seaql_migrations ORDER BY version")
+        .fetch_all(pool)
+        .await
+        .ok();
+    let unknown = recorded.map(|rows| {
+        rows.iter()
+            .filter_map(|row| row.try_get::<String, _>(0).ok())
+            .filter(|name| !migration::SCRIPTS.iter().any(|script| script.name == name))
+            .collect()
+    });
+    Ok(MigrationState {
+        applied,
+        pending,
+        unknown,
+    })
 }
 
 async fn applied(db: &DatabaseConnection) -> Result<Vec<String>, DbErr> {

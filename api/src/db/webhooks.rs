@@ -242,3 +242,49 @@ pub async fn record(
         })
         .collect())
 }
+
+/// Whether the server can sign deliveries: `service_role` may run the
+/// claim function, which is SECURITY DEFINER and whose owner may read the
+/// secrets in the private schema. Read from the catalogs, which every role
+/// may read; `None` when the function or the table does not exist.
+pub async fn secrets_reachable(pool: &super::Pool) -> Result<Option<SecretsAccess>, DbErr> {
+    use sea_orm::sqlx::{self, Row};
+    let row = sqlx::raw_sql(
+        "SELECT has_function_privilege('service_role', p.oid, 'EXECUTE'), p.prosecdef, \
+                has_table_privilege(p.proowner, c.oid, 'SELECT') \
+         FROM pg_catalog.pg_proc p \
+         JOIN pg_catalog.pg_namespace pn ON pn.oid = p.pronamespace AND pn.nspname = 'public' \
+         CROSS JOIN pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace cn ON cn.oid = c.relnamespace \
+         WHERE p.proname = 'claim_vantage_webhook_deliveries' \
+           AND cn.nspname = 'vantage_sync_private' AND c.relname = 'webhook_secrets'",
+    )
+    .fetch_optional(pool.sqlx())
+    .await
+    .map_err(|error| DbErr::Query(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(error))))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    // Simple-protocol results are text: PostgreSQL's `t` or `f`.
+    let flag = |index: usize| -> Result<bool, DbErr> {
+        row.try_get::<bool, _>(index).map_err(|error| {
+            DbErr::Query(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(error)))
+        })
+    };
+    Ok(Some(SecretsAccess {
+        service_role_may_claim: flag(0)?,
+        claim_is_definer: flag(1)?,
+        owner_reads_secrets: flag(2)?,
+    }))
+}
+
+/// What [`secrets_reachable`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretsAccess {
+    /// `service_role` may execute the claim function.
+    pub service_role_may_claim: bool,
+    /// The claim function runs as its owner.
+    pub claim_is_definer: bool,
+    /// Its owner may read the secrets.
+    pub owner_reads_secrets: bool,
+}

@@ -316,6 +316,22 @@ async fn follow(
     }
 }
 
+/// Whether a LISTEN on `listen_url` is accepted (what `vantage-sync check`
+/// asks): a session connects and listens on the feed's channel.
+pub async fn can_listen(listen_url: &str) -> Result<(), String> {
+    let mut listener = connect_listener(listen_url)
+        .await
+        .map_err(|error| format!("connect: {error}"))?;
+    listener
+        .listen(CHANNEL)
+        .await
+        .map_err(|error| format!("listen: {error}"))?;
+    listener
+        .unlisten_all()
+        .await
+        .map_err(|error| format!("unlisten: {error}"))
+}
+
 /// A listener on its own session to `listen_url`, sending no start-up
 /// parameter a pooler refuses (as the request pool does not).
 async fn connect_listener(listen_url: &str) -> Result<PgListener, sqlx::Error> {

@@ -34,11 +34,15 @@ pub(crate) fn refuse(error: ApiError) -> Response {
         }]
     });
     let mut response = (error.http_status(), Json(body)).into_response();
-    if let ApiError::RateLimited(wait) = error {
-        response.headers_mut().insert(
-            header::RETRY_AFTER,
-            header::HeaderValue::from(retry_after_secs(wait)),
-        );
+    let retry_after = match error {
+        ApiError::RateLimited(wait) => Some(retry_after_secs(wait)),
+        ApiError::Unavailable => Some(1),
+        _ => None,
+    };
+    if let Some(seconds) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
     }
     response
 }
@@ -313,5 +317,32 @@ pub(crate) fn fill_codes(response: &mut async_graphql::Response) {
         if extensions.get("code").is_none() {
             extensions.set("code", ErrorCode::BadUserInput.as_str());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn refusals_to_retry_say_when() {
+        let retry_after = |error| {
+            refuse(error)
+                .headers()
+                .get(header::RETRY_AFTER)
+                .map(|value| value.to_str().unwrap_or_default().to_owned())
+        };
+        assert_eq!(retry_after(ApiError::Unavailable).as_deref(), Some("1"));
+        assert_eq!(
+            retry_after(ApiError::RateLimited(Duration::from_millis(2500))).as_deref(),
+            Some("3")
+        );
+        assert_eq!(retry_after(ApiError::Unauthenticated), None);
+        assert_eq!(
+            refuse(ApiError::Unavailable).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vantage-sync");
 
-fn vantage_sync() -> Command {
+pub(crate) fn vantage_sync() -> Command {
     let mut command = Command::new(BIN);
     for variable in [
         "DATABASE_URL",

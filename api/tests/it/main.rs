@@ -10,6 +10,7 @@ mod api_mutations;
 mod api_queries;
 mod auth_keys;
 mod board;
+mod check;
 mod cli;
 mod connections;
 mod cors;

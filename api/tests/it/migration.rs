@@ -288,3 +288,60 @@ async fn reverting_migrations_restores_the_schema_before_them() {
         .collect();
     assert_eq!(left, Vec::<String>::new());
 }
+
+/// A migration counts as applied when its marker relation exists, whoever
+/// applied it: `migrate up` (recorded in `seaql_migrations`) or the printed
+/// SQL through another tool (recorded nowhere).
+#[tokio::test]
+async fn applied_migrations_are_told_by_their_markers() {
+    use migration::MigratorTrait;
+    use vantage_sync::db::migrate::{self, MigrationState};
+    let names: Vec<String> = migration::SCRIPTS
+        .iter()
+        .map(|script| script.name.to_owned())
+        .collect();
+    let db = TestDb::empty().await;
+    let orm = sea_orm::Database::connect(&db.url).await.unwrap();
+    let pool = db.pool(1).await;
+    for applied in 0..=names.len() {
+        if applied > 0 {
+            migration::Migrator::up(&orm, Some(1)).await.unwrap();
+        }
+        let state = migrate::state(&pool).await.unwrap();
+        assert_eq!(
+            state,
+            MigrationState {
+                applied: names[..applied].to_vec(),
+                pending: names[applied..].to_vec(),
+                // No table of versions until the first `migrate up`.
+                unknown: (applied > 0).then(Vec::new),
+            }
+        );
+    }
+    // A version this binary does not know (a newer release's).
+    let mut conn = db.connect().await;
+    sqlx::raw_sql(
+        "INSERT INTO seaql_migrations (version, applied_at) VALUES ('m29990101_000000_later', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let state = migrate::state(&pool).await.unwrap();
+    assert_eq!(
+        state.unknown,
+        Some(vec!["m29990101_000000_later".to_owned()])
+    );
+
+    // The printed SQL, applied by another tool: everything applied, and
+    // no table of versions to compare with.
+    let printed = TestDb::empty().await;
+    let mut conn = printed.connect().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(migration::up_sql()))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let state = migrate::state(&printed.pool(1).await).await.unwrap();
+    assert_eq!(state.applied, names);
+    assert_eq!(state.pending, Vec::<String>::new());
+    assert_eq!(state.unknown, None);
+}
