@@ -224,7 +224,8 @@ impl Default for Metrics {
             "Webhooks disabled (410 Gone, or failing for the whole retry window)",
             webhooks_disabled.clone(),
         );
-        // 1 ms to about 9 hours: retries back off for up to a day.
+        // 1 ms to about 15 minutes; a delivery that waited out longer retries
+        // (the back-off reaches an hour) counts only in +Inf.
         let webhook_latency = Histogram::new(exponential_buckets(0.001, 2.5, 16));
         registry.register(
             "webhook_delivery_latency_seconds",

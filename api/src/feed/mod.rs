@@ -215,7 +215,11 @@ async fn listen(feed: std::sync::Weak<Feed>, listen_url: Option<String>, poll_in
         }
         first = false;
         let result = follow(&current, listen_url.as_deref(), poll_interval).await;
-        current.live.send_replace(false);
+        // A connection that went live earns a quick first retry again: the
+        // back-off grows only while reconnecting keeps failing.
+        if current.live.send_replace(false) {
+            backoff = Duration::from_millis(100);
+        }
         match result {
             Ok(()) => return,
             // This task holds the last handle: the server has stopped, and

@@ -49,11 +49,17 @@ struct Serving {
 
 /// Starts `serve` and waits until it announces its address in its
 /// `--ready-file`.
+/// The arguments the README runs the binary with.
+pub(crate) const README_SERVE_ARGS: [&str; 1] = ["serve"];
+
+/// `serve` as the README runs it, told only where to listen (any free
+/// port), keep its data and announce its address.
 fn serve(dir: &Path) -> Serving {
     let ready = dir.with_extension("ready.json");
     let _ = std::fs::remove_file(&ready);
     let mut child = vantage_sync()
-        .args(["serve", "--listen-addr", "127.0.0.1:0", "--data-dir"])
+        .args(README_SERVE_ARGS)
+        .args(["--listen-addr", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
         .arg("--ready-file")
         .arg(&ready)

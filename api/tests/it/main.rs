@@ -14,6 +14,7 @@ mod check;
 mod cli;
 mod connections;
 mod cors;
+mod docs;
 mod entity;
 mod graphql_schema;
 mod history;

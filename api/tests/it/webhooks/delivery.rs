@@ -1,6 +1,6 @@
 //! What is delivered and how: signed alert and sync notifications, their
 //! payloads and order, JSON and Slack formats, what a new webhook is told,
-//! and the README's receiver example.
+//! and the documented receiver example.
 
 use std::time::{Duration, Instant};
 
@@ -263,18 +263,18 @@ async fn a_new_webhook_is_told_only_what_happens_after_it() {
     );
 }
 
-/// The README's receiver example, run with python3 as written (only its
-/// secret and port filled in): it takes real deliveries and refuses a
-/// forged one.
+/// The receiver example of the alerts and webhooks page, run with python3
+/// as written (only its secret and port filled in): it takes real
+/// deliveries and refuses a forged one.
 #[tokio::test]
-async fn the_readme_receiver_verifies_real_deliveries() {
+async fn the_documented_receiver_verifies_real_deliveries() {
     use std::io::{BufRead, BufReader};
-    let readme = include_str!("../../../../README.md");
-    let example = readme
+    let page = include_str!("../../../../docs/alerts-and-webhooks.md");
+    let example = page
         .split("```python\n")
         .nth(1)
         .and_then(|rest| rest.split("```").next())
-        .expect("a python block in the README");
+        .expect("a python block in docs/alerts-and-webhooks.md");
     let app = spawn_app(TestDb::migrated().await).await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
