@@ -198,6 +198,15 @@ pub struct ServeArgs {
           default_value_t = WebSocketConfig::DEFAULT.ping_interval.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ws_ping_interval_secs: u64,
+
+    /// Seconds a WebSocket peer may leave pings unanswered before it is
+    /// dropped (a client gone without closing, e.g. off the network); at
+    /// least the ping interval. Checked at each ping, so a dead peer is
+    /// dropped within this plus one ping interval.
+    #[arg(long, env = "WS_PONG_TIMEOUT_SECS",
+          default_value_t = WebSocketConfig::DEFAULT.pong_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ws_pong_timeout_secs: u64,
 }
 
 /// The claim rules' flags, shared by `serve` (to check tokens) and
@@ -242,6 +251,9 @@ pub enum ConfigError {
     /// The CORS origins are malformed.
     #[error("CORS_ALLOWED_ORIGINS: {0}")]
     Cors(String),
+    /// The WebSocket timings contradict each other.
+    #[error("{0}")]
+    WebSocket(String),
 }
 
 impl ServeArgs {
@@ -290,7 +302,14 @@ impl ServeArgs {
             max_subscriptions: args.max_subscriptions_per_connection,
             init_timeout: Duration::from_secs(args.ws_init_timeout_secs),
             ping_interval: Duration::from_secs(args.ws_ping_interval_secs),
+            pong_timeout: Duration::from_secs(args.ws_pong_timeout_secs),
         };
+        if config.websocket.pong_timeout < config.websocket.ping_interval {
+            return Err(ConfigError::WebSocket(format!(
+                "WS_PONG_TIMEOUT_SECS ({}) is shorter than WS_PING_INTERVAL_SECS ({}): a peer that answers every ping would be dropped; make it at least the ping interval",
+                args.ws_pong_timeout_secs, args.ws_ping_interval_secs
+            )));
+        }
         config.connections = ConnectionLimits {
             header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
             idle_timeout: Duration::from_secs(args.idle_timeout_secs),

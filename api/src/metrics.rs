@@ -107,6 +107,8 @@ pub enum ConnectionClosed {
     SlowHeaders,
     /// Idle (no request in flight) longer than the idle timeout.
     Idle,
+    /// A WebSocket peer answered no ping within the pong timeout.
+    PongTimeout,
 }
 
 impl std::fmt::Debug for Metrics {

@@ -250,6 +250,7 @@ impl Server {
             &state.feed,
             state.metrics.clone(),
             config.webhooks,
+            state.shutting_down.clone(),
         )?;
         if let Some(limiter) = &state.rate_limiter {
             tokio::spawn(forget_idle_callers(Arc::downgrade(limiter)));

@@ -247,16 +247,7 @@ async fn follow(
     poll_interval: Duration,
 ) -> Result<(), String> {
     let mut listener = match listen_url {
-        Some(url) => {
-            let mut listener = connect_listener(url)
-                .await
-                .map_err(|error| format!("connect: {error}"))?;
-            listener
-                .listen(CHANNEL)
-                .await
-                .map_err(|error| format!("listen: {error}"))?;
-            Some(listener)
-        }
+        Some(url) => Some(listening(url).await?),
         None => None,
     };
     // Listening first, then reading: nothing committed in between is lost.
@@ -323,6 +314,15 @@ async fn follow(
 /// Whether a LISTEN on `listen_url` is accepted (what `vantage-sync check`
 /// asks): a session connects and listens on the feed's channel.
 pub async fn can_listen(listen_url: &str) -> Result<(), String> {
+    listening(listen_url)
+        .await?
+        .unlisten_all()
+        .await
+        .map_err(|error| format!("unlisten: {error}"))
+}
+
+/// A session to `listen_url` that LISTENs on the feed's channel.
+async fn listening(listen_url: &str) -> Result<PgListener, String> {
     let mut listener = connect_listener(listen_url)
         .await
         .map_err(|error| format!("connect: {error}"))?;
@@ -330,10 +330,7 @@ pub async fn can_listen(listen_url: &str) -> Result<(), String> {
         .listen(CHANNEL)
         .await
         .map_err(|error| format!("listen: {error}"))?;
-    listener
-        .unlisten_all()
-        .await
-        .map_err(|error| format!("unlisten: {error}"))
+    Ok(listener)
 }
 
 /// A listener on its own session to `listen_url`, sending no start-up

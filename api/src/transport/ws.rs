@@ -9,6 +9,7 @@
 //! a cap on subscriptions per connection.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::LIVE_WAIT;
 use crate::graphql::OperationContext;
+use crate::metrics::ConnectionClosed;
 
 /// What the connection's reader (inside async-graphql's machine) and its
 /// writer loop share. Kept small: every idle subscriber holds one.
@@ -84,6 +86,8 @@ pub struct WebSocketConfig {
     pub init_timeout: Duration,
     /// Interval of server pings.
     pub ping_interval: Duration,
+    /// A peer that answers no ping for this long is dropped.
+    pub pong_timeout: Duration,
 }
 
 impl WebSocketConfig {
@@ -92,8 +96,12 @@ impl WebSocketConfig {
         max_subscriptions: 100,
         init_timeout: Duration::from_secs(10),
         ping_interval: Duration::from_secs(15),
+        pong_timeout: Duration::from_secs(30),
     };
 }
+
+/// Longest a close frame to a peer that stopped answering may take to go.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Longest subscription id a client may use.
 const MAX_ID_BYTES: usize = 128;
@@ -214,10 +222,15 @@ async fn serve(
 
     let limiter = app.rate_limiter.clone();
     let metrics = app.metrics.clone();
+    // Set by anything the peer sends (a pong frame, a protocol pong, a
+    // message): proof it is still there.
+    let heard = Arc::new(AtomicBool::new(false));
     // Incoming: client messages, less what this layer answers itself.
     let incoming = {
         let shared = shared.clone();
+        let heard = heard.clone();
         stream
+            .inspect(move |_| heard.store(true, Ordering::Relaxed))
             .take_while(|message| {
                 future::ready(
                     matches!(message, Ok(message) if !matches!(message, Message::Close(_))),
@@ -336,6 +349,8 @@ async fn serve(
     tokio::pin!(init_deadline);
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.tick().await;
+    // Since when a ping has gone unanswered, if one has.
+    let mut unanswered_since: Option<tokio::time::Instant> = None;
     let mut expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut acked = false;
     let mut shutting_down = app.shutting_down.clone();
@@ -402,6 +417,28 @@ async fn serve(
                 break;
             }
             _ = ping.tick(), if acked => {
+                if heard.swap(false, Ordering::Relaxed) {
+                    unanswered_since = None;
+                }
+                match unanswered_since {
+                    // The peer is gone without a FIN (a lost network, a
+                    // sleeping laptop): free its slot now, not when TCP
+                    // gives up, many minutes later.
+                    Some(since) if since.elapsed() >= settings.pong_timeout => {
+                        app.metrics.connection_closed(ConnectionClosed::PongTimeout);
+                        let goodbye = sink.send(close(1011, "no answer to pings".into()));
+                        let _ = tokio::time::timeout(CLOSE_WAIT, goodbye).await;
+                        break;
+                    }
+                    Some(_) => {}
+                    None => unanswered_since = Some(tokio::time::Instant::now()),
+                }
+                // A ping frame as well as the protocol's keep-alive: every
+                // WebSocket peer answers it, the legacy protocol's too,
+                // whose keep-alive has no answer.
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    break;
+                }
                 let text = match protocol {
                     Protocols::GraphQLWS => r#"{"type":"ping"}"#,
                     Protocols::SubscriptionsTransportWS => r#"{"type":"ka"}"#,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use entity::vantage_sync_webhook::WebhookFormat;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::db::webhooks::{self, Attempt, AttemptOutcome, Claim, Sent};
 use crate::db::{Access, Identity, Pool, Role, alerts};
@@ -93,12 +93,14 @@ fn client(settings: WebhookSettings) -> Result<reqwest::Client, ClientError> {
     Ok(builder.build()?)
 }
 
-/// Starts the worker; it ends when `feed` (the server) is gone.
+/// Starts the worker; it ends when `feed` (the server) is gone, or once
+/// `shutting_down` turns true.
 pub fn start(
     pool: Pool,
     feed: &Arc<Feed>,
     metrics: Arc<Metrics>,
     settings: WebhookSettings,
+    shutting_down: watch::Receiver<bool>,
 ) -> Result<(), ClientError> {
     let worker = Worker {
         pool,
@@ -106,6 +108,7 @@ pub fn start(
         settings,
         client: client(settings)?,
         feed: Arc::downgrade(feed),
+        shutting_down,
     };
     tokio::spawn(worker.run(feed.subscribe()));
     Ok(())
@@ -117,6 +120,7 @@ struct Worker {
     settings: WebhookSettings,
     client: reqwest::Client,
     feed: Weak<Feed>,
+    shutting_down: watch::Receiver<bool>,
 }
 
 /// One webhook's claim that went out: each notification sent with its
@@ -124,7 +128,7 @@ struct Worker {
 type Finished = Vec<(Claim, Attempt)>;
 
 impl Worker {
-    async fn run(self, mut changes: broadcast::Receiver<Arc<crate::feed::FeedEvent>>) {
+    async fn run(mut self, mut changes: broadcast::Receiver<Arc<crate::feed::FeedEvent>>) {
         let (done, mut finished_rx) = mpsc::unbounded_channel::<Finished>();
         let mut finished: Vec<Finished> = Vec::new();
         let mut in_flight = 0_usize;
@@ -144,6 +148,7 @@ impl Worker {
                     finished.push(delivery);
                 }
                 _ = tick.tick() => {}
+                _ = self.shutting_down.wait_for(|down| *down) => return,
             }
             if self.feed.strong_count() == 0 {
                 return;
@@ -190,6 +195,9 @@ impl Worker {
                 .await;
             let (outcomes, made, claims) = match round {
                 Ok(round) => round,
+                // The server stopped during the round, its pool (and a
+                // managed database) with it: no failure to report.
+                Err(_) if *self.shutting_down.borrow() => return,
                 Err(error) => {
                     // Answers are kept for the next round; leases run out
                     // and the deliveries go again: at least once.

@@ -228,3 +228,41 @@ async fn connections_past_the_cap_are_closed_at_once_websockets_included() {
     assert!(closed_count(&app.metrics().await, "OverCap") >= 1);
     drop(held);
 }
+
+/// A WebSocket peer that completes `connection_init` and then answers
+/// nothing, as one gone without a FIN, is dropped within the pong timeout
+/// plus one ping interval and counted; a peer that answers stays.
+#[tokio::test]
+async fn a_websocket_peer_that_answers_no_ping_is_dropped() {
+    let app = TestApp::spawn_with(TestDb::migrated().await, |config| {
+        config.websocket.ping_interval = Duration::from_secs(1);
+        config.websocket.pong_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let init = json!({
+        "type": "connection_init",
+        "payload": {"Authorization": format!("Bearer {}", app.token("authenticated"))},
+    });
+    let mut silent = WsClient::connect(&app, "graphql-transport-ws").await;
+    silent.send(init.clone()).await;
+    assert_eq!(silent.recv().await["type"], "connection_ack");
+    let acked = Instant::now();
+    let mut answering = WsClient::connect(&app, "graphql-transport-ws").await;
+    answering.send(init).await;
+    assert_eq!(answering.recv().await["type"], "connection_ack");
+    // The answering peer reads (and so answers every ping) meanwhile; the
+    // silent one reads nothing from here on.
+    let reading = tokio::spawn(async move {
+        let ended = tokio::time::timeout(Duration::from_secs(5), answering.next()).await;
+        (answering, ended.ok())
+    });
+    let deadline = acked + Duration::from_secs(2 + 1 + 1);
+    while closed_count(&app.metrics().await, "PongTimeout") == 0 {
+        assert!(Instant::now() < deadline, "the silent peer was not dropped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_answering, ended) = reading.await.unwrap();
+    assert_eq!(ended, None, "the answering peer was sent {ended:?}");
+    assert_eq!(closed_count(&app.metrics().await, "PongTimeout"), 1);
+    drop(silent);
+}
