@@ -125,7 +125,9 @@ impl ApiError {
             Self::Forbidden { role, action } => format!("the {role} role may not {action}"),
             Self::InvalidToken(reason) => format!("invalid token: {reason}"),
             Self::BadUserInput { message, .. } => message.clone(),
-            Self::PayloadTooLarge { limit } => format!("the request body exceeds {limit} bytes"),
+            Self::PayloadTooLarge { limit } => {
+                format!("the request body exceeds {limit} bytes (MAX_BODY_BYTES)")
+            }
             Self::MethodNotAllowed(message) => (*message).to_owned(),
             Self::NotFound(resource) => format!("resource \"{resource}\" is not registered"),
             Self::WebhookNotFound(id) => format!("there is no webhook \"{id}\""),

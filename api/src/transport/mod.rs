@@ -24,9 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -80,7 +78,6 @@ pub fn router(state: AppState) -> Router {
     let cors = state.cors.clone();
     let graphql = Router::new()
         .route("/graphql", get(graphql_get_or_websocket).post(graphql_post))
-        .route_layer(DefaultBodyLimit::max(state.max_body_bytes))
         .route_layer(axum::middleware::from_fn_with_state(
             state.metrics.clone(),
             request::record_requests,
@@ -115,10 +112,14 @@ async fn graphql_post(
     State(app): State<AppState>,
     client: Option<axum::Extension<ClientAddr>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: axum::body::Body,
 ) -> Response {
     let client = client.map(|axum::Extension(addr)| addr.0.ip());
-    let request = match request::from_body(&app, body) {
+    let request = match request::read_body(&headers, body, app.max_body_bytes).await {
+        Ok(bytes) => request::from_body(&bytes),
+        Err(error) => Err(error),
+    };
+    let request = match request {
         Ok(request) => request,
         Err(error) => return refuse(error),
     };

@@ -10,7 +10,6 @@ use std::time::Instant;
 use async_graphql::parser::types::{DocumentOperations, OperationType};
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
@@ -86,33 +85,80 @@ pub(crate) fn refused_as(operation: Operation, error: ApiError) -> Response {
     refused
 }
 
-/// The GraphQL request in a POST body, or its refusal: a body over the
-/// limit (axum's, on the route) or one that is not a JSON object.
-pub(crate) fn from_body(
-    app: &AppState,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<async_graphql::Request, ApiError> {
-    // The limit is axum's (DefaultBodyLimit on the route); its refusal
-    // becomes a GraphQL error like every other.
-    let bytes = match body {
-        Ok(bytes) => bytes,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Err(ApiError::PayloadTooLarge {
-                limit: app.max_body_bytes,
-            });
+/// Most of an over-limit body read (and thrown away) before its 413 is
+/// sent: a client still writing when the server answers and closes gets a
+/// connection reset instead of the answer, so the rest of a body a little
+/// or a lot over the limit is drained first. Past this, or past
+/// [`DRAIN_WITHIN`], the answer goes anyway.
+const DRAIN_AT_MOST: usize = 64 * 1024 * 1024;
+/// Longest the rest of an over-limit body is drained.
+const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A POST body, at most `limit` bytes. An over-limit body is refused with
+/// 413 after the rest of it is drained (bounded), so the client reads the
+/// answer instead of a reset; one announced over the limit with `Expect:
+/// 100-continue` is refused before the client sends it.
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let too_large = ApiError::PayloadTooLarge { limit };
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    let waits_for_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if let Some(length) = announced
+        && length > limit as u64
+        && (waits_for_continue || length > DRAIN_AT_MOST as u64)
+    {
+        return Err(too_large);
+    }
+    let mut body = body;
+    let mut kept =
+        Vec::with_capacity(announced.map_or(0, |length| length.min(limit as u64) as usize));
+    let mut seen = 0_usize;
+    let drain_deadline = tokio::time::Instant::now() + DRAIN_WITHIN;
+    loop {
+        let frame = if seen > limit {
+            match tokio::time::timeout_at(drain_deadline, body.frame()).await {
+                Ok(frame) => frame,
+                Err(_) => return Err(too_large),
+            }
+        } else {
+            body.frame().await
+        };
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|error| ApiError::BadUserInput {
+            message: format!("the request body could not be read: {error}"),
+            field: None,
+        })?;
+        if let Ok(data) = frame.into_data() {
+            seen = seen.saturating_add(data.len());
+            if seen <= limit {
+                kept.extend_from_slice(&data);
+            } else if seen > DRAIN_AT_MOST {
+                return Err(too_large);
+            }
         }
-        Err(rejection) => {
-            return Err(ApiError::BadUserInput {
-                message: format!("the request body could not be read: {rejection}"),
-                field: None,
-            });
-        }
-    };
+    }
+    if seen > limit {
+        return Err(too_large);
+    }
+    Ok(Bytes::from(kept))
+}
+
+/// The GraphQL request in a POST body; a body that is not a JSON object
+/// with a query is refused.
+pub(crate) fn from_body(bytes: &[u8]) -> Result<async_graphql::Request, ApiError> {
     // async-graphql's Request would also accept an array; only an object is
     // a GraphQL request (batches are not supported).
     let is_object = bytes.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'{');
     let parsed = if is_object {
-        serde_json::from_slice::<async_graphql::Request>(&bytes).map_err(|error| error.to_string())
+        serde_json::from_slice::<async_graphql::Request>(bytes).map_err(|error| error.to_string())
     } else {
         Err("expected a JSON object".to_owned())
     };

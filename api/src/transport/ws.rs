@@ -430,15 +430,17 @@ async fn serve(
                         let _ = tokio::time::timeout(CLOSE_WAIT, goodbye).await;
                         break;
                     }
-                    Some(_) => {}
-                    None => unanswered_since = Some(tokio::time::Instant::now()),
+                    _ => {}
                 }
                 // A ping frame as well as the protocol's keep-alive: every
                 // WebSocket peer answers it, the legacy protocol's too,
-                // whose keep-alive has no answer.
+                // whose keep-alive has no answer. The wait is counted from
+                // when it went out: time spent blocked writing to a slow
+                // reader is not the peer's silence.
                 if sink.send(Message::Ping(Default::default())).await.is_err() {
                     break;
                 }
+                unanswered_since.get_or_insert_with(tokio::time::Instant::now);
                 let text = match protocol {
                     Protocols::GraphQLWS => r#"{"type":"ping"}"#,
                     Protocols::SubscriptionsTransportWS => r#"{"type":"ka"}"#,

@@ -31,6 +31,73 @@ async fn oversized_bodies_are_refused_with_413_and_the_server_stays_up() {
     );
 }
 
+/// A body over the limit gets its 413 and coded error every time, never a
+/// reset, even from a client that writes its whole body before it reads
+/// (as browsers' fetch and curl do): the server reads and drops the rest
+/// of the body before it answers. A client that asks first (`Expect:
+/// 100-continue`) is answered before it sends the body.
+#[tokio::test]
+async fn every_oversized_body_gets_its_413_never_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = TestApp::spawn().await;
+    let length = 5 * 1024 * 1024;
+    let head = |expect: &str| {
+        format!(
+            "POST /graphql HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+             content-length: {length}\r\n{expect}connection: close\r\n\r\n"
+        )
+    };
+    let mut body = b"{\"query\": \"{ __typename }\"".to_vec();
+    body.resize(length - 1, b' ');
+    body.push(b'}');
+    for attempt in 0..10 {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(head("").as_bytes()).await.unwrap();
+        stream
+            .write_all(&body)
+            .await
+            .unwrap_or_else(|error| panic!("attempt {attempt}: writing the body: {error}"));
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .await
+            .unwrap_or_else(|error| panic!("attempt {attempt}: reading the answer: {error}"));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 413"),
+            "attempt {attempt}: {answer}"
+        );
+        let json: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(json["errors"][0]["extensions"]["code"], "BAD_USER_INPUT");
+        assert!(
+            json["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("1048576"),
+            "{json}"
+        );
+    }
+    // Asked first: refused before a byte of the body is sent.
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(head("expect: 100-continue\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = vec![0_u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer[..read].starts_with(b"HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&answer[..read])
+    );
+    // And the server serves on.
+    let (status, _) = app.graphql(None, "{ __typename }", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn malformed_requests_get_json_errors() {
     let app = TestApp::spawn().await;

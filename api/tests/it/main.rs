@@ -31,6 +31,7 @@ mod rate_limit;
 mod read_cost;
 mod server_kill;
 mod sse;
+mod stalled_reader;
 mod state_table;
 mod transitions;
 mod trends;
