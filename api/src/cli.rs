@@ -435,7 +435,7 @@ async fn shutdown_signal() {
         _ = interrupt => {}
         () = terminate => {}
     }
-    tracing::info!("shutting down: finishing in-flight requests");
+    tracing::info!("leaving: told to stop");
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use crate::db::PreparedStatements;
 use crate::graphql::QueryLimits;
 use crate::server::{
     DEFAULT_EVENT_RETENTION_DAYS, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_REQUEST_TIMEOUT_SECS, ServerConfig,
+    DEFAULT_REQUEST_TIMEOUT_SECS, Leaving, ServerConfig,
 };
 use crate::transport::cors::CorsOrigins;
 use crate::transport::listener::ConnectionLimits;
@@ -207,6 +207,22 @@ pub struct ServeArgs {
           default_value_t = WebSocketConfig::DEFAULT.pong_timeout.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ws_pong_timeout_secs: u64,
+
+    /// Seconds `/readyz` answers 503 after SIGTERM while requests are still
+    /// served, before the server stops accepting: set it to the load
+    /// balancer's check interval times its fall count, so the balancer
+    /// takes the replica out first.
+    #[arg(long, env = "SHUTDOWN_DELAY_SECS",
+          default_value_t = Leaving::DEFAULT.delay.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_delay_secs: u64,
+
+    /// Seconds requests in flight have to finish once the server stops
+    /// accepting; connections still busy then are cut.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_SECS",
+          default_value_t = Leaving::DEFAULT.timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_timeout_secs: u64,
 }
 
 /// The claim rules' flags, shared by `serve` (to check tokens) and
@@ -316,6 +332,10 @@ impl ServeArgs {
             max_connections: args.max_http_connections.unwrap_or(0),
         };
         config.rate_limit = args.rate_limit;
+        config.leaving = Leaving {
+            delay: Duration::from_secs(args.shutdown_delay_secs),
+            timeout: Duration::from_secs(args.shutdown_timeout_secs),
+        };
         config.webhooks = WebhookSettings {
             retry_window: Duration::from_secs(args.webhook_retry_hours * 3600),
             allow_private: args.webhook_allow_private,

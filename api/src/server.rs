@@ -33,6 +33,25 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Days of sync events kept.
 pub const DEFAULT_EVENT_RETENTION_DAYS: u32 = 30;
 
+/// How the server leaves when told to stop (`--shutdown-delay-secs`,
+/// `--shutdown-timeout-secs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leaving {
+    /// How long `/readyz` answers 503 while requests are still served, so
+    /// a load balancer takes the replica out before it stops accepting.
+    pub delay: Duration,
+    /// How long requests in flight then have to finish.
+    pub timeout: Duration,
+}
+
+impl Leaving {
+    /// The defaults: no delay (nothing to tell without a balancer), 30 s.
+    pub const DEFAULT: Self = Self {
+        delay: Duration::ZERO,
+        timeout: Duration::from_secs(30),
+    };
+}
+
 /// Longest a pruning of the event log may take.
 const PRUNE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Distinct query texts whose parsed documents are kept.
@@ -78,6 +97,8 @@ pub struct ServerConfig {
     pub rate_limit: Option<RateLimit>,
     /// Webhook retry window and allowed addresses.
     pub webhooks: WebhookSettings,
+    /// How the server leaves when told to stop.
+    pub leaving: Leaving,
 }
 
 impl ServerConfig {
@@ -108,6 +129,7 @@ impl ServerConfig {
             connections: ConnectionLimits::DEFAULT,
             rate_limit: None,
             webhooks: WebhookSettings::DEFAULT,
+            leaving: Leaving::DEFAULT,
         }
     }
 }
@@ -163,6 +185,8 @@ pub struct Server {
     connections: ConnectionLimits,
     addr: SocketAddr,
     shutting_down: tokio::sync::watch::Sender<bool>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    leaving: Leaving,
 }
 
 impl Server {
@@ -205,6 +229,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         config.keys.start(metrics.clone());
         let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // LISTEN through a transaction pooler hears nothing, and worse, the
         // server connection it lands on then hands notifications to other
         // clients mid-query: there the feed only polls.
@@ -242,6 +267,7 @@ impl Server {
                 .map(|limit| Arc::new(RateLimiter::new(limit))),
             websocket: config.websocket,
             shutting_down: shutdown_seen,
+            draining: draining.clone(),
             parsed_queries: Arc::new(ParsedQueryCache::new(PARSED_QUERIES_KEPT)),
             cors: config.cors,
         };
@@ -268,6 +294,8 @@ impl Server {
             connections,
             addr,
             shutting_down,
+            draining,
+            leaving: config.leaving,
         })
     }
 
@@ -281,7 +309,12 @@ impl Server {
         self.state.pool.clone()
     }
 
-    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    /// Serves until `shutdown` completes, then leaves in phases, each
+    /// logged: `/readyz` answers 503 while requests are still served for
+    /// the shutdown delay (a load balancer takes the replica out); then no
+    /// new connections are accepted, WebSockets close with 1001 and SSE
+    /// streams end (their clients resume elsewhere with their cursor), and
+    /// requests in flight have the shutdown timeout to finish.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -291,6 +324,7 @@ impl Server {
         let pool = self.state.pool.clone();
         let metrics = self.state.metrics.clone();
         let shutting_down = self.shutting_down;
+        let (draining, leaving) = (self.draining, self.leaving);
         listener::serve(
             self.listener,
             router(self.state),
@@ -298,14 +332,27 @@ impl Server {
             metrics,
             async move {
                 shutdown.await;
+                draining.store(true, std::sync::atomic::Ordering::SeqCst);
+                if !leaving.delay.is_zero() {
+                    tracing::info!(
+                        delay_secs = leaving.delay.as_secs_f64(),
+                        "leaving: /readyz answers 503 while requests are still served"
+                    );
+                    tokio::time::sleep(leaving.delay).await;
+                }
+                tracing::info!(
+                    timeout_secs = leaving.timeout.as_secs_f64(),
+                    "leaving: no new connections; requests in flight finish, WebSockets close with 1001, SSE streams end"
+                );
                 // WebSocket connections and SSE streams are not requests
-                // that finish: tell them to go (1001, or the stream ends)
-                // so clients resume elsewhere.
+                // that finish: tell them to go so clients resume elsewhere.
                 shutting_down.send_replace(true);
             },
+            leaving.timeout,
         )
         .await;
         pool.close().await;
+        tracing::info!("stopped");
         Ok(())
     }
 }

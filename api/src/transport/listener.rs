@@ -8,7 +8,8 @@
 //!   byte, and a connection with no request in flight is closed after
 //!   `idle_timeout`. (hyper's own header timer starts when a keep-alive
 //!   connection goes idle, which would make the two one.)
-//! - On shutdown: no more accepting; connections finish what is in flight.
+//! - On shutdown: no more accepting; connections finish what is in
+//!   flight, within the shutdown timeout.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -52,13 +53,14 @@ impl ConnectionLimits {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then lets the
-/// open connections finish what they are doing.
+/// open connections finish what they are doing, for at most `timeout`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
+    timeout: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     // Connections are told to stop by `stopping`; each holds a `running`
@@ -139,7 +141,19 @@ pub async fn serve(
     drop(listener);
     stopping.send_replace(true);
     drop(running);
-    let _ = all_done.recv().await;
+    if tokio::time::timeout(timeout, all_done.recv())
+        .await
+        .is_err()
+    {
+        let open = limits
+            .max_connections
+            .saturating_sub(permits.available_permits());
+        tracing::warn!(
+            open,
+            timeout_secs = timeout.as_secs_f64(),
+            "leaving: connections still busy after the shutdown timeout are cut"
+        );
+    }
 }
 
 /// The address a request's connection came from (what a rate limit

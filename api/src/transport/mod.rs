@@ -57,8 +57,11 @@ pub struct AppState {
     pub feed: Arc<Feed>,
     /// WebSocket transport settings.
     pub websocket: WebSocketConfig,
-    /// Becomes true when the server starts shutting down.
+    /// Becomes true when the server stops: WebSockets close, SSE streams end.
     pub shutting_down: tokio::sync::watch::Receiver<bool>,
+    /// True from the stop signal on: `/readyz` answers 503 so load
+    /// balancers send nothing new, while requests are still served.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Longest a request may run.
     pub request_timeout: Duration,
     /// Largest accepted body.

@@ -15,9 +15,12 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: the database answers, the token keys are loaded and the
-/// live feed is connected.
+/// Readiness: not leaving, the database answers, the token keys are
+/// loaded and the live feed is connected.
 pub async fn readyz(State(app): State<AppState>) -> Response {
+    if app.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "leaving").into_response();
+    }
     let ping = tokio::time::timeout(Duration::from_secs(2), app.pool.ping()).await;
     match ping {
         Ok(Ok(())) if !app.keys.is_ready() => (

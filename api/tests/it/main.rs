@@ -20,6 +20,7 @@ mod graphql_schema;
 mod history;
 mod layers;
 mod least_privilege;
+mod leaving;
 mod live;
 mod live_faults;
 mod log_growth;
