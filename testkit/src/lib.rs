@@ -21,6 +21,7 @@ use vantage_sync::managed_postgres::{PostgresCluster, Shutdown};
 
 mod app;
 mod browser;
+mod haproxy;
 mod jwks;
 mod logs;
 mod pgbouncer;
@@ -30,6 +31,7 @@ mod sse;
 mod ws;
 pub use app::{SECRET, TestApp, base64url};
 pub use browser::Browser;
+pub use haproxy::HaProxy;
 pub use jwks::{JwksServer, KeyKind, TestKey, private_key_pem};
 pub use logs::LogCapture;
 pub use pgbouncer::PgBouncer;

@@ -24,7 +24,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use vantage_sync::auth::TokenKeys;
 use vantage_sync::server::Server;
-use vantage_sync::server::ServerConfig;
+use vantage_sync::server::{Leaving, ServerConfig};
 
 use crate::{SECRET, TestDb};
 
@@ -62,6 +62,12 @@ impl ServerProcess {
     /// `test` is libtest's full name, in this test binary, of an ignored
     /// test that calls [`serve_if_asked`], e.g. `server_kill::server_process`.
     pub async fn start(test: &str, db: &TestDb) -> ServerProcess {
+        Self::start_leaving(test, db, Leaving::DEFAULT).await
+    }
+
+    /// [`Self::start`], leaving as `leaving` says when sent SIGTERM
+    /// ([`Self::terminate`]).
+    pub async fn start_leaving(test: &str, db: &TestDb, leaving: Leaving) -> ServerProcess {
         let ready_file = std::env::temp_dir().join(format!(
             "vantage-sync-server-{}-{}.json",
             std::process::id(),
@@ -71,6 +77,8 @@ impl ServerProcess {
         let settings = serde_json::json!({
             "database_url": db.url,
             "ready_file": ready_file,
+            "shutdown_delay_ms": leaving.delay.as_millis() as u64,
+            "shutdown_timeout_ms": leaving.timeout.as_millis() as u64,
         });
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
@@ -154,6 +162,28 @@ impl ServerProcess {
         crate::app::token(&self.keys, role)
     }
 
+    /// Sends SIGTERM: the server leaves as its [`Leaving`] says.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `within` for the process to exit; whether it did,
+    /// successfully.
+    pub async fn exited_within(&mut self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.success();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     /// Sends SIGKILL and waits for the process to be gone: no shutdown,
     /// no goodbyes to clients or the database, as after `kill -9`.
     pub fn kill9(&mut self) {
@@ -198,7 +228,8 @@ fn drain(output: impl Read + Send + 'static, log: Arc<Mutex<VecDeque<String>>>) 
 /// [`SERVER_VAR`] set, serves as it says (port 0 of 127.0.0.1, [`SECRET`],
 /// no migrations, a pool of 8 as [`crate::TestApp`] has), announces the
 /// address in the ready file as `vantage-sync serve --ready-file` does,
-/// and logs to stderr until the process is killed. Without it (someone
+/// and logs to stderr until the process is killed or, on SIGTERM, has
+/// left as its settings say. Without it (someone
 /// running the ignored tests), returns at once.
 pub fn serve_if_asked() {
     let Ok(settings) = std::env::var(SERVER_VAR) else {
@@ -230,6 +261,11 @@ pub fn serve_if_asked() {
         config.listen_addr = "127.0.0.1:0".parse().unwrap();
         config.migrate = false;
         config.max_connections = 8;
+        let millis = |name: &str| Duration::from_millis(settings[name].as_u64().unwrap_or(0));
+        config.leaving = Leaving {
+            delay: millis("shutdown_delay_ms"),
+            timeout: millis("shutdown_timeout_ms"),
+        };
         let server = Server::bind(config).await.unwrap();
         let announced = serde_json::json!({
             "addr": server.local_addr().to_string(),
@@ -239,6 +275,14 @@ pub fn serve_if_asked() {
         let partial = ready_file.with_extension("partial");
         std::fs::write(&partial, announced.to_string()).unwrap();
         std::fs::rename(&partial, &ready_file).unwrap();
-        server.run(std::future::pending()).await.unwrap();
+        server
+            .run(async {
+                let mut terminate =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .unwrap();
+                terminate.recv().await;
+            })
+            .await
+            .unwrap();
     });
 }
