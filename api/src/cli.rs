@@ -44,6 +44,12 @@ pub enum Command {
         /// PostgreSQL connection URL (not needed by `migrate sql`).
         #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
         database_url: Option<String>,
+        /// Seconds one statement may wait for a lock: a migration stuck
+        /// behind a long transaction then fails, naming it, instead of
+        /// making every request that needs the same table wait behind it.
+        #[arg(long, global = true, default_value_t = migrate::DEFAULT_LOCK_TIMEOUT.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..=3600))]
+        lock_timeout_secs: u64,
         /// The migration step.
         #[command(subcommand)]
         command: MigrateCommand,
@@ -238,10 +244,15 @@ impl Cli {
             Command::Check(args) => check(*args).await,
             Command::Migrate {
                 database_url,
+                lock_timeout_secs,
                 command,
             } => {
                 let mut stdout = std::io::stdout().lock();
-                Ok(migrate::run(&command, database_url.as_deref(), &mut stdout).await?)
+                let lock_timeout = Duration::from_secs(lock_timeout_secs);
+                Ok(
+                    migrate::run(&command, database_url.as_deref(), lock_timeout, &mut stdout)
+                        .await?,
+                )
             }
             Command::Schema => {
                 print!("{}", crate::graphql::sdl());

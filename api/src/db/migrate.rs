@@ -1,6 +1,7 @@
 //! `vantage-sync migrate`: applies, reverts, reports and prints the schema.
 
 use std::io::Write;
+use std::time::Duration;
 
 use clap::Subcommand;
 use migration::{Migrator, MigratorTrait};
@@ -38,12 +39,28 @@ pub enum MigrateCommand {
     },
 }
 
+/// How long one statement of a migration may wait for a lock by default
+/// (`migrate --lock-timeout-secs`).
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a migrate command failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     /// The command needs a database and none was configured.
     #[error("no database configured: set DATABASE_URL or pass --database-url")]
     NoDatabase,
+    /// A statement waited longer than the lock timeout: another
+    /// transaction holds what the migration needs.
+    #[error(
+        "a migration waited more than {} s for a lock (lock_timeout) and was rolled back; {blockers}; end or wait out that transaction and run it again (--lock-timeout-secs waits longer)",
+        timeout.as_secs_f64()
+    )]
+    LockTimeout {
+        /// The timeout in force.
+        timeout: Duration,
+        /// Who held locks on the service's tables, said for the operator.
+        blockers: String,
+    },
     /// The database refused or failed.
     #[error("database error: {0}")]
     Database(#[from] DbErr),
@@ -52,10 +69,14 @@ pub enum MigrateError {
     Output(#[from] std::io::Error),
 }
 
-/// Runs `command`, writing its report to `out`.
+/// Runs `command`, writing its report to `out`; each statement waits at
+/// most `lock_timeout` for a lock, so a migration stuck behind a long
+/// transaction fails (naming it) instead of queueing every request that
+/// needs the same table behind its own lock request.
 pub async fn run(
     command: &MigrateCommand,
     database_url: Option<&str>,
+    lock_timeout: Duration,
     out: &mut impl Write,
 ) -> Result<(), MigrateError> {
     if let MigrateCommand::Sql { down } = command {
@@ -70,9 +91,67 @@ pub async fn run(
     let database_url = database_url.ok_or(MigrateError::NoDatabase)?;
     // One connection: the advisory lock belongs to the session that took it.
     let db = db::connect_session(database_url).await?;
-    let result = run_locked(&db, command, out).await;
+    let result = run_locked(&db, command, lock_timeout, out).await;
+    let result = match result {
+        Err(MigrateError::Database(error)) if is_lock_timeout(&error) => {
+            Err(MigrateError::LockTimeout {
+                timeout: lock_timeout,
+                blockers: blockers(&db).await,
+            })
+        }
+        other => other,
+    };
     db.close().await?;
     result
+}
+
+fn is_lock_timeout(error: &DbErr) -> bool {
+    crate::error::sqlstate(error).is_some_and(|(code, _)| code == "55P03")
+        || error.to_string().contains("lock timeout")
+}
+
+/// The other sessions holding locks on the service's tables, longest open
+/// first: what a migration that timed out was waiting behind.
+async fn blockers(db: &DatabaseConnection) -> String {
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT a.pid, coalesce(a.usename, '') AS usename, \
+                    coalesce(a.application_name, '') AS application_name, \
+                    coalesce(a.state, '') AS state, \
+                    coalesce(extract(epoch FROM now() - a.xact_start), 0)::bigint AS open_secs, \
+                    left(coalesce(a.query, ''), 80) AS query \
+             FROM pg_catalog.pg_stat_activity a \
+             WHERE a.pid <> pg_backend_pid() AND a.pid IN ( \
+                 SELECT l.pid FROM pg_catalog.pg_locks l \
+                 JOIN pg_catalog.pg_class c ON c.oid = l.relation \
+                 WHERE l.granted AND c.relname LIKE 'vantage\\_sync%') \
+             ORDER BY a.xact_start LIMIT 5",
+        ))
+        .await;
+    let described: Vec<String> = rows
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|row| {
+            let pid: i32 = row.try_get("", "pid").ok()?;
+            let user: String = row.try_get("", "usename").ok()?;
+            let application: String = row.try_get("", "application_name").ok()?;
+            let state: String = row.try_get("", "state").ok()?;
+            let open: i64 = row.try_get("", "open_secs").ok()?;
+            let query: String = row.try_get("", "query").ok()?;
+            Some(format!(
+                "pid {pid} (user {user}, application {application:?}, {state}, transaction open {open} s, last statement {query:?})"
+            ))
+        })
+        .collect();
+    if described.is_empty() {
+        "no session holds a lock on the service's tables now (the blocker has ended)".into()
+    } else {
+        format!(
+            "held by {} (pg_terminate_backend(pid) ends one)",
+            described.join("; ")
+        )
+    }
 }
 
 /// Applies every pending migration while holding the migration lock; what
@@ -81,6 +160,7 @@ pub async fn apply_pending(database_url: &str) -> Result<(), MigrateError> {
     run(
         &MigrateCommand::Up,
         Some(database_url),
+        DEFAULT_LOCK_TIMEOUT,
         &mut std::io::sink(),
     )
     .await
@@ -89,10 +169,17 @@ pub async fn apply_pending(database_url: &str) -> Result<(), MigrateError> {
 async fn run_locked(
     db: &DatabaseConnection,
     command: &MigrateCommand,
+    lock_timeout: Duration,
     out: &mut impl Write,
 ) -> Result<(), MigrateError> {
     db.execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
         .await?;
+    // For the session, so every migration's statements wait at most this.
+    db.execute_unprepared(&format!(
+        "SET lock_timeout = {}",
+        lock_timeout.as_millis().max(1)
+    ))
+    .await?;
     let result = run_command(db, command, out).await;
     let unlock = db
         .execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))

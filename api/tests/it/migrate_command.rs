@@ -5,7 +5,7 @@ use vantage_sync_testkit::TestDb;
 
 async fn run(command: MigrateCommand, url: Option<&str>) -> Result<String, MigrateError> {
     let mut out = Vec::new();
-    migrate::run(&command, url, &mut out).await?;
+    migrate::run(&command, url, migrate::DEFAULT_LOCK_TIMEOUT, &mut out).await?;
     Ok(String::from_utf8(out).unwrap())
 }
 
@@ -119,5 +119,69 @@ async fn concurrent_migrate_up_applies_once() {
             "nothing to do\n".to_owned(),
             "nothing to do\n".to_owned()
         ]
+    );
+}
+
+/// A migration that needs a table a long transaction holds waits at most
+/// the lock timeout, then fails naming that transaction; reads of the
+/// table go on meanwhile; once the transaction ends, it applies.
+#[tokio::test]
+async fn a_migration_behind_a_long_transaction_fails_fast_and_names_it() {
+    use std::time::{Duration, Instant};
+
+    use sqlx::{Connection, Executor};
+    let db = TestDb::migrated().await;
+    let url = Some(db.url.as_str());
+    run(MigrateCommand::Down { steps: 2 }, url).await.unwrap();
+    // A writer's long transaction on the event log, which the indexes'
+    // migration builds on.
+    let mut writer = db.connect().await;
+    writer
+        .execute("SET application_name = 'nightly-backfill'")
+        .await
+        .unwrap();
+    let mut long = writer.begin().await.unwrap();
+    long.execute("LOCK TABLE vantage_sync_events IN ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut reader = db.connect().await;
+    let reads = tokio::spawn(async move {
+        let mut slowest = Duration::ZERO;
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            let started = Instant::now();
+            reader
+                .execute("SELECT count(*) FROM vantage_sync_events")
+                .await
+                .unwrap();
+            slowest = slowest.max(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        slowest
+    });
+    let started = Instant::now();
+    let mut out = Vec::new();
+    let error = migrate::run(&MigrateCommand::Up, url, Duration::from_secs(1), &mut out)
+        .await
+        .unwrap_err();
+    let failed_after = started.elapsed();
+    let message = error.to_string();
+    assert!(
+        matches!(error, MigrateError::LockTimeout { .. }),
+        "{message}"
+    );
+    assert!(failed_after < Duration::from_secs(4), "{failed_after:?}");
+    assert!(message.contains("nightly-backfill"), "{message}");
+    assert!(message.contains("--lock-timeout-secs"), "{message}");
+    let slowest_read = reads.await.unwrap();
+    assert!(
+        slowest_read < Duration::from_millis(500),
+        "{slowest_read:?}"
+    );
+    // Nothing of it stayed; with the transaction over it applies.
+    long.rollback().await.unwrap();
+    assert_eq!(
+        run(MigrateCommand::Up, url).await.unwrap(),
+        lines("applied", &[INDEXES, ALERTS])
     );
 }
