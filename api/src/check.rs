@@ -184,7 +184,62 @@ pub async fn deployment(config: &ServerConfig) -> Report {
     live_feed(config, pooled, &mut report).await;
     webhook_secrets(&pool, &mut report).await;
     pool.close().await;
+    read_replica(config, &mut report).await;
     report
+}
+
+async fn read_replica(config: &ServerConfig, report: &mut Report) {
+    use sea_orm::sqlx::{self, Row};
+    let Some(replica) = &config.read_replica else {
+        return;
+    };
+    let shown = shown_url(&replica.url);
+    let timeout = config.acquire_timeout;
+    let asked = tokio::time::timeout(timeout, async {
+        let pool = db::connect_with(&replica.url, 1, timeout, PreparedStatements::False)
+            .await
+            .map_err(|error| error.to_string())?;
+        let row = sqlx::raw_sql("SELECT pg_is_in_recovery()")
+            .fetch_one(pool.sqlx())
+            .await
+            .map_err(|error| error.to_string())?;
+        pool.close().await;
+        // Simple-protocol results are text: PostgreSQL's `t` or `f`.
+        row.try_get::<bool, _>(0).map_err(|error| error.to_string())
+    })
+    .await;
+    match asked {
+        Ok(Ok(true)) => report.add(
+            Verdict::Pass,
+            "read replica",
+            format!(
+                "{shown} is a hot standby; queries read from it while it lags at most {} ms",
+                replica.max_lag.as_millis()
+            ),
+        ),
+        Ok(Ok(false)) => report.add(
+            Verdict::Fail,
+            "read replica",
+            format!(
+                "{shown} is not a standby (pg_is_in_recovery() is false): point READ_DATABASE_URL at a hot standby of DATABASE_URL"
+            ),
+        ),
+        Ok(Err(error)) => report.add(
+            Verdict::Warn,
+            "read replica",
+            format!(
+                "cannot ask {shown}: {error}; queries read from the primary until it answers (check READ_DATABASE_URL)"
+            ),
+        ),
+        Err(_) => report.add(
+            Verdict::Warn,
+            "read replica",
+            format!(
+                "no answer from {shown} within {} s; queries read from the primary until it answers",
+                timeout.as_secs()
+            ),
+        ),
+    }
 }
 
 async fn keys(config: &ServerConfig, report: &mut Report) {

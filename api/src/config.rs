@@ -10,6 +10,7 @@ use clap::builder::RangedU64ValueParser;
 
 use crate::auth::{ClaimRules, DEFAULT_JWKS_REFRESH, JwksSource, KeySettings, TokenKeys};
 use crate::db::PreparedStatements;
+use crate::db::replica::ReplicaSettings;
 use crate::graphql::QueryLimits;
 use crate::server::{
     DEFAULT_EVENT_RETENTION_DAYS, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES,
@@ -54,6 +55,20 @@ pub struct ServeArgs {
     /// What token claims must say.
     #[command(flatten)]
     pub claims: ClaimArgs,
+
+    /// A hot standby of the database (streaming replication) that queries
+    /// read from while it is reachable and its replay lags at most
+    /// --read-max-lag-ms; mutations, the live feed, subscriptions, alerts
+    /// and webhooks stay on DATABASE_URL.
+    #[arg(long, env = "READ_DATABASE_URL", hide_env_values = true)]
+    pub read_database_url: Option<String>,
+
+    /// Milliseconds the read replica's replay may lag the primary before
+    /// queries read from the primary instead (checked every 100 ms).
+    #[arg(long, env = "READ_MAX_LAG_MS",
+          default_value_t = ReplicaSettings::DEFAULT_MAX_LAG.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    pub read_max_lag_ms: u64,
 
     /// Session connection (direct, or a session-mode pooler) the live feed
     /// LISTENs on; default: DATABASE_URL. Needed when DATABASE_URL is a
@@ -332,6 +347,10 @@ impl ServeArgs {
             max_connections: args.max_http_connections.unwrap_or(0),
         };
         config.rate_limit = args.rate_limit;
+        config.read_replica = args.read_database_url.clone().map(|url| ReplicaSettings {
+            url,
+            max_lag: Duration::from_millis(args.read_max_lag_ms),
+        });
         config.leaving = Leaving {
             delay: Duration::from_secs(args.shutdown_delay_secs),
             timeout: Duration::from_secs(args.shutdown_timeout_secs),

@@ -86,6 +86,23 @@ pub struct Metrics {
     webhook_latency: Histogram,
     notify_rounds_failed: Counter,
     notify_last_round: Gauge,
+    query_reads: Family<TargetLabels, Counter>,
+    replica_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    replica_usable: Gauge,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    target: ReadTarget,
+}
+
+/// Which database a query's transaction read from.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum ReadTarget {
+    /// The primary (`DATABASE_URL`).
+    Primary,
+    /// The read replica (`READ_DATABASE_URL`).
+    Replica,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -246,8 +263,29 @@ impl Default for Metrics {
             "Unix time of the webhook worker's last committed round (at least every second while it runs)",
             notify_last_round.clone(),
         );
+        let query_reads = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "query_transactions",
+            "Query transactions by the database they read (Primary, or Replica when READ_DATABASE_URL is set and usable)",
+            query_reads.clone(),
+        );
+        let replica_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "read_replica_lag_seconds",
+            "How far the read replica's replay was behind the primary at the last check",
+            replica_lag.clone(),
+        );
+        let replica_usable = Gauge::default();
+        registry.register(
+            "read_replica_usable",
+            "1 while queries may read from the read replica (reachable, within READ_MAX_LAG_MS), else 0",
+            replica_usable.clone(),
+        );
         Self {
             registry,
+            query_reads,
+            replica_lag,
+            replica_usable,
             notifications,
             notify_rounds_failed,
             notify_last_round,
@@ -337,6 +375,23 @@ impl Metrics {
     pub fn notify_round(&self, count: u64) {
         self.notifications.inc_by(count);
         self.notify_last_round.set(chrono::Utc::now().timestamp());
+    }
+
+    /// A query's transaction began on `target`.
+    pub fn query_read(&self, target: ReadTarget) {
+        self.query_reads
+            .get_or_create(&TargetLabels { target })
+            .inc();
+    }
+
+    /// The read replica's lag at the last check.
+    pub fn replica_lag(&self, seconds: f64) {
+        self.replica_lag.set(seconds);
+    }
+
+    /// Whether queries may read from the read replica.
+    pub fn replica_usable(&self, usable: bool) {
+        self.replica_usable.set(i64::from(usable));
     }
 
     /// A round of the webhook worker failed.

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::TokenKeys;
 use crate::db::migrate::{self, MigrateError};
+use crate::db::replica::{ReadReplica, ReplicaSettings};
 use crate::db::{Access, Identity, Pool, PreparedStatements, PrivilegeError, Role, events};
 use crate::feed::Feed;
 use crate::graphql::QueryLimits;
@@ -99,6 +100,8 @@ pub struct ServerConfig {
     pub webhooks: WebhookSettings,
     /// How the server leaves when told to stop.
     pub leaving: Leaving,
+    /// A hot standby that queries read from, when usable.
+    pub read_replica: Option<ReplicaSettings>,
 }
 
 impl ServerConfig {
@@ -130,6 +133,7 @@ impl ServerConfig {
             rate_limit: None,
             webhooks: WebhookSettings::DEFAULT,
             leaving: Leaving::DEFAULT,
+            read_replica: None,
         }
     }
 }
@@ -228,6 +232,21 @@ impl Server {
         })?;
         let metrics = Arc::new(Metrics::default());
         config.keys.start(metrics.clone());
+        let pool = match &config.read_replica {
+            Some(settings) => {
+                let standby = db::connect_with(
+                    &settings.url,
+                    config.max_connections,
+                    config.acquire_timeout,
+                    config.prepared_statements,
+                )
+                .await?;
+                let replica =
+                    ReadReplica::start(pool.clone(), standby, settings.max_lag, metrics.clone());
+                pool.with_replica(replica)
+            }
+            None => pool,
+        };
         let (shutting_down, shutdown_seen) = tokio::sync::watch::channel(false);
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // LISTEN through a transaction pooler hears nothing, and worse, the

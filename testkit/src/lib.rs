@@ -61,25 +61,10 @@ impl Cluster {
     }
 
     fn start_with(tls: bool) -> Cluster {
-        let dir = std::env::temp_dir().join(format!(
-            "vantage-sync-pg-{}-{}",
-            std::process::id(),
-            NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        // initdb and postgres refuse to run as root.
-        hand_to_server_user(&dir);
+        let dir = new_cluster_dir();
         spawn_watchdog(&dir, "data/postmaster.pid", "QUIT");
         let port = free_port();
-        let options = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off \
-             -c max_connections=400 -c shared_buffers=64MB \
-             -c shared_preload_libraries=pg_stat_statements{}",
-            dir.display(),
-            if tls { " -c ssl=on" } else { "" }
-        );
+        let options = server_options(&dir, port, tls);
         let cluster = PostgresCluster::new(dir.join("data"), dir.join("server.log"), options)
             .unwrap_or_else(|error| {
                 panic!("{error}; or point the tests at a server with TEST_DATABASE_URL")
@@ -112,6 +97,46 @@ impl Cluster {
         Cluster { dir, cluster, port }
     }
 
+    /// A hot standby of this cluster: a copy made with `pg_basebackup -R`
+    /// that streams from it and answers read-only queries. Its settings
+    /// are the primary's (a standby refuses to start with fewer
+    /// connections than its primary allows).
+    pub fn standby(&self) -> Cluster {
+        let dir = new_cluster_dir();
+        spawn_watchdog(&dir, "data/postmaster.pid", "QUIT");
+        let bin = vantage_sync::managed_postgres::server_bin_dir()
+            .expect("the PostgreSQL server binaries (pg_basebackup)");
+        let status = as_server_user(&bin.join("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-X",
+                "stream",
+                "-R",
+                "--no-sync",
+            ])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-D")
+            .arg(dir.join("data"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .expect("pg_basebackup");
+        assert!(status.success(), "pg_basebackup failed");
+        let port = free_port();
+        let cluster = PostgresCluster::new(
+            dir.join("data"),
+            dir.join("server.log"),
+            server_options(&dir, port, false),
+        )
+        .unwrap();
+        cluster.start().unwrap();
+        Cluster { dir, cluster, port }
+    }
+
     /// Superuser URL of the database `name` on this cluster.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
@@ -137,6 +162,33 @@ impl Drop for Cluster {
 }
 
 static NEXT_CLUSTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory for a cluster, owned by the server's OS user
+/// (initdb and postgres refuse to run as root).
+fn new_cluster_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "vantage-sync-pg-{}-{}",
+        std::process::id(),
+        NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    hand_to_server_user(&dir);
+    dir
+}
+
+/// The server settings of a test cluster on `port`, its socket in `dir`:
+/// tuned for throwaway data, with pg_stat_statements preloaded.
+fn server_options(dir: &Path, port: u16, tls: bool) -> String {
+    format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+         -c synchronous_commit=off -c full_page_writes=off \
+         -c max_connections=400 -c shared_buffers=64MB \
+         -c shared_preload_libraries=pg_stat_statements{}",
+        dir.display(),
+        if tls { " -c ssl=on" } else { "" }
+    )
+}
 static NEXT_DATABASE: AtomicU32 = AtomicU32::new(0);
 
 /// The server every test of this binary shares, and its migrated template.

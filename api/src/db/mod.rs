@@ -5,6 +5,7 @@ pub mod alerts;
 pub mod events;
 pub mod migrate;
 mod pool;
+pub mod replica;
 pub mod sync_states;
 pub mod webhooks;
 
@@ -26,6 +27,7 @@ use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::ReadTarget;
 
 /// The PostgreSQL role a transaction runs as: one of the three API roles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -92,8 +94,13 @@ impl Identity {
 /// How a transaction is begun.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// READ ONLY, read committed: queries. Dropped, not committed.
+    /// READ ONLY, read committed: reads that must match the event log as
+    /// the primary has it (the live feed, subscriptions). Dropped, not
+    /// committed.
     Read,
+    /// READ ONLY, read committed, from the read replica when one is usable:
+    /// GraphQL queries. Dropped, not committed.
+    Query,
     /// READ ONLY, REPEATABLE READ: reads that must see one snapshot.
     Snapshot,
     /// READ WRITE: mutations and pruning. Committed.
@@ -179,24 +186,28 @@ impl RequestDb {
             self.statement_timeout,
             self.access,
         );
-        let txn = self
-            .pool
-            .sqlx()
-            .begin_with(AssertSqlSafe(statement))
-            .await
-            .map_err(|error| match error {
-                sqlx::Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
-                sqlx::Error::PoolClosed => {
-                    DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed)
+        if self.access == Access::Query
+            && let Some(replica) = self.pool.replica()
+        {
+            if replica.usable() {
+                match begin_on(replica.pool(), &statement).await {
+                    Ok(txn) => {
+                        replica.counted(ReadTarget::Replica);
+                        return Ok(txn);
+                    }
+                    // The standby went away since its last check: out of
+                    // use until a check finds it again; the primary answers.
+                    Err(error) => {
+                        tracing::warn!(%error, "read replica failed; reading from the primary");
+                        replica.set_unusable();
+                    }
                 }
-                sqlx::Error::Database(_) => query_error(error),
-                other => DbErr::Conn(RuntimeErr::SqlxError(Arc::new(other))),
-            })
-            .map_err(|error| ApiError::from_db(error, ""))?;
-        Ok(RequestTxn {
-            txn: Mutex::new(txn),
-            prepared: self.pool.prepared_statements(),
-        })
+            }
+            replica.counted(ReadTarget::Primary);
+        }
+        begin_on(&self.pool, &statement)
+            .await
+            .map_err(|error| ApiError::from_db(error, ""))
     }
 
     /// Ends the transaction, if one was begun: commits a read-write one;
@@ -244,7 +255,7 @@ pub fn begin_statement(
     access: Access,
 ) -> String {
     let (isolation, access) = match access {
-        Access::Read => ("", "READ ONLY"),
+        Access::Read | Access::Query => ("", "READ ONLY"),
         Access::Snapshot => (" ISOLATION LEVEL REPEATABLE READ", "READ ONLY"),
         Access::Write => ("", "READ WRITE"),
     };
@@ -256,6 +267,24 @@ pub fn begin_statement(
          SET LOCAL jit TO off",
         statement_timeout.as_millis()
     )
+}
+
+/// A request transaction begun on `pool` with `statement`.
+async fn begin_on(pool: &Pool, statement: &str) -> Result<RequestTxn, DbErr> {
+    let txn = pool
+        .sqlx()
+        .begin_with(AssertSqlSafe(statement.to_owned()))
+        .await
+        .map_err(|error| match error {
+            sqlx::Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
+            sqlx::Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
+            sqlx::Error::Database(_) => query_error(error),
+            other => DbErr::Conn(RuntimeErr::SqlxError(Arc::new(other))),
+        })?;
+    Ok(RequestTxn {
+        txn: Mutex::new(txn),
+        prepared: pool.prepared_statements(),
+    })
 }
 
 fn query_error(error: sqlx::Error) -> DbErr {

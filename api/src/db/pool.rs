@@ -9,6 +9,7 @@ use sea_orm::sqlx::{self, AssertSqlSafe, Connection, PgPool, Row};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, RuntimeErr};
 
 use super::Role;
+use super::replica::ReadReplica;
 
 /// Whether statements are prepared by name and kept per connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,6 +32,7 @@ pub struct Pool {
     connection: DatabaseConnection,
     prepared: bool,
     pooled: bool,
+    replica: Option<Arc<ReadReplica>>,
 }
 
 impl Pool {
@@ -60,9 +62,28 @@ impl Pool {
         self.connection.ping().await
     }
 
-    /// Closes every connection.
+    /// Closes every connection (the read replica's too).
     pub async fn close(&self) {
+        if let Some(replica) = &self.replica {
+            replica.pool().close_own().await;
+        }
+        self.close_own().await;
+    }
+
+    async fn close_own(&self) {
         let _ = self.connection.close_by_ref().await;
+    }
+
+    /// This pool, whose queries ([`super::Access::Query`]) read from
+    /// `replica` while it is usable.
+    pub fn with_replica(mut self, replica: Arc<ReadReplica>) -> Self {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// The read replica, if one is configured.
+    pub fn replica(&self) -> Option<&Arc<ReadReplica>> {
+        self.replica.as_ref()
     }
 }
 
@@ -128,6 +149,7 @@ pub async fn connect_with(
         connection,
         prepared,
         pooled,
+        replica: None,
     })
 }
 

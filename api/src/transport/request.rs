@@ -320,7 +320,7 @@ pub(crate) async fn run(
     } = admitted;
     let access = match kind {
         Some(OperationType::Mutation) => Access::Write,
-        _ => Access::Read,
+        _ => Access::Query,
     };
     let db = Arc::new(RequestDb::new(
         app.pool.clone(),

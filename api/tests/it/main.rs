@@ -30,6 +30,7 @@ mod notify;
 mod pooler;
 mod rate_limit;
 mod read_cost;
+mod read_replica;
 mod server_kill;
 mod sse;
 mod stalled_reader;
