@@ -37,4 +37,5 @@ mod stalled_reader;
 mod state_table;
 mod transitions;
 mod trends;
+mod upgrade;
 mod webhooks;
