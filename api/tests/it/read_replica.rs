@@ -28,6 +28,15 @@ async fn calls(conn: &mut PgConnection, pattern: &str) -> i64 {
     .get(0)
 }
 
+/// Starts the statement counts of each connection's server afresh.
+async fn reset_counts(connections: &mut [&mut PgConnection]) {
+    for conn in connections {
+        conn.execute("SELECT pg_stat_statements_reset()")
+            .await
+            .unwrap();
+    }
+}
+
 async fn metric(app: &TestApp, name: &str) -> f64 {
     let text = app.metrics().await;
     text.lines()
@@ -86,14 +95,7 @@ async fn queries_read_the_standby_and_the_primary_takes_over_when_it_lags_or_is_
     let mut on_standby = PgConnection::connect(&standby_url).await.unwrap();
 
     // Queries are counted on the standby, and not on the primary.
-    on_primary
-        .execute("SELECT pg_stat_statements_reset()")
-        .await
-        .unwrap();
-    on_standby
-        .execute("SELECT pg_stat_statements_reset()")
-        .await
-        .unwrap();
+    reset_counts(&mut [&mut on_primary, &mut on_standby]).await;
     for _ in 0..20 {
         let body = app
             .query("authenticated", "{ syncStates { resource } }", json!({}))
@@ -112,14 +114,7 @@ async fn queries_read_the_standby_and_the_primary_takes_over_when_it_lags_or_is_
     );
 
     // Mutations are counted on the primary, and not on the standby.
-    on_primary
-        .execute("SELECT pg_stat_statements_reset()")
-        .await
-        .unwrap();
-    on_standby
-        .execute("SELECT pg_stat_statements_reset()")
-        .await
-        .unwrap();
+    reset_counts(&mut [&mut on_primary, &mut on_standby]).await;
     let started = app
         .query(
             "service_role",
