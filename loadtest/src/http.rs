@@ -3,8 +3,11 @@
 //! share this machine's cores with the load tool, so every microsecond the
 //! tool spends is taken from what it measures. Responses are parsed with
 //! httparse (hyper's parser) and must carry a `content-length`, as the
-//! server's JSON answers do.
+//! server's JSON answers do. Through a balancer that names the replica
+//! that answered in an `x-served-by` header (as docs/haproxy.cfg does),
+//! that name comes with the response.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -14,12 +17,30 @@ use tokio::net::TcpStream;
 /// Longest one exchange may take before it counts as failed.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Headers parsed per response: the server's own and a balancer's.
+const MAX_HEADERS: usize = 32;
+
+/// The header in which a balancer names the replica that answered.
+const SERVED_BY: &str = "x-served-by";
+
 /// A status and body read off the connection.
 pub struct Response<'a> {
     /// HTTP status code.
     pub status: u16,
     /// The whole body.
     pub body: &'a [u8],
+    /// The `x-served-by` header: which replica a balancer sent the
+    /// request to. `None` without a balancer (or with one that does not
+    /// say).
+    pub served_by: Option<&'a str>,
+}
+
+/// Where the head and body of a response lie in the buffer.
+struct Parsed {
+    status: u16,
+    head: usize,
+    length: usize,
+    served_by: Option<Range<usize>>,
 }
 
 /// An open connection to the server.
@@ -75,37 +96,55 @@ impl HttpConnection {
 
     /// Sends `request` and reads its response.
     pub async fn exchange(&mut self, request: &[u8]) -> anyhow::Result<Response<'_>> {
-        let (status, head, length) =
-            tokio::time::timeout(EXCHANGE_TIMEOUT, self.send_and_read(request))
-                .await
-                .context("the server did not answer in time")??;
+        let parsed = tokio::time::timeout(EXCHANGE_TIMEOUT, self.send_and_read(request))
+            .await
+            .context("the server did not answer in time")??;
+        let served_by = parsed
+            .served_by
+            .and_then(|range| std::str::from_utf8(&self.buffer[range]).ok())
+            .map(str::trim)
+            .filter(|name| !name.is_empty());
         Ok(Response {
-            status,
-            body: &self.buffer[head..head + length],
+            status: parsed.status,
+            body: &self.buffer[parsed.head..parsed.head + parsed.length],
+            served_by,
         })
     }
 
-    /// Returns the status, the length of the head and of the body, which
-    /// are then all in `buffer`.
-    async fn send_and_read(&mut self, request: &[u8]) -> anyhow::Result<(u16, usize, usize)> {
+    /// Reads a response whose head and body are then all in `buffer`.
+    async fn send_and_read(&mut self, request: &[u8]) -> anyhow::Result<Parsed> {
         self.stream.write_all(request).await?;
         self.buffer.clear();
         loop {
             self.fill().await?;
-            let mut headers = [httparse::EMPTY_HEADER; 16];
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut response = httparse::Response::new(&mut headers);
             if let httparse::Status::Complete(head) = response.parse(&self.buffer)? {
                 let status = response.code.context("no status")?;
-                let length = response
-                    .headers
-                    .iter()
-                    .find(|header| header.name.eq_ignore_ascii_case("content-length"))
-                    .context("the response has no content-length")?;
+                let header = |name: &str| {
+                    response
+                        .headers
+                        .iter()
+                        .find(|header| header.name.eq_ignore_ascii_case(name))
+                };
+                let length =
+                    header("content-length").context("the response has no content-length")?;
                 let length: usize = std::str::from_utf8(length.value)?.trim().parse()?;
+                // Where the value lies in the buffer (httparse's slices
+                // borrow it, and it grows while the body is read).
+                let served_by = header(SERVED_BY).map(|header| {
+                    let start = header.value.as_ptr() as usize - self.buffer.as_ptr() as usize;
+                    start..start + header.value.len()
+                });
                 while self.buffer.len() < head + length {
                     self.fill().await?;
                 }
-                return Ok((status, head, length));
+                return Ok(Parsed {
+                    status,
+                    head,
+                    length,
+                    served_by,
+                });
             }
         }
     }
@@ -118,5 +157,46 @@ impl HttpConnection {
             bail!("the server closed the connection");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// Two answers on one keep-alive connection, the first through a
+    /// balancer that names the replica, the second without one.
+    #[tokio::test]
+    async fn the_replica_named_by_the_balancer_comes_with_the_response() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let mut connection = HttpConnection::open(&base).await.unwrap();
+        let request = connection.post("/graphql", "Bearer x", r#"{"query":"{ x }"}"#);
+        let length = request.len();
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            for answer in [
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 X-Served-By: replica2\r\ncontent-length: 11\r\n\r\n{\"data\":{}}",
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}",
+            ] {
+                let mut received = vec![0; length];
+                socket.read_exact(&mut received).await.unwrap();
+                socket.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let first = connection.exchange(&request).await.unwrap();
+        assert_eq!(
+            (first.status, first.body, first.served_by),
+            (200, &br#"{"data":{}}"#[..], Some("replica2"))
+        );
+        let second = connection.exchange(&request).await.unwrap();
+        assert_eq!(
+            (second.status, second.body, second.served_by),
+            (503, &b"{}"[..], None)
+        );
+        server.await.unwrap();
     }
 }

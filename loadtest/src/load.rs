@@ -1,6 +1,7 @@
 //! `query` (the dashboard over HTTP) and `floor` (the same rows straight
 //! from PostgreSQL in the same role-switching transaction).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,9 @@ pub async fn prepare(target: &Target) -> anyhow::Result<()> {
 pub struct Samples {
     pub latencies: Vec<Duration>,
     pub errors: u64,
+    /// Responses by the replica a balancer named in `x-served-by`; empty
+    /// without a balancer.
+    pub served_by: BTreeMap<String, u64>,
 }
 
 impl Samples {
@@ -56,6 +60,17 @@ impl Samples {
         self.latencies.push(started.elapsed());
         if !ok {
             self.errors += 1;
+        }
+    }
+
+    /// Counts a response that `replica` answered, if a balancer said so.
+    pub fn served_by(&mut self, replica: Option<&str>) {
+        let Some(replica) = replica else { return };
+        match self.served_by.get_mut(replica) {
+            Some(count) => *count += 1,
+            None => {
+                self.served_by.insert(replica.to_owned(), 1);
+            }
         }
     }
 }
@@ -77,6 +92,9 @@ where
             Ok(samples) => {
                 all.latencies.extend(samples.latencies);
                 all.errors += samples.errors;
+                for (replica, count) in samples.served_by {
+                    *all.served_by.entry(replica).or_default() += count;
+                }
             }
             Err(_) => all.errors += 1,
         }
@@ -84,7 +102,8 @@ where
     (all, started.elapsed())
 }
 
-/// The figures of one timed scenario.
+/// The figures of one timed scenario; with `served_by` when a balancer
+/// named the replicas that answered.
 pub fn report(
     mut samples: Samples,
     elapsed: Duration,
@@ -92,7 +111,7 @@ pub fn report(
     cpu_us_per_request: Value,
 ) -> Value {
     let count = samples.latencies.len();
-    json!({
+    let mut report = json!({
         "concurrency": concurrency,
         "seconds": elapsed.as_secs_f64(),
         "requests": count,
@@ -100,7 +119,11 @@ pub fn report(
         "latency_ms": stats::summary(&mut samples.latencies),
         "errors": samples.errors,
         "cpu_us_per_request": cpu_us_per_request,
-    })
+    });
+    if !samples.served_by.is_empty() {
+        report["served_by"] = json!(samples.served_by);
+    }
+    report
 }
 
 /// Runs `scenario` between two CPU samples; the second is taken once
@@ -139,7 +162,10 @@ pub async fn query(
                 while Instant::now() < deadline {
                     let started = Instant::now();
                     let ok = match connection.exchange(&request).await {
-                        Ok(response) => response.status == 200 && is_dashboard(response.body),
+                        Ok(response) => {
+                            samples.served_by(response.served_by);
+                            response.status == 200 && is_dashboard(response.body)
+                        }
                         Err(_) => false,
                     };
                     samples.record(started, ok);

@@ -292,6 +292,19 @@ fn us(value: &Value) -> String {
     value.as_f64().map_or("-".into(), |us| format!("{us:.0}"))
 }
 
+/// `; served by replica1 n, replica2 m` from a scenario's `served_by`
+/// (the balancer's `x-served-by` counts); empty when there is none.
+fn served_by(counts: &Value) -> String {
+    let Some(counts) = counts.as_object().filter(|counts| !counts.is_empty()) else {
+        return String::new();
+    };
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|(replica, count)| format!("{replica} {count}"))
+        .collect();
+    format!("; served by {}", counts.join(", "))
+}
+
 fn print_table(args: &Args, report: &Value) {
     println!(
         "vantage-sync-loadtest on {} cores{}{}",
@@ -343,10 +356,11 @@ fn print_table(args: &Args, report: &Value) {
         if row.is_null() {
             continue;
         }
-        let notes = match name {
+        let mut notes = match name {
             "mutate" => format!("transitions/s, lost {}", row["lost"]),
             _ => "requests/s".into(),
         };
+        notes.push_str(&served_by(&row["served_by"]));
         let cpu = &row["cpu_us_per_request"];
         println!(
             "{:<8} {:>14} {:>12.0} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  {notes}",

@@ -3,9 +3,10 @@
 //! missed or lost), never timings.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::process::Command;
+use std::process::{Command, Output};
 
 use serde_json::Value;
+use vantage_sync_testkit::{HaProxy, SECRET, TestApp};
 
 /// The load tool's JSON report of a `--smoke --json` run with `args`.
 fn smoke(args: &[&str]) -> Value {
@@ -15,6 +16,11 @@ fn smoke(args: &[&str]) -> Value {
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
+    report(output)
+}
+
+/// The JSON report of a successful run.
+fn report(output: Output) -> Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -33,6 +39,8 @@ fn smoke_runs_every_scenario_correctly() {
             "{scenario} did nothing"
         );
         assert_eq!(report[scenario]["errors"], 0, "{scenario}");
+        // No balancer in front, so no replica named.
+        assert!(report[scenario]["served_by"].is_null(), "{scenario}");
         // The CPU the load tool measured for itself and, but for the
         // floor (which bypasses it), for the server it started.
         let cpu = &report[scenario]["cpu_us_per_request"];
@@ -85,6 +93,38 @@ fn smoke_through_pgbouncer_loses_nothing() {
     }
     assert_eq!(report["mutate"]["lost"], 0);
     assert_eq!(report["fanout"]["missed"], 0);
+}
+
+/// Through HAProxy with the shipped configuration, the one server listed
+/// twice (as replica1 and replica2): the query scenario counts the
+/// responses each replica gave by the balancer's `x-served-by` header.
+#[tokio::test]
+async fn smoke_through_a_balancer_counts_responses_per_replica() {
+    let app = TestApp::spawn().await;
+    let balancer = HaProxy::start(&[app.addr, app.addr]);
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_vantage-sync-loadtest"))
+        .args(["--smoke", "--json", "query", "--url"])
+        .arg(balancer.url(""))
+        .args(["--database-url", &app.db.url, "--jwt-secret", SECRET])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .await
+        .unwrap();
+    let report = report(output);
+    let query = &report["query"];
+    assert_eq!(query["errors"], 0, "{query}");
+    let served_by = query["served_by"].as_object().unwrap();
+    let count = |replica: &str| served_by.get(replica).and_then(Value::as_u64).unwrap_or(0);
+    assert!(
+        count("replica1") > 0 && count("replica2") > 0,
+        "leastconn spreads the workers: {query}"
+    );
+    assert_eq!(served_by.len(), 2, "{query}");
+    assert_eq!(
+        Some(count("replica1") + count("replica2")),
+        query["requests"].as_u64(),
+        "every response counted once: {query}"
+    );
 }
 
 /// The soak at smoke size (20 s in 5 s windows): subscribers leave and

@@ -431,17 +431,23 @@ impl SubscriptionStart {
     }
 
     async fn open(&self) -> i64 {
-        let text = reqwest::get(&self.metrics_url)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix("vantage_sync_subscriptions_active "))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no subscription gauge in:\n{text}"))
+        subscriptions_active(&self.metrics_url).await
     }
+}
+
+/// The subscriptions open on the server whose `/metrics` is at
+/// `metrics_url`, by its gauge.
+pub async fn subscriptions_active(metrics_url: &str) -> i64 {
+    let text = reqwest::get(metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("vantage_sync_subscriptions_active "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no subscription gauge in:\n{text}"))
 }
 
 /// The row of `resource` as `to_jsonb` gives it, or JSON null.

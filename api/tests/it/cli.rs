@@ -133,7 +133,20 @@ impl Serving {
         while let Ok(line) = self.log.recv_timeout(Duration::from_secs(5)) {
             self.lines.push(line);
         }
-        (exit.success(), self.lines)
+        (exit.success(), std::mem::take(&mut self.lines))
+    }
+}
+
+/// A test that fails before `stop` still stops its server (and with it
+/// the managed PostgreSQL), rather than leave both running.
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let _ = self.child.wait();
+        }
     }
 }
 

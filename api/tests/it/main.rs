@@ -31,6 +31,7 @@ mod pooler;
 mod rate_limit;
 mod read_cost;
 mod read_replica;
+mod replicas;
 mod server_kill;
 mod sse;
 mod stalled_reader;

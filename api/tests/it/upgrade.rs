@@ -39,7 +39,7 @@ fn previous_release() -> PathBuf {
     let binary = root.join("target/release/vantage-sync");
     if !source.join("Cargo.toml").exists() {
         std::fs::create_dir_all(&source).unwrap();
-        let archive = Command::new("git")
+        let mut archive = Command::new("git")
             .args(["archive", "--format=tar", PREVIOUS_RELEASE])
             .current_dir(repository())
             .stdout(Stdio::piped())
@@ -48,10 +48,14 @@ fn previous_release() -> PathBuf {
         let status = Command::new("tar")
             .args(["-x", "-C"])
             .arg(&source)
-            .stdin(archive.stdout.unwrap())
+            .stdin(archive.stdout.take().unwrap())
             .status()
             .unwrap();
         assert!(status.success(), "cannot unpack {PREVIOUS_RELEASE}");
+        assert!(
+            archive.wait().unwrap().success(),
+            "git archive {PREVIOUS_RELEASE} failed"
+        );
     }
     if !binary.exists() {
         let status = Command::new(env!("CARGO"))
