@@ -345,3 +345,55 @@ async fn applied_migrations_are_told_by_their_markers() {
     assert_eq!(state.pending, Vec::<String>::new());
     assert_eq!(state.unknown, None);
 }
+
+/// A migration outside a transaction, as one that builds an index with
+/// `CREATE INDEX CONCURRENTLY` must be: its statements go one at a time
+/// (sent together they would share an implicit transaction, which
+/// PostgreSQL refuses), and its down removes what it made.
+#[tokio::test]
+async fn a_migration_outside_a_transaction_builds_indexes_concurrently() {
+    let db = TestDb::migrated().await;
+    let orm = sea_orm::Database::connect(&db.url).await.unwrap();
+    let script = migration::SqlScript {
+        name: "m29990101_000000_concurrent_indexes",
+        up: "CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_test_events_xid ON public.vantage_sync_events (xid);\n\
+             -- a second one, so the statements must go one at a time\n\
+             CREATE INDEX CONCURRENTLY IF NOT EXISTS idx_test_events_status ON public.vantage_sync_events (status);\n",
+        down: "DROP INDEX CONCURRENTLY IF EXISTS public.idx_test_events_status;\n\
+               DROP INDEX CONCURRENTLY IF EXISTS public.idx_test_events_xid;\n",
+        marker: "public.idx_test_events_xid",
+        transactional: false,
+    };
+    let whole = sea_orm::ConnectionTrait::execute_unprepared(&orm, script.up).await;
+    assert!(
+        whole.is_err(),
+        "sent whole, the statements would share a transaction"
+    );
+    migration::execute(&orm, &script, script.up).await.unwrap();
+    let mut conn = db.connect().await;
+    let valid: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE c.relname LIKE 'idx_test_events_%' ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        valid,
+        [
+            ("idx_test_events_status".to_owned(), true),
+            ("idx_test_events_xid".to_owned(), true)
+        ]
+    );
+    // Run again after a failure (or twice): nothing changes.
+    migration::execute(&orm, &script, script.up).await.unwrap();
+    migration::execute(&orm, &script, script.down)
+        .await
+        .unwrap();
+    let (left,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM pg_class WHERE relname LIKE 'idx_test_events_%'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+}
