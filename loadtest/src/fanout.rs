@@ -1,7 +1,13 @@
 //! `fanout` and `sse`: S subscribers (over WebSocket, or GraphQL over
 //! SSE), then K changes made in the database; for every subscriber and
 //! change the delay from commit to receipt, what was missed, and the
-//! server's memory per subscriber.
+//! server's CPU per delivery and memory per subscriber.
+//!
+//! With N shapes the subscribers are spread evenly over N distinct
+//! subscriptions (see [`Shape`]), all of which receive every change: how
+//! much a server that renders each change once per distinct subscription
+//! gains over one that renders it once per subscriber, and what it costs
+//! when subscriptions share nothing.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +26,39 @@ use crate::target::Target;
 const RESOURCE: &str = "fanout_probe";
 const SUBSCRIPTION: &str = "subscription { syncStateChanged(resources: [\"fanout_probe\"]) { \
     resource cursor state { lastSyncStatus recordsSynced } } }";
+/// The field of `state` that carries the change number in [`SUBSCRIPTION`].
+const NUMBER_FIELD: &str = "recordsSynced";
+
+/// One of the distinct subscriptions the subscribers are spread over.
+///
+/// Shape 0 is [`SUBSCRIPTION`] itself. Shape i > 0 is the same document
+/// with `recordsSynced` under the alias `records` + i in six digits
+/// (`records000001: recordsSynced`, 13 characters like the field's own
+/// name): the same filter, so it receives every change to the probe, and a
+/// payload of the same length, so deliveries cost the same whatever the
+/// shape, but a distinct document and a distinct rendering. Each
+/// subscriber reads its change number under its own alias, so a rendering
+/// shared across shapes by mistake counts as an error, not a delivery.
+struct Shape {
+    document: String,
+    number_field: String,
+}
+
+impl Shape {
+    fn new(index: usize) -> Self {
+        if index == 0 {
+            return Self {
+                document: SUBSCRIPTION.to_owned(),
+                number_field: NUMBER_FIELD.to_owned(),
+            };
+        }
+        let alias = format!("records{index:06}");
+        Self {
+            document: SUBSCRIPTION.replacen(NUMBER_FIELD, &format!("{alias}: {NUMBER_FIELD}"), 1),
+            number_field: alias,
+        }
+    }
+}
 
 /// What one subscriber saw: (change number, when it arrived).
 type Received = Vec<(u64, Instant)>;
@@ -37,9 +76,12 @@ pub async fn run(
     target: &Target,
     transport: Transport,
     subscribers: usize,
+    shapes: usize,
     changes: usize,
     interval: Duration,
 ) -> anyhow::Result<Value> {
+    let shapes = shapes.max(1);
+    let shape_list: Arc<Vec<Shape>> = Arc::new((0..shapes).map(Shape::new).collect());
     let mut conn = PgConnection::connect(&target.database_url).await?;
     sqlx::query("INSERT INTO vantage_sync_state (resource) VALUES ($1) ON CONFLICT DO NOTHING")
         .bind(RESOURCE)
@@ -54,23 +96,26 @@ pub async fn run(
     let (stop_send, stop) = tokio::sync::watch::channel(false);
     let arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(subscribers);
-    for _ in 0..subscribers {
-        let (url, token, connecting, ready_send, mut stop, arrived) = (
+    for subscriber in 0..subscribers {
+        let (url, token, connecting, ready_send, mut stop, arrived, shape_list) = (
             ws_url.clone(),
             token.clone(),
             connecting.clone(),
             ready_send.clone(),
             stop.clone(),
             arrived.clone(),
+            shape_list.clone(),
         );
         let base = target.base.clone();
         tasks.push(tokio::spawn(async move {
+            // Round robin: shape sizes differ by one subscriber at most.
+            let shape = &shape_list[subscriber % shapes];
             let permit = connecting.acquire_owned().await;
             let subscription = match transport {
-                Transport::WebSocket => subscribe(&url, &token, SUBSCRIPTION, &json!({}))
+                Transport::WebSocket => subscribe(&url, &token, &shape.document, &json!({}))
                     .await
                     .map(|socket| Subscription::WebSocket(Box::new(socket))),
-                Transport::Sse => crate::sse::SseStream::open(&base, &token, SUBSCRIPTION)
+                Transport::Sse => crate::sse::SseStream::open(&base, &token, &shape.document)
                     .await
                     .map(Subscription::Sse),
             };
@@ -80,6 +125,7 @@ pub async fn run(
                 received: Received::new(),
                 errors: 0,
                 arrived: &arrived,
+                number_field: &shape.number_field,
             };
             match subscription {
                 Ok(Subscription::WebSocket(socket)) => {
@@ -158,6 +204,7 @@ pub async fn run(
     };
     Ok(json!({
         "subscribers": subscribers,
+        "shapes": shapes,
         "connected": connected,
         "changes": changes,
         "interval_ms": interval.as_millis() as u64,
@@ -185,12 +232,14 @@ struct Tally<'a> {
     received: Received,
     errors: u64,
     arrived: &'a std::sync::atomic::AtomicU64,
+    /// Where its shape puts the change number.
+    number_field: &'a str,
 }
 
 impl Tally<'_> {
     /// A `next` payload that arrived `at` (`None`: it could not be read).
     fn next(&mut self, payload: Option<&Value>, at: Instant) {
-        match payload.and_then(change_number) {
+        match payload.and_then(|payload| change_number(payload, self.number_field)) {
             Some(change) => {
                 self.received.push((change, at));
                 self.arrived
@@ -251,9 +300,10 @@ async fn follow_sse(
     }
 }
 
-/// The change number a `next` payload carries (the probe's recordsSynced).
-fn change_number(payload: &Value) -> Option<u64> {
-    payload["data"]["syncStateChanged"]["state"]["recordsSynced"].as_u64()
+/// The change number a `next` payload carries (the probe's recordsSynced,
+/// under `field`: its name or the shape's alias).
+fn change_number(payload: &Value, field: &str) -> Option<u64> {
+    payload["data"]["syncStateChanged"]["state"][field].as_u64()
 }
 
 /// A WebSocket to the server.

@@ -68,6 +68,10 @@ struct Args {
     /// Subscribers for fanout (WebSocket) and sse (GraphQL over SSE).
     #[arg(long, default_value_t = 10_000)]
     subscribers: usize,
+    /// Distinct subscriptions the fanout and sse subscribers are spread
+    /// over evenly (each receives every change; they differ by an alias).
+    #[arg(long, default_value_t = 1)]
+    shapes: usize,
     /// Changes made during fanout and sse.
     #[arg(long, default_value_t = 20)]
     changes: usize,
@@ -140,6 +144,7 @@ async fn main() -> anyhow::Result<()> {
         args.concurrency = args.concurrency.min(4);
         args.seconds = 1;
         args.subscribers = args.subscribers.min(25);
+        args.shapes = args.shapes.min(args.subscribers.max(1));
         args.changes = args.changes.min(3);
         args.soak_seconds = args.soak_seconds.min(20);
         args.soak_window_seconds = args.soak_window_seconds.min(5);
@@ -152,6 +157,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.soak_seconds == 0 || args.soak_window_seconds == 0 {
         bail!("--soak-seconds and --soak-window-seconds must be at least 1");
+    }
+    if args.shapes == 0 || args.shapes > args.subscribers.max(1) {
+        bail!("--shapes must be between 1 and --subscribers");
     }
     target::raise_file_limit();
     let target = match &args.url {
@@ -200,6 +208,7 @@ async fn run(args: &Args, target: &Target) -> anyhow::Result<Value> {
                     target,
                     transport,
                     args.subscribers,
+                    args.shapes,
                     args.changes,
                     Duration::from_millis(args.interval_ms),
                 )
@@ -370,7 +379,7 @@ fn print_table(args: &Args, report: &Value) {
             ms(&row["latency_ms"]["p50"]),
             ms(&row["latency_ms"]["p99"]),
             ms(&row["latency_ms"]["max"]),
-            row["errors"],
+            row["errors"].to_string(),
             us(&cpu["server"]),
             us(&cpu["postgres"]),
             us(&cpu["load_tool"]),
@@ -381,18 +390,20 @@ fn print_table(args: &Args, report: &Value) {
         if fanout.is_null() {
             continue;
         }
+        let cpu = &fanout["cpu_us_per_delivery"];
         println!(
-            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt; missed {}, server RSS {} -> {} KiB = {:.1} KiB per subscriber",
+            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt, CPU per delivery; shapes {}, missed {}, server RSS {} -> {} KiB = {:.1} KiB per subscriber",
             name,
             format!("S={} K={}", args.subscribers, args.changes),
             "-",
             ms(&fanout["delay_ms"]["p50"]),
             ms(&fanout["delay_ms"]["p99"]),
             ms(&fanout["delay_ms"]["max"]),
-            fanout["errors"],
-            "-",
-            "-",
-            "-",
+            fanout["errors"].to_string(),
+            us(&cpu["server"]),
+            us(&cpu["postgres"]),
+            us(&cpu["load_tool"]),
+            fanout["shapes"],
             fanout["missed"],
             fanout["rss_kib_before"],
             fanout["rss_kib_after"],

@@ -59,6 +59,7 @@ fn smoke_runs_every_scenario_correctly() {
         assert_eq!(fanout["missed"], 0, "{transport}");
         assert_eq!(fanout["errors"], 0, "{transport}");
         assert_eq!(fanout["connected"], fanout["subscribers"], "{transport}");
+        assert_eq!(fanout["shapes"], 1, "{transport}");
         assert_eq!(
             fanout["delivered"].as_u64(),
             Some(fanout["subscribers"].as_u64().unwrap() * fanout["changes"].as_u64().unwrap()),
@@ -76,6 +77,32 @@ fn smoke_runs_every_scenario_correctly() {
     assert_eq!(hooks["duplicates"], 0);
     assert_eq!(hooks["out_of_order"], 0);
     assert!(report["query_to_floor_throughput"].as_f64().unwrap() > 0.0);
+}
+
+/// Subscribers spread over three distinct subscriptions, on either
+/// transport: every one still receives every change, and the server's CPU
+/// per delivery and memory per subscriber are reported.
+#[test]
+fn smoke_spreads_subscribers_over_shapes() {
+    let report = smoke(&["fanout", "sse", "--shapes", "3"]);
+    for transport in ["fanout", "sse"] {
+        let fanout = &report[transport];
+        assert_eq!(fanout["shapes"], 3, "{transport}: {fanout}");
+        assert_eq!(fanout["missed"], 0, "{transport}: {fanout}");
+        assert_eq!(fanout["errors"], 0, "{transport}: {fanout}");
+        assert_eq!(fanout["connected"], fanout["subscribers"], "{transport}");
+        assert_eq!(
+            fanout["delivered"].as_u64(),
+            Some(fanout["subscribers"].as_u64().unwrap() * fanout["changes"].as_u64().unwrap()),
+            "{transport}: {fanout}"
+        );
+        let cpu = &fanout["cpu_us_per_delivery"];
+        assert!(cpu["server"].as_f64().unwrap() > 0.0, "{transport}: {cpu}");
+        assert!(
+            fanout["rss_kib_per_subscriber"].as_f64().is_some(),
+            "{transport}: {fanout}"
+        );
+    }
 }
 
 /// The same through a real PgBouncer in transaction mode: no request
