@@ -118,8 +118,9 @@ pub(crate) async fn read_body(
         return Err(too_large);
     }
     let mut body = body;
-    let mut kept =
-        Vec::with_capacity(announced.map_or(0, |length| length.min(limit as u64) as usize));
+    // A body in one frame (the usual case) is kept as it came, uncopied.
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<u8> = Vec::new();
     let mut seen = 0_usize;
     let drain_deadline = tokio::time::Instant::now() + DRAIN_WITHIN;
     loop {
@@ -138,17 +139,26 @@ pub(crate) async fn read_body(
         })?;
         if let Ok(data) = frame.into_data() {
             seen = seen.saturating_add(data.len());
-            if seen <= limit {
-                kept.extend_from_slice(&data);
-            } else if seen > DRAIN_AT_MOST {
-                return Err(too_large);
+            if seen > limit {
+                first = None;
+                rest = Vec::new();
+                if seen > DRAIN_AT_MOST {
+                    return Err(too_large);
+                }
+            } else if first.is_none() && rest.is_empty() {
+                first = Some(data);
+            } else {
+                if let Some(first) = first.take() {
+                    rest.extend_from_slice(&first);
+                }
+                rest.extend_from_slice(&data);
             }
         }
     }
     if seen > limit {
         return Err(too_large);
     }
-    Ok(Bytes::from(kept))
+    Ok(first.unwrap_or_else(|| Bytes::from(rest)))
 }
 
 /// The GraphQL request in a POST body; a body that is not a JSON object
