@@ -65,11 +65,12 @@ impl Report {
         });
     }
 
-    /// Whether every check passed or only warned.
-    pub fn passed(&self) -> bool {
+    /// How many checks failed.
+    pub fn failures(&self) -> usize {
         self.findings
             .iter()
-            .all(|finding| finding.verdict != Verdict::Fail)
+            .filter(|finding| finding.verdict == Verdict::Fail)
+            .count()
     }
 
     /// A failure found before the database was asked anything (the
@@ -122,57 +123,37 @@ pub fn shown_url(url: &str) -> String {
     }
 }
 
-fn password(url: &str) -> Option<String> {
-    let parsed = reqwest::Url::parse(url).ok()?;
-    let password = parsed.password()?;
-    let decoded = percent_decoded(password);
-    Some(decoded).filter(|password| !password.is_empty())
-}
-
-fn percent_decoded(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let hex = bytes
-            .get(index + 1..index + 3)
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match (bytes[index], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                index += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The password of `url`, as written in it and decoded: never to be shown.
+fn passwords(url: &str) -> Vec<String> {
+    let Some(written) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|url| url.password().map(str::to_owned))
+    else {
+        return Vec::new();
+    };
+    let decoded = percent_encoding::percent_decode_str(&written)
+        .decode_utf8_lossy()
+        .into_owned();
+    [written, decoded]
+        .into_iter()
+        .filter(|password| !password.is_empty())
+        .collect()
 }
 
 /// Runs every check `serve` makes at start against `config`'s database
 /// and keys.
 pub async fn deployment(config: &ServerConfig) -> Report {
     let mut report = Report::default();
+    let read_url = config.read_replica.as_ref().map(|replica| &replica.url);
     for url in [
         Some(&config.database_url),
         config.listen_database_url.as_ref(),
+        read_url,
     ]
     .into_iter()
     .flatten()
     {
-        if let Some(password) = password(url) {
-            report.secrets.push(password.clone());
-            // Also as written in the URL, percent-encoded.
-            if let Some(raw) = reqwest::Url::parse(url)
-                .ok()
-                .and_then(|url| url.password().map(str::to_owned))
-            {
-                report.secrets.push(raw);
-            }
-        }
+        report.secrets.extend(passwords(url));
     }
     keys(config, &mut report).await;
     let Some(pool) = database(config, &mut report).await else {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::auth::{Role, SigningKey, TokenKeys};
-use crate::check::{self, Verdict};
+use crate::check;
 use crate::config::{ClaimArgs, ConfigError, ServeArgs};
 use crate::db::migrate::{self, MigrateCommand, MigrateError};
 use crate::managed_postgres::{self, ManagedError, ManagedPostgres};
@@ -311,12 +311,7 @@ async fn check(args: ServeArgs) -> Result<(), CliError> {
     for finding in &report.findings {
         println!("{finding}");
     }
-    let failed = report
-        .findings
-        .iter()
-        .filter(|finding| finding.verdict == Verdict::Fail)
-        .count();
-    match failed {
+    match report.failures() {
         0 => Ok(()),
         failed => Err(CliError::CheckFailed {
             failed,

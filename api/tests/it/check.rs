@@ -161,3 +161,39 @@ async fn a_transaction_pooler_without_a_listen_url_is_a_warning() {
     assert!(ok, "{lines:#?}");
     assert!(line(&lines, "live feed").starts_with('✓'), "{lines:#?}");
 }
+
+#[tokio::test]
+async fn a_read_replica_must_be_a_standby_and_an_unreachable_one_is_a_warning() {
+    let db = TestDb::migrated().await;
+    // The primary itself is no standby.
+    let (ok, lines) = check(&[
+        ("DATABASE_URL", &db.url),
+        ("JWT_SECRET", SECRET),
+        ("READ_DATABASE_URL", &db.url),
+    ])
+    .await;
+    assert!(!ok, "{lines:#?}");
+    let replica = line(&lines, "read replica");
+    assert!(
+        replica.starts_with('✗') && replica.contains("not a standby"),
+        "{replica}"
+    );
+    // One that does not answer: queries would read the primary meanwhile.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let password = "r3plica-Secret";
+    let url = format!("postgres://reader:{password}@127.0.0.1:{port}/vantage");
+    let (ok, lines) = check(&[
+        ("DATABASE_URL", &db.url),
+        ("JWT_SECRET", SECRET),
+        ("READ_DATABASE_URL", &url),
+    ])
+    .await;
+    assert!(ok, "a warning is not a failure: {lines:#?}");
+    assert!(line(&lines, "read replica").starts_with('⚠'), "{lines:#?}");
+    assert!(
+        lines.iter().all(|line| !line.contains(password)),
+        "{lines:#?}"
+    );
+}

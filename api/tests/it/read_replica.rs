@@ -92,6 +92,22 @@ async fn queries_read_the_standby_and_the_primary_takes_over_when_it_lags_or_is_
     })
     .await;
     usable_within(&app, Duration::from_secs(10), true).await;
+    // `check` knows it for a standby.
+    let mut command = crate::cli::vantage_sync();
+    command.args(["check"]).envs([
+        ("DATABASE_URL", app.db.url.as_str()),
+        ("JWT_SECRET", vantage_sync_testkit::SECRET),
+        ("READ_DATABASE_URL", standby_url.as_str()),
+    ]);
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{printed}");
+    assert!(
+        printed.contains("✓ read replica:") && printed.contains("is a hot standby"),
+        "{printed}"
+    );
     let mut on_standby = PgConnection::connect(&standby_url).await.unwrap();
 
     // Queries are counted on the standby, and not on the primary.
