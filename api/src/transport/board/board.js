@@ -467,12 +467,17 @@ function sortedStates() {
  *  an incident. */
 function alertDetail(kind, list) {
   if (kind !== 'stale') return list.join(', ');
-  const waiting = list.filter((resource) => board.states.get(resource)?.lastSyncStatus === 'NEVER_RUN');
-  const late = list.filter((resource) => !waiting.includes(resource));
-  const parts = [];
-  if (late.length > 0) parts.push(`${late.join(', ')}: no successful sync in 24 hours`);
-  if (waiting.length > 0) parts.push(`${waiting.join(', ')}: waiting for a first run`);
-  return parts.join('; ');
+  const state = (resource) => board.states.get(resource);
+  const groups = [
+    ['no successful sync in 24 hours', (resource) => state(resource)?.lastSyncTime],
+    ['no successful sync yet', (resource) => !state(resource)?.lastSyncTime && state(resource)?.lastSyncStatus !== 'NEVER_RUN'],
+    ['waiting for a first run', (resource) => state(resource)?.lastSyncStatus === 'NEVER_RUN'],
+  ];
+  return groups
+    .map(([reason, holds]) => [reason, list.filter(holds)])
+    .filter(([, resources]) => resources.length > 0)
+    .map(([reason, resources]) => `${resources.join(', ')}: ${reason}`)
+    .join('; ');
 }
 
 /** Alerts as text, to compare them. */
