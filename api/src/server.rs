@@ -234,11 +234,11 @@ impl Server {
         config.keys.start(metrics.clone());
         let pool = match &config.read_replica {
             Some(settings) => {
-                let standby = db::connect_with(
+                let standby = db::connect_lazy(
                     &settings.url,
                     config.max_connections,
                     config.acquire_timeout,
-                    config.prepared_statements,
+                    pool.prepared_statements(),
                 )
                 .await?;
                 let replica =

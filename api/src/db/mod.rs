@@ -11,7 +11,7 @@ pub mod webhooks;
 
 pub use pool::{
     DEFAULT_ACQUIRE_TIMEOUT, Pool, PreparedStatements, PrivilegeError, check_privileges, connect,
-    connect_session, connect_with, default_max_connections, is_transaction_pooler,
+    connect_lazy, connect_session, connect_with, default_max_connections, is_transaction_pooler,
 };
 
 use std::sync::Arc;

@@ -153,6 +153,35 @@ pub async fn connect_with(
     })
 }
 
+/// A pool of at most `max_connections` connections to a read replica at
+/// `database_url`, connecting on first use: a standby that is down when
+/// the server starts does not stop it (queries read the primary until it
+/// answers). Statements are prepared by name as `prepared` says (what was
+/// found for the primary).
+pub async fn connect_lazy(
+    database_url: &str,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    prepared: bool,
+) -> Result<Pool, DbErr> {
+    let mut options = ConnectOptions::new(database_url);
+    options
+        .max_connections(max_connections)
+        .min_connections(0)
+        .connect_timeout(acquire_timeout)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire_if_idle_for(Duration::from_secs(1))
+        .map_sqlx_postgres_opts(|options| options.extra_float_digits(None))
+        .connect_lazy(true)
+        .sqlx_logging(false);
+    Ok(Pool {
+        connection: Database::connect(options).await?,
+        prepared,
+        pooled: false,
+        replica: None,
+    })
+}
+
 /// One session to `database_url` (migrations, administration): a pool of
 /// one connection, so that session-level state such as an advisory lock
 /// holds for everything done through it.

@@ -177,9 +177,12 @@ async fn queries_read_the_standby_and_the_primary_takes_over_when_it_lags_or_is_
 
     // The standby gone: queries still succeed and the server stays ready.
     drop(on_standby);
-    tokio::task::spawn_blocking(move || standby.stop())
-        .await
-        .unwrap();
+    let standby = tokio::task::spawn_blocking(move || {
+        standby.stop();
+        standby
+    })
+    .await
+    .unwrap();
     for _ in 0..20 {
         let (status, body) = app
             .graphql(
@@ -197,4 +200,31 @@ async fn queries_read_the_standby_and_the_primary_takes_over_when_it_lags_or_is_
     }
     assert_eq!(app.readiness().await, StatusCode::OK);
     usable_within(&app, Duration::from_secs(3), false).await;
+
+    // A server started while its standby is down serves from the primary,
+    // and takes the standby into use once it is back.
+    let standby = std::sync::Arc::new(standby);
+    let second = TestApp::spawn_with(
+        TestDb {
+            name: app.db.name.clone(),
+            url: app.db.url.clone(),
+        },
+        |config| {
+            config.read_replica = Some(ReplicaSettings {
+                url: standby.url("postgres"),
+                max_lag: MAX_LAG,
+            });
+        },
+    )
+    .await;
+    let body = second
+        .query("authenticated", "{ syncStates { resource } }", json!({}))
+        .await;
+    assert_eq!(body["data"]["syncStates"].as_array().unwrap().len(), 7);
+    assert_eq!(second.readiness().await, StatusCode::OK);
+    let restarting = standby.clone();
+    tokio::task::spawn_blocking(move || restarting.restart())
+        .await
+        .unwrap();
+    usable_within(&second, Duration::from_secs(10), true).await;
 }
