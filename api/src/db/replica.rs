@@ -122,9 +122,13 @@ async fn check(
     let mut was_usable = false;
     loop {
         every.tick().await;
+        // Gone, or the server closed its pools on the way out.
         let Some(replica) = replica.upgrade() else {
             return;
         };
+        if primary.sqlx().is_closed() {
+            return;
+        }
         let now = Instant::now();
         if let Some(at) = position(&primary, "SELECT pg_current_wal_lsn()::text").await
             && noted.back().is_none_or(|(_, last)| *last < at)
