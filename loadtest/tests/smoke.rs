@@ -96,8 +96,13 @@ fn smoke_spreads_subscribers_over_shapes() {
             Some(fanout["subscribers"].as_u64().unwrap() * fanout["changes"].as_u64().unwrap()),
             "{transport}: {fanout}"
         );
+        // /proc counts in 10 ms ticks: a smoke-sized run may use less than
+        // one, so only that a figure is reported can be asserted here.
         let cpu = &fanout["cpu_us_per_delivery"];
-        assert!(cpu["server"].as_f64().unwrap() > 0.0, "{transport}: {cpu}");
+        assert!(
+            cpu["server"].as_f64().is_some_and(|us| us >= 0.0),
+            "{transport}: {cpu}"
+        );
         assert!(
             fanout["rss_kib_per_subscriber"].as_f64().is_some(),
             "{transport}: {fanout}"
