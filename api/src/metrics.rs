@@ -70,6 +70,9 @@ pub struct Metrics {
     latency: Family<OperationLabels, Histogram>,
     pool: Family<PoolLabels, Gauge>,
     subscriptions: Gauge,
+    groups: Gauge,
+    renders: Counter,
+    fell_behind: Counter,
     delivered: Counter,
     reconnects: Counter,
     unannounced: Counter,
@@ -163,6 +166,25 @@ impl Default for Metrics {
             "subscriptions_active",
             "Subscriptions currently open",
             subscriptions.clone(),
+        );
+        let groups = Gauge::default();
+        registry.register(
+            "subscription_groups",
+            "Distinct live subscriptions (same document, variables and role) with members",
+            groups.clone(),
+        );
+        let renders = Counter::default();
+        registry.register(
+            "subscription_renders",
+            "Changes rendered for a group of subscribers (one per group and change; \
+             a subscriber catching up from the log renders its own)",
+            renders.clone(),
+        );
+        let fell_behind = Counter::default();
+        registry.register(
+            "subscription_fell_behind",
+            "Times a subscriber fell behind its group and caught up from the event log",
+            fell_behind.clone(),
         );
         let delivered = Counter::default();
         registry.register(
@@ -300,6 +322,9 @@ impl Default for Metrics {
             latency,
             pool,
             subscriptions,
+            groups,
+            renders,
+            fell_behind,
             delivered,
             reconnects,
             unannounced,
@@ -343,6 +368,23 @@ impl Metrics {
     pub fn subscription_opened(self: &std::sync::Arc<Self>) -> SubscriptionGuard {
         self.subscriptions.inc();
         SubscriptionGuard(self.clone())
+    }
+
+    /// A group of identical subscriptions formed; it is counted until the
+    /// guard drops.
+    pub fn group_formed(self: &std::sync::Arc<Self>) -> GroupGuard {
+        self.groups.inc();
+        GroupGuard(self.clone())
+    }
+
+    /// A change rendered once, for a group or a subscriber catching up.
+    pub fn change_rendered(&self) {
+        self.renders.inc();
+    }
+
+    /// A subscriber fell behind its group and reads the log.
+    pub fn subscriber_fell_behind(&self) {
+        self.fell_behind.inc();
     }
 
     /// One change sent to one subscriber, `delay_seconds` after it happened.
@@ -447,6 +489,16 @@ pub struct SubscriptionGuard(std::sync::Arc<Metrics>);
 impl Drop for SubscriptionGuard {
     fn drop(&mut self) {
         self.0.subscriptions.dec();
+    }
+}
+
+/// Counts a group of subscriptions until dropped.
+#[derive(Debug)]
+pub struct GroupGuard(std::sync::Arc<Metrics>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.0.groups.dec();
     }
 }
 

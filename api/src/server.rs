@@ -14,6 +14,7 @@ use crate::db::replica::{ReadReplica, ReplicaSettings};
 use crate::db::{Access, Identity, Pool, PreparedStatements, PrivilegeError, Role, events};
 use crate::feed::Feed;
 use crate::graphql::QueryLimits;
+use crate::graphql::live::LiveGroups;
 use crate::graphql::parsed_queries::ParsedQueryCache;
 use crate::metrics::Metrics;
 use crate::transport::cors::CorsOrigins;
@@ -270,10 +271,12 @@ impl Server {
             config.feed_poll_interval,
             config.request_timeout,
         );
+        let schema = graphql::builder(config.limits)
+            .data(config.webhooks)
+            .finish();
         let state = AppState {
-            schema: graphql::builder(config.limits)
-                .data(config.webhooks)
-                .finish(),
+            live: LiveGroups::start(schema.clone(), feed.clone()),
+            schema,
             pool,
             keys: config.keys,
             metrics,

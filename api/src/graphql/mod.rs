@@ -5,6 +5,7 @@ pub mod alerts;
 pub mod cost;
 pub mod history;
 pub mod in_memory;
+pub mod live;
 pub mod mutation;
 pub mod parsed_queries;
 pub mod query;
@@ -25,7 +26,7 @@ use chrono::{DateTime, Utc};
 use crate::auth::Caller;
 use crate::db::{Access, RequestDb, RequestTxn};
 use crate::error::ApiError;
-use crate::feed::Feed;
+use live::LiveGroups;
 
 pub use subscription::Subscription;
 
@@ -105,7 +106,7 @@ enum OperationDb {
     /// since the connection lives for hours. An SSE stream also shares
     /// its event ids with the transport.
     PerRead {
-        feed: Arc<Feed>,
+        live: Arc<LiveGroups>,
         sse_resume: Option<Arc<SseResume>>,
     },
 }
@@ -182,17 +183,17 @@ impl OperationContext {
         }
     }
 
-    /// The subscriptions of `caller` on one connection, fed by `feed`;
-    /// an SSE stream passes its `sse_resume`.
+    /// A live operation of `caller`, in the groups of `live`; an SSE
+    /// stream passes its `sse_resume`.
     pub fn subscriptions(
         caller: Caller,
-        feed: Arc<Feed>,
+        live: Arc<LiveGroups>,
         sse_resume: Option<Arc<SseResume>>,
     ) -> Self {
         Self {
             caller,
             now: Utc::now(),
-            db: OperationDb::PerRead { feed, sse_resume },
+            db: OperationDb::PerRead { live, sse_resume },
         }
     }
 
@@ -281,10 +282,10 @@ impl OperationContext {
             .ok_or_else(|| ApiError::internal("a root field read as two types"))
     }
 
-    /// The live feed that subscriptions follow.
-    pub fn feed(&self) -> Result<&Arc<Feed>, ApiError> {
+    /// The groups that live operations join.
+    pub fn live(&self) -> Result<&Arc<LiveGroups>, ApiError> {
         match &self.db {
-            OperationDb::PerRead { feed, .. } => Ok(feed),
+            OperationDb::PerRead { live, .. } => Ok(live),
             OperationDb::Request { .. } => Err(ApiError::BadUserInput {
                 message: "subscriptions need a WebSocket connection to /graphql".into(),
                 field: None,
@@ -309,7 +310,8 @@ impl OperationContext {
                 .get_or_try_init(|| self.read("", read))
                 .await
                 .map(Cow::Borrowed),
-            OperationDb::PerRead { feed, .. } => feed
+            OperationDb::PerRead { live, .. } => live
+                .feed()
                 .read(&self.caller.identity(), Access::Read, read)
                 .await
                 .map(Cow::Owned),

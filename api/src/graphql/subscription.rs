@@ -4,13 +4,12 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use async_graphql::futures_util::Stream;
-use async_graphql::futures_util::stream;
+use async_graphql::futures_util::StreamExt;
+use async_graphql::futures_util::stream::{self, BoxStream};
 use async_graphql::{Context, Enum, Object, Subscription as SubscriptionRoot};
 use chrono::{DateTime, Utc};
-use tokio::sync::broadcast::Receiver;
-use tokio::sync::broadcast::error::RecvError;
 
+use super::live::{HandOff, Joined, Member, RenderOne};
 use super::sync_state::SyncState;
 use super::validate;
 use super::{OperationContext, SseResume};
@@ -51,6 +50,19 @@ pub struct SyncStateChange {
     state: Option<SyncState>,
     at: DateTime<Utc>,
     cursor: String,
+}
+
+impl SyncStateChange {
+    /// The change `event` made, its derived fields computed at `now`.
+    fn of(event: &FeedEvent, now: DateTime<Utc>) -> Self {
+        Self {
+            operation: ChangeOperation::from_log(&event.event.operation),
+            resource: event.event.resource.clone(),
+            state: event.state.clone().map(|row| SyncState::new(row, now)),
+            at: event.event.occurred_at.with_timezone(&Utc),
+            cursor: Cursor::at(event.event.id).encode(),
+        }
+    }
 }
 
 /// One change delivered to a subscriber.
@@ -100,9 +112,12 @@ impl Subscription {
         resources: Option<Vec<String>>,
         #[graphql(default_with = "Some(false)")] initial: Option<bool>,
         after: Option<String>,
-    ) -> async_graphql::Result<impl Stream<Item = async_graphql::Result<SyncStateChange>> + use<>>
-    {
+    ) -> async_graphql::Result<BoxStream<'static, async_graphql::Result<SyncStateChange>>> {
         let operation = OperationContext::reader(ctx)?;
+        if let Some(RenderOne(event)) = ctx.data_opt::<RenderOne>() {
+            let change = SyncStateChange::of(event, Utc::now());
+            return Ok(stream::once(std::future::ready(Ok(change))).boxed());
+        }
         let identity = operation.caller.identity();
         let sse_resume = operation.sse_resume().cloned();
         // An SSE stream resuming (`Last-Event-ID`) already had its
@@ -124,53 +139,57 @@ impl Subscription {
             )
             .into());
         }
-        let feed = operation.feed()?.clone();
+        let live = operation.live()?.clone();
+        let feed = live.feed().clone();
         if !feed.wait_live(LIVE_WAIT).await {
             return Err(ApiError::Unavailable.into());
         }
-        // Receiving first, then reading: nothing falls in between.
-        let rx = feed.subscribe();
+        let hand_off = ctx
+            .data::<Arc<HandOff>>()
+            .map_err(|_| ApiError::internal("a subscription without its transport"))?
+            .clone();
+        // Joining first, then reading: nothing falls in between.
+        let joined = hand_off.join(ctx, &live, resources.clone())?;
         let mut subscriber = Subscriber {
-            guard: feed.metrics_handle().subscription_opened(),
-            cursor: Cursor::at(feed.position()),
+            guard: Some(feed.metrics_handle().subscription_opened()),
+            cursor: Cursor::at(joined.position),
+            joined: Some(joined),
+            hand_off,
             feed,
             identity: Box::new(identity),
             resources,
             sse_resume,
-            rx,
             pending: VecDeque::new(),
             needs_log: false,
             done: false,
         };
-        // Boxed: each subscription's stream is as large as the largest
-        // future it holds, and these database reads are the largest by far
-        // (kilobytes per idle subscriber if kept inline).
+        // Boxed: the database reads are the largest futures by far.
         if initial {
             Box::pin(subscriber.snapshot()).await?;
         } else if let Some(after) = after {
             Box::pin(subscriber.resume(&after)).await?;
         }
-        Ok(stream::unfold(subscriber, Subscriber::next))
+        Ok(stream::unfold(subscriber, Subscriber::next).boxed())
     }
 }
 
-/// One subscription's state. Every idle subscriber's stream holds it
-/// several times over, inline: what only a database read needs (the
-/// identity) is kept out of line; what every delivery reads stays inline.
+/// A subscription until it has caught up with its group: its snapshot or
+/// the changes after its cursor, read from the log and rendered for it
+/// alone. Then it hands itself over as a [`Member`] and its stream ends.
 struct Subscriber {
     feed: Arc<Feed>,
     identity: Box<Identity>,
     resources: Option<Vec<String>>,
     /// An SSE stream's ids, told each change's cursor as it is sent.
     sse_resume: Option<Arc<SseResume>>,
-    rx: Receiver<Arc<FeedEvent>>,
+    joined: Option<Joined>,
+    hand_off: Arc<HandOff>,
     cursor: Cursor,
     pending: VecDeque<SyncStateChange>,
-    /// Read the log from the cursor before taking from `rx` again.
+    /// Read the log from the cursor before handing over.
     needs_log: bool,
     done: bool,
-    #[allow(dead_code)]
-    guard: SubscriptionGuard,
+    guard: Option<SubscriptionGuard>,
 }
 
 impl Subscriber {
@@ -238,17 +257,11 @@ impl Subscriber {
             return None;
         }
         let now = Utc::now();
-        let at = event.event.occurred_at.with_timezone(&Utc);
+        let change = SyncStateChange::of(event, now);
         self.feed
             .metrics()
-            .event_delivered((now - at).num_microseconds().unwrap_or(0) as f64 / 1e6);
-        Some(SyncStateChange {
-            operation: ChangeOperation::from_log(&event.event.operation),
-            resource: event.event.resource.clone(),
-            state: event.state.clone().map(|row| SyncState::new(row, now)),
-            at,
-            cursor: self.cursor.encode(),
-        })
+            .event_delivered((now - change.at).num_microseconds().unwrap_or(0) as f64 / 1e6);
+        Some(change)
     }
 
     /// Tells an SSE stream the id of the change about to be sent. The
@@ -313,17 +326,16 @@ impl Subscriber {
                 }
                 continue;
             }
-            match self.rx.recv().await {
-                Ok(event) => {
-                    if let Some(change) = self.accept(&event) {
-                        self.sending(&change);
-                        return Some((Ok(change), self));
-                    }
-                }
-                // Fell behind the shared buffer: read the log instead.
-                Err(RecvError::Lagged(_)) => self.needs_log = true,
-                Err(RecvError::Closed) => return None,
+            // Caught up: from here on the group's renderings follow.
+            if let (Some(joined), Some(guard)) = (self.joined.take(), self.guard.take()) {
+                self.hand_off.hand_over(Member::new(
+                    joined,
+                    self.cursor.position,
+                    self.sse_resume.take(),
+                    guard,
+                ));
             }
+            return None;
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use async_graphql::parser::types::{TypeKind, TypeSystemDefinition};
 use entity::SyncErrors;
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorCode};
 
 /// Most errors one `failSync` may record.
 pub const MAX_ERRORS: usize = 1_000;
@@ -138,6 +138,21 @@ pub fn with_enum_values(message: &str) -> Option<String> {
     let (name, _) = rest.split_once('"')?;
     let values = ENUM_VALUES.get(name)?;
     Some(format!("{message}; expected one of {}", values.join(", ")))
+}
+
+/// Gives every error a code: parse, validation and limit errors come from
+/// async-graphql without one, and they are all the client's to fix; an
+/// unknown enum value is told the valid ones.
+pub fn fill_codes(response: &mut async_graphql::Response) {
+    for error in &mut response.errors {
+        if let Some(message) = with_enum_values(&error.message) {
+            error.message = message;
+        }
+        let extensions = error.extensions.get_or_insert_with(Default::default);
+        if extensions.get("code").is_none() {
+            extensions.set("code", ErrorCode::BadUserInput.as_str());
+        }
+    }
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use crate::db::Pool;
 use crate::error::ApiError;
 use crate::feed::Feed;
 use crate::graphql::AppSchema;
+use crate::graphql::live::LiveGroups;
 use crate::graphql::parsed_queries::ParsedQueryCache;
 use crate::metrics::Metrics;
 use cors::CorsOrigins;
@@ -55,6 +56,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The live feed.
     pub feed: Arc<Feed>,
+    /// Live operations, grouped by what they render.
+    pub live: Arc<LiveGroups>,
     /// WebSocket transport settings.
     pub websocket: WebSocketConfig,
     /// Becomes true when the server stops: WebSockets close, SSE streams end.

@@ -352,28 +352,13 @@ pub(crate) async fn run(
             async_graphql::Error::from(error).into_server_error(Default::default()),
         ]);
     }
-    fill_codes(&mut response);
+    validate::fill_codes(&mut response);
     let outcome = if response.errors.is_empty() {
         Outcome::Ok
     } else {
         Outcome::Error
     };
     Ok((response, outcome))
-}
-
-/// Gives every error a code: parse, validation and limit errors come from
-/// async-graphql without one, and they are all the client's to fix; an
-/// unknown enum value is told the valid ones.
-pub(crate) fn fill_codes(response: &mut async_graphql::Response) {
-    for error in &mut response.errors {
-        if let Some(message) = validate::with_enum_values(&error.message) {
-            error.message = message;
-        }
-        let extensions = error.extensions.get_or_insert_with(Default::default);
-        if extensions.get("code").is_none() {
-            extensions.set("code", ErrorCode::BadUserInput.as_str());
-        }
-    }
 }
 
 #[cfg(test)]

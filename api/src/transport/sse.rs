@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_graphql::futures_util::future::BoxFuture;
-use async_graphql::futures_util::stream::BoxStream;
 use async_graphql::futures_util::{Stream, StreamExt, stream};
 use async_graphql::parser::types::OperationType;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -21,10 +20,11 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::request::{Admitted, RequestOutcome, answer, fill_codes, refused_as, run, status_of};
+use super::request::{Admitted, RequestOutcome, answer, refused_as, run, status_of};
 use crate::error::ApiError;
 use crate::feed::LIVE_WAIT;
-use crate::graphql::{OperationContext, SseResume};
+use crate::graphql::SseResume;
+use crate::graphql::live::{Delivery, LiveStream};
 use crate::metrics::{Operation, Outcome};
 
 /// Longest silence on a stream (or the WebSocket ping interval, if
@@ -79,12 +79,13 @@ pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitt
     } = admitted;
     let expiry = caller.expires_in();
     let sse_resume = Arc::new(SseResume::resuming(resume_after));
-    let context =
-        OperationContext::subscriptions(caller, app.feed.clone(), Some(sse_resume.clone()));
+    let deliveries = app
+        .live
+        .subscribe(request, caller, Some(sse_resume.clone()));
     let mut shutting_down = app.shutting_down.clone();
     let mut liveness = app.feed.liveness();
     let live = Live {
-        results: app.schema.execute_stream(request.data(context)),
+        deliveries,
         sse_resume,
         expiry: Box::pin(async move {
             match expiry {
@@ -105,7 +106,7 @@ pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitt
 
 /// A subscription's stream of events.
 struct Live {
-    results: BoxStream<'static, async_graphql::Response>,
+    deliveries: LiveStream,
     sse_resume: Arc<SseResume>,
     expiry: BoxFuture<'static, ()>,
     shutdown: BoxFuture<'static, ()>,
@@ -124,11 +125,14 @@ impl Live {
             return None;
         }
         let events = tokio::select! {
-            result = self.results.next() => match result {
-                Some(mut response) => {
-                    fill_codes(&mut response);
+            delivery = self.deliveries.next() => match delivery {
+                Some(Delivery::Response(response)) => {
                     vec![next(&response, self.sse_resume.take())]
                 }
+                Some(Delivery::Rendered(change)) => vec![Event::default()
+                    .event("next")
+                    .id(change.cursor.as_str())
+                    .data(change.payload.as_ref())],
                 None if self.sse_resume.interrupted() => return None,
                 None => {
                     self.done = true;

@@ -1,80 +1,35 @@
 //! GraphQL over WebSocket on `/graphql`: `graphql-transport-ws` and the
 //! legacy `graphql-ws` (subscriptions-transport-ws) subprotocol.
 //!
-//! async-graphql's protocol state machine does the GraphQL part; this
-//! module wraps it with what it lacks: the subprotocol chosen once and used
-//! for both the handshake and the messages, the protocol's close codes (4403
-//! for a refused `connection_init` or an expired token, 4408 when none
-//! arrives in time, 4409 for a duplicate id), server keep-alive pings, and
-//! a cap on subscriptions per connection.
+//! The protocol is spoken here rather than by async-graphql's machine,
+//! which serialises every result for every subscriber: a change rendered
+//! once for a group ([`crate::graphql::live`]) is framed around the same
+//! bytes for each member. Also here: the subprotocol chosen once and used
+//! for both the handshake and the messages, the protocol's close codes
+//! (4400 for a message that does not parse, 4401 for a subscribe before
+//! the acknowledgement, 4403 for a refused `connection_init` or an expired
+//! token, 4408 when none arrives in time, 4409 for a duplicate id, 4429 for
+//! a second `connection_init`), server keep-alive pings, and a cap on
+//! subscriptions per connection.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_graphql::Data;
-use async_graphql::futures_util::{SinkExt, StreamExt, future};
-use async_graphql::http::{ClientMessage, WebSocket, WebSocketProtocols as Protocols, WsMessage};
+use async_graphql::futures_util::{SinkExt, StreamExt};
+use async_graphql::http::{ClientMessage, WebSocketProtocols as Protocols};
 use axum::extract::ws::{CloseFrame, Message, WebSocket as Socket, WebSocketUpgrade};
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use serde_json::{Value, json};
-use tokio::sync::{Notify, oneshot};
 
 use super::AppState;
 use super::request::refuse;
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::LIVE_WAIT;
-use crate::graphql::OperationContext;
+use crate::graphql::live::{Delivery, LiveStream};
 use crate::metrics::ConnectionClosed;
-
-/// What the connection's reader (inside async-graphql's machine) and its
-/// writer loop share. Kept small: every idle subscriber holds one.
-#[derive(Default)]
-struct Shared {
-    state: Mutex<SharedState>,
-    /// Wakes the writer when the reader leaves it a message.
-    wake: Notify,
-}
-
-#[derive(Default)]
-struct SharedState {
-    /// Ids of the running subscriptions.
-    active: HashSet<String>,
-    /// Answers this layer gives itself (refusals, 4409), for the writer.
-    outbox: Vec<Message>,
-    /// The caller, once acknowledged, when its subscribes are rate limited.
-    caller: Option<Caller>,
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SharedState> {
-        // Every update is a single insert, remove or push: a panic
-        // elsewhere cannot leave the state half-written.
-        self.state
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-    }
-
-    fn answer(&self, message: Message) {
-        self.lock().outbox.push(message);
-        self.wake.notify_one();
-    }
-}
-
-/// How `connection_init` ended, told by the init callback (inside
-/// async-graphql's machine) to the connection's loop.
-enum InitOutcome {
-    /// Acknowledged for this caller.
-    Accepted(Caller),
-    /// Refused: the machine closes with 1002, which becomes this code.
-    Refused {
-        /// The close code the spec gives the refusal.
-        close_code: u16,
-    },
-}
 
 /// WebSocket transport settings (`--max-subscriptions-per-connection`,
 /// `--ws-init-timeout-secs`, `--ws-ping-interval-secs`).
@@ -105,20 +60,6 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Longest subscription id a client may use.
 const MAX_ID_BYTES: usize = 128;
-/// Longest outgoing message that can be a `connection_ack` or a `complete`
-/// (`{"type":"complete","id":"..."}` with the longest id).
-const MAX_ENVELOPE_BYTES: usize = MAX_ID_BYTES + 64;
-
-/// The fields of an outgoing protocol message this layer acts on; the
-/// payload is skipped unread.
-#[derive(serde::Deserialize)]
-struct Envelope<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    id: Option<std::borrow::Cow<'a, str>>,
-}
-
 /// Answers a WebSocket upgrade on `/graphql`.
 pub async fn upgrade(
     app: AppState,
@@ -208,6 +149,218 @@ fn error_message(protocol: Protocols, id: &str, code: ErrorCode, message: &str) 
     .to_string()
 }
 
+/// A running operation of a connection.
+struct Running {
+    id: Box<str>,
+    /// The id as a JSON string, written into every message.
+    id_json: Box<str>,
+    deliveries: LiveStream,
+}
+
+/// A connection's running operations, polled in turn.
+#[derive(Default)]
+struct Operations {
+    running: Vec<Running>,
+    next_first: usize,
+}
+
+impl Operations {
+    fn contains(&self, id: &str) -> bool {
+        self.running.iter().any(|running| &*running.id == id)
+    }
+
+    fn remove(&mut self, id: &str) -> bool {
+        let before = self.running.len();
+        self.running.retain(|running| &*running.id != id);
+        self.running.len() != before
+    }
+
+    /// The next delivery of any operation, with its id as JSON; `None` for
+    /// an operation that has ended (and is removed).
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<(Box<str>, Option<Delivery>)> {
+        let count = self.running.len();
+        for offset in 0..count {
+            let index = (self.next_first + offset) % count;
+            match self.running[index].deliveries.poll_next_unpin(cx) {
+                Poll::Ready(Some(delivery)) => {
+                    // The next poll starts after this one: a busy
+                    // operation cannot starve the others.
+                    self.next_first = index + 1;
+                    return Poll::Ready((self.running[index].id_json.clone(), Some(delivery)));
+                }
+                Poll::Ready(None) => {
+                    let ended = self.running.swap_remove(index);
+                    return Poll::Ready((ended.id_json, None));
+                }
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    fn next(&mut self) -> impl Future<Output = (Box<str>, Option<Delivery>)> + '_ {
+        std::future::poll_fn(|cx| self.poll_next(cx))
+    }
+}
+
+/// What the connection does after a client message.
+enum Reply {
+    Nothing,
+    Send(String),
+    Close(u16, String),
+    /// Ends without a close code (the legacy protocol's refusals, after
+    /// their `connection_error`, and `connection_terminate`).
+    End(Option<String>),
+}
+
+/// A connection's protocol state.
+struct Connection {
+    app: AppState,
+    protocol: Protocols,
+    client: Option<std::net::IpAddr>,
+    header_caller: Option<Caller>,
+    init_received: bool,
+    /// The caller, once acknowledged.
+    caller: Option<Caller>,
+    operations: Operations,
+}
+
+impl Connection {
+    async fn receive(&mut self, bytes: &[u8]) -> Reply {
+        let message = match ClientMessage::from_bytes(bytes) {
+            Ok(message) => message,
+            Err(error) => return Reply::Close(4400, error.to_string()),
+        };
+        match message {
+            ClientMessage::ConnectionInit { payload } => {
+                Box::pin(self.init(payload.unwrap_or_default())).await
+            }
+            ClientMessage::Start { id, payload } => self.start(id, payload),
+            ClientMessage::Stop { id } => {
+                if self.operations.remove(&id) {
+                    Reply::Send(complete(&json_string(&id)))
+                } else {
+                    Reply::Nothing
+                }
+            }
+            ClientMessage::ConnectionTerminate => Reply::End(None),
+            ClientMessage::Ping { .. } => Reply::Send(r#"{"type":"pong"}"#.to_owned()),
+            ClientMessage::Pong { .. } => Reply::Nothing,
+        }
+    }
+
+    /// Refuses `connection_init` as the protocol says.
+    fn refuse_init(&self, close_code: u16, message: String) -> Reply {
+        match self.protocol {
+            Protocols::GraphQLWS => Reply::Close(close_code, message),
+            Protocols::SubscriptionsTransportWS => Reply::End(Some(
+                json!({"type": "connection_error", "payload": {"message": message}}).to_string(),
+            )),
+        }
+    }
+
+    async fn init(&mut self, payload: Value) -> Reply {
+        if std::mem::replace(&mut self.init_received, true) {
+            return self.refuse_init(4429, "Too many initialisation requests.".into());
+        }
+        let caller = match authorization(&payload) {
+            Some(value) => self.app.keys.caller(Some(&value)).await,
+            None => Ok(self.header_caller.take().unwrap_or_else(Caller::anon)),
+        };
+        let caller = match caller {
+            Ok(caller) => caller,
+            Err(error) => return self.refuse_init(4403, error.message()),
+        };
+        // Acknowledge only once changes can be delivered.
+        if !self.app.feed.wait_live(LIVE_WAIT).await {
+            // 1013: try again later.
+            return self.refuse_init(
+                1013,
+                "the live feed is reconnecting; try again shortly".into(),
+            );
+        }
+        self.caller = Some(caller);
+        Reply::Send(r#"{"type":"connection_ack"}"#.to_owned())
+    }
+
+    fn start(&mut self, id: String, mut request: async_graphql::Request) -> Reply {
+        let Some(caller) = &self.caller else {
+            return Reply::Close(4401, "Unauthorized".into());
+        };
+        let refusal = |error: ApiError| {
+            Reply::Send(error_message(
+                self.protocol,
+                &id,
+                error.code(),
+                &error.message(),
+            ))
+        };
+        if let Some(limiter) = &self.app.rate_limiter
+            && let Err(wait) = limiter.check(caller, self.client)
+        {
+            self.app.metrics.rate_limited();
+            return refusal(ApiError::RateLimited(wait));
+        }
+        if self.operations.contains(&id) {
+            return Reply::Close(4409, format!("Subscriber for {id} already exists"));
+        }
+        if id.len() > MAX_ID_BYTES {
+            return refusal(ApiError::bad_input(
+                "id",
+                format!("subscription ids are at most {MAX_ID_BYTES} bytes"),
+            ));
+        }
+        let max = self.app.websocket.max_subscriptions;
+        if self.operations.running.len() >= max {
+            return refusal(ApiError::bad_input(
+                "id",
+                format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        self.app.parsed_queries.prepare(&mut request);
+        let deliveries = self.app.live.subscribe(request, caller.clone(), None);
+        self.operations.running.push(Running {
+            id_json: json_string(&id).into(),
+            id: id.into(),
+            deliveries,
+        });
+        Reply::Nothing
+    }
+
+    /// The message carrying `delivery` to operation `id_json`.
+    fn frame(&self, id_json: &str, delivery: Delivery) -> String {
+        let kind = match self.protocol {
+            Protocols::GraphQLWS => "next",
+            Protocols::SubscriptionsTransportWS => "data",
+        };
+        let response;
+        let payload = match &delivery {
+            Delivery::Rendered(change) => &*change.payload,
+            Delivery::Response(result) => {
+                response = serde_json::to_string(result).unwrap_or_else(|_| "{}".into());
+                &response
+            }
+        };
+        let mut text = String::with_capacity(payload.len() + id_json.len() + 40);
+        text.push_str(r#"{"type":""#);
+        text.push_str(kind);
+        text.push_str(r#"","id":"#);
+        text.push_str(id_json);
+        text.push_str(r#","payload":"#);
+        text.push_str(payload);
+        text.push('}');
+        text
+    }
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn complete(id_json: &str) -> String {
+    format!(r#"{{"type":"complete","id":{id_json}}}"#)
+}
+
 async fn serve(
     socket: Socket,
     app: AppState,
@@ -215,145 +368,28 @@ async fn serve(
     header_caller: Option<Caller>,
     client: Option<std::net::IpAddr>,
 ) {
-    let (mut sink, stream) = socket.split();
-    let shared = Arc::new(Shared::default());
-    let (init_told, mut init_outcome) = oneshot::channel::<InitOutcome>();
+    let (mut sink, mut incoming) = socket.split();
     let settings = app.websocket;
-
-    let limiter = app.rate_limiter.clone();
-    let metrics = app.metrics.clone();
-    // Set by anything the peer sends (a pong frame, a protocol pong, a
-    // message): proof it is still there.
-    let heard = Arc::new(AtomicBool::new(false));
-    // Incoming: client messages, less what this layer answers itself.
-    let incoming = {
-        let shared = shared.clone();
-        let heard = heard.clone();
-        stream
-            .inspect(move |_| heard.store(true, Ordering::Relaxed))
-            .take_while(|message| {
-                future::ready(
-                    matches!(message, Ok(message) if !matches!(message, Message::Close(_))),
-                )
-            })
-            .filter_map(move |message| {
-                let (shared, limiter, metrics) = (shared.clone(), limiter.clone(), metrics.clone());
-                async move {
-                    let parsed = match message.ok()? {
-                        Message::Text(text) => ClientMessage::from_bytes(text.as_str().as_bytes()),
-                        Message::Binary(bytes) => ClientMessage::from_bytes(&bytes),
-                        _ => return None,
-                    };
-                    match &parsed {
-                        Ok(ClientMessage::Start { id, .. }) => {
-                            let over_rate = match (&limiter, shared.lock().caller.clone()) {
-                                (Some(limiter), Some(caller)) => {
-                                    limiter.check(&caller, client).err()
-                                }
-                                _ => None,
-                            };
-                            let refusal = {
-                                let active = &mut shared.lock().active;
-                                if let Some(wait) = over_rate {
-                                    metrics.rate_limited();
-                                    let error = ApiError::RateLimited(wait);
-                                    let text =
-                                        error_message(protocol, id, error.code(), &error.message());
-                                    Some(Message::Text(text.into()))
-                                } else if active.contains(id) {
-                                    Some(Message::Close(Some(CloseFrame {
-                                        code: 4409,
-                                        reason: format!("Subscriber for {id} already exists")
-                                            .into(),
-                                    })))
-                                } else if id.len() > MAX_ID_BYTES {
-                                    let text = error_message(
-                                        protocol,
-                                        id,
-                                        ErrorCode::BadUserInput,
-                                        &format!(
-                                            "subscription ids are at most {MAX_ID_BYTES} bytes"
-                                        ),
-                                    );
-                                    Some(Message::Text(text.into()))
-                                } else if active.len() >= settings.max_subscriptions {
-                                    let text = error_message(
-                                        protocol,
-                                        id,
-                                        ErrorCode::BadUserInput,
-                                        &format!(
-                                            "at most {} subscriptions per connection",
-                                            settings.max_subscriptions
-                                        ),
-                                    );
-                                    Some(Message::Text(text.into()))
-                                } else {
-                                    active.insert(id.clone());
-                                    None
-                                }
-                            };
-                            if let Some(refusal) = refusal {
-                                shared.answer(refusal);
-                                return None;
-                            }
-                        }
-                        Ok(ClientMessage::Stop { id }) => {
-                            shared.lock().active.remove(id);
-                        }
-                        _ => {}
-                    }
-                    Some(parsed)
-                }
-            })
+    let mut shutting_down = app.shutting_down.clone();
+    let mut connection = Connection {
+        app,
+        protocol,
+        client,
+        header_caller,
+        init_received: false,
+        caller: None,
+        operations: Operations::default(),
     };
-
-    let on_init = {
-        let keys = app.keys.clone();
-        let feed = app.feed.clone();
-        let limited = app.rate_limiter.is_some();
-        let shared_for_init = shared.clone();
-        move |payload: Value| async move {
-            let caller = match authorization(&payload) {
-                Some(value) => keys.caller(Some(&value)).await,
-                None => Ok(header_caller.unwrap_or_else(Caller::anon)),
-            };
-            let caller = match caller {
-                Ok(caller) => caller,
-                Err(error) => {
-                    let _ = init_told.send(InitOutcome::Refused { close_code: 4403 });
-                    return Err(async_graphql::Error::new(error.message()));
-                }
-            };
-            // Acknowledge only once changes can be delivered.
-            if !feed.wait_live(LIVE_WAIT).await {
-                // 1013: try again later.
-                let _ = init_told.send(InitOutcome::Refused { close_code: 1013 });
-                return Err(async_graphql::Error::new(
-                    "the live feed is reconnecting; try again shortly",
-                ));
-            }
-            if limited {
-                shared_for_init.lock().caller = Some(caller.clone());
-            }
-            let _ = init_told.send(InitOutcome::Accepted(caller.clone()));
-            let mut data = Data::default();
-            data.insert(OperationContext::subscriptions(caller, feed, None));
-            Ok(data)
-        }
-    };
-
-    let machine = WebSocket::from_message_stream(app.schema.clone(), incoming, protocol)
-        .on_connection_init(on_init);
-    let mut machine = std::pin::pin!(machine);
     let init_deadline = tokio::time::sleep(settings.init_timeout);
     tokio::pin!(init_deadline);
     let mut ping = tokio::time::interval(settings.ping_interval);
     ping.tick().await;
+    // Set by anything the peer sends (a pong frame, a protocol pong, a
+    // message): proof it is still there.
+    let mut heard = false;
     // Since when a ping has gone unanswered, if one has.
     let mut unanswered_since: Option<tokio::time::Instant> = None;
-    let mut expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let mut acked = false;
-    let mut shutting_down = app.shutting_down.clone();
+    let mut expiry: Option<Pin<Box<tokio::time::Sleep>>> = None;
 
     let close = |code: u16, reason: String| {
         Message::Close(Some(CloseFrame {
@@ -362,62 +398,46 @@ async fn serve(
         }))
     };
     loop {
+        let acked = connection.caller.is_some();
         let outgoing = tokio::select! {
-            message = machine.next() => match message {
-                None => break,
-                Some(WsMessage::Text(text)) => {
-                    // Only short messages can be an ack or a complete (ids
-                    // are capped): the changes themselves are not read again.
-                    let envelope = (text.len() <= MAX_ENVELOPE_BYTES)
-                        .then(|| serde_json::from_str::<Envelope<'_>>(&text).ok())
-                        .flatten();
-                    match envelope {
-                        Some(envelope) if envelope.kind == "connection_ack" && !acked => {
-                            acked = true;
-                            if let Ok(InitOutcome::Accepted(caller)) = init_outcome.try_recv() {
-                                expiry = caller.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
-                            }
+            message = incoming.next() => {
+                heard = true;
+                let reply = match message {
+                    Some(Ok(Message::Text(text))) => connection.receive(text.as_bytes()).await,
+                    Some(Ok(Message::Binary(bytes))) => connection.receive(&bytes).await,
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                    Some(Ok(_)) => continue,
+                };
+                match reply {
+                    Reply::Nothing => continue,
+                    Reply::Send(text) => {
+                        if !acked && let Some(caller) = &connection.caller {
+                            expiry = caller.expires_in().map(|left| Box::pin(tokio::time::sleep(left)));
                         }
-                        Some(Envelope { kind, id: Some(id) }) if kind == "complete" => {
-                            shared.lock().active.remove(id.as_ref());
-                        }
-                        _ => {}
+                        Message::Text(text.into())
                     }
-                    Message::Text(text.into())
-                }
-                Some(WsMessage::Close(code, reason)) => {
-                    let code = match (code, init_outcome.try_recv()) {
-                        (1002, Ok(InitOutcome::Refused { close_code })) => close_code,
-                        // Anything else the machine closes with 1002 is a
-                        // message it could not parse.
-                        (1002, _) => 4400,
-                        (other, _) => other,
-                    };
-                    let _ = sink.send(close(code, reason)).await;
-                    break;
-                }
-            },
-            () = shared.wake.notified() => {
-                let answers = std::mem::take(&mut shared.lock().outbox);
-                let mut closing = false;
-                for message in answers {
-                    closing = matches!(message, Message::Close(_));
-                    if sink.send(message).await.is_err() || closing {
-                        closing = true;
+                    Reply::Close(code, reason) => {
+                        let _ = sink.send(close(code, reason)).await;
+                        break;
+                    }
+                    Reply::End(last) => {
+                        if let Some(text) = last {
+                            let _ = sink.send(Message::Text(text.into())).await;
+                        }
                         break;
                     }
                 }
-                if closing {
-                    break;
-                }
-                continue;
             }
+            (id_json, delivery) = connection.operations.next() => match delivery {
+                Some(delivery) => Message::Text(connection.frame(&id_json, delivery).into()),
+                None => Message::Text(complete(&id_json).into()),
+            },
             () = &mut init_deadline, if !acked => {
                 let _ = sink.send(close(4408, "Connection initialisation timeout".into())).await;
                 break;
             }
             _ = ping.tick(), if acked => {
-                if heard.swap(false, Ordering::Relaxed) {
+                if std::mem::take(&mut heard) {
                     unanswered_since = None;
                 }
                 match unanswered_since {
@@ -425,7 +445,7 @@ async fn serve(
                     // sleeping laptop): free its slot now, not when TCP
                     // gives up, many minutes later.
                     Some(since) if since.elapsed() >= settings.pong_timeout => {
-                        app.metrics.connection_closed(ConnectionClosed::PongTimeout);
+                        connection.app.metrics.connection_closed(ConnectionClosed::PongTimeout);
                         let goodbye = sink.send(close(1011, "no answer to pings".into()));
                         let _ = tokio::time::timeout(CLOSE_WAIT, goodbye).await;
                         break;

@@ -1,0 +1,644 @@
+//! Live operations in groups: subscribers whose output cannot differ (the
+//! same document, operation, variables and role) form a group, and each
+//! change is rendered once per group, not once per subscriber. Every
+//! member is sent the same bytes, each framed with its own subscription id
+//! by its transport.
+//!
+//! A subscription starts on its own: async-graphql validates it and runs
+//! the resolver, which joins the group at once (so nothing committed from
+//! then on can be missed), then sends its snapshot or the changes after
+//! its cursor, read from the log and rendered for it alone. Once caught up
+//! it hands itself over ([`HandOff`]) and from then on takes the group's
+//! renderings, skipping what it already sent. A member that falls behind
+//! its group's buffer reads the log by its cursor again, rendering for
+//! itself, and so never delays the others (`docs/adr/0007`).
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use async_graphql::futures_util::stream::{self, BoxStream};
+use async_graphql::futures_util::{Stream, StreamExt};
+use async_graphql::parser::types::ExecutableDocument;
+use async_graphql::{Context, Request, Response, Variables};
+use chrono::{DateTime, Utc};
+use tokio::sync::broadcast::{self, Receiver, Sender, error::RecvError};
+
+use super::validate::fill_codes;
+use super::{AppSchema, OperationContext, SseResume};
+use crate::auth::Caller;
+use crate::db::{Access, Identity, Role, events};
+use crate::error::ApiError;
+use crate::feed::{BATCH, Feed, FeedEvent};
+use crate::metrics::{GroupGuard, SubscriptionGuard};
+
+/// Renderings a group keeps for members momentarily behind; one further
+/// behind reads the log.
+const GROUP_BUFFER: usize = 512;
+/// Wait before the renderer reads the log again after a failed read.
+const RETRY_READ: Duration = Duration::from_millis(500);
+
+/// One change rendered: the GraphQL response (`data`, and `errors` if any)
+/// as JSON text, the same for every member of a group.
+#[derive(Debug)]
+pub struct RenderedChange {
+    /// The change's event id.
+    pub event_id: i64,
+    /// Its cursor, which an SSE stream sends as the event's `id`.
+    pub cursor: String,
+    /// When the change was committed.
+    pub occurred_at: DateTime<Utc>,
+    /// The response, serialised once.
+    pub payload: Box<str>,
+}
+
+/// What a live operation sends next.
+pub enum Delivery {
+    /// A response for this operation alone: a snapshot, a change read
+    /// while catching up, an error, or a query's answer.
+    Response(Box<Response>),
+    /// A change rendered for the operation's group (or for it alone, while
+    /// it catches up from the log).
+    Rendered(Arc<RenderedChange>),
+}
+
+/// Every group of this process, and the task rendering changes for them.
+pub struct LiveGroups {
+    schema: AppSchema,
+    feed: Arc<Feed>,
+    groups: Mutex<HashMap<GroupKey, Weak<Group>>>,
+    /// The last event handed to the groups; a group formed later starts
+    /// after it.
+    position: AtomicI64,
+}
+
+impl std::fmt::Debug for LiveGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveGroups")
+            .field("position", &self.position.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What makes two subscriptions' output the same.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct GroupKey {
+    query: Arc<str>,
+    operation_name: Option<String>,
+    /// The variables (sorted by name), less those that only choose where
+    /// a subscription starts (`after`, `initial`).
+    variables: String,
+    role: Role,
+}
+
+/// A request as a group renders it again for each change.
+struct RenderTemplate {
+    query: Arc<str>,
+    operation_name: Option<String>,
+    variables: Variables,
+    document: Option<ExecutableDocument>,
+}
+
+/// Subscribers whose output is the same, and the channel their renderings
+/// go out on. Freed with its last member.
+pub struct Group {
+    key: GroupKey,
+    live: Arc<LiveGroups>,
+    template: RenderTemplate,
+    /// Whom renderings run as: the members' role, without their claims
+    /// (no policy or resolver reads more; see the ADR).
+    caller: Caller,
+    resources: Option<Vec<String>>,
+    sender: Sender<Arc<RenderedChange>>,
+    _counted: GroupGuard,
+}
+
+/// Tells the resolver that a group is rendering `event`: the subscription
+/// yields that one change.
+pub(super) struct RenderOne(pub Arc<FeedEvent>);
+
+impl LiveGroups {
+    /// Starts rendering the changes of `feed` for the groups that will form.
+    pub fn start(schema: AppSchema, feed: Arc<Feed>) -> Arc<Self> {
+        let receiver = feed.subscribe();
+        let live = Arc::new(Self {
+            schema,
+            feed,
+            groups: Mutex::new(HashMap::new()),
+            position: AtomicI64::new(-1),
+        });
+        tokio::spawn(render_changes(Arc::downgrade(&live), receiver));
+        live
+    }
+
+    /// The live feed the groups follow.
+    pub fn feed(&self) -> &Arc<Feed> {
+        &self.feed
+    }
+
+    /// Groups with members now.
+    pub fn group_count(&self) -> usize {
+        self.lock()
+            .values()
+            .filter(|group| group.strong_count() > 0)
+            .count()
+    }
+
+    /// Runs `request` for `caller` as a live operation: a subscription's
+    /// own responses first, then its group's renderings.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        mut request: Request,
+        caller: Caller,
+        sse_resume: Option<Arc<SseResume>>,
+    ) -> LiveStream {
+        let hand_off = Arc::new(HandOff {
+            template: Mutex::new(Some(RenderTemplate {
+                query: Arc::from(request.query.as_str()),
+                operation_name: request.operation_name.clone(),
+                variables: request.variables.clone(),
+                document: request.parsed_query().ok().cloned(),
+            })),
+            role: caller.role,
+            member: Mutex::new(None),
+        });
+        let context = OperationContext::subscriptions(caller, self.clone(), sse_resume);
+        let results = self
+            .schema
+            .execute_stream(request.data(context).data(hand_off.clone()));
+        LiveStream {
+            phase: Phase::Own { results, hand_off },
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<GroupKey, Weak<Group>>> {
+        // Every update is one insert or remove: a panic elsewhere cannot
+        // leave the map half-written.
+        self.groups
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Hands `event` to every group that wants it, each rendering it once.
+    async fn hand_out(&self, event: &Arc<FeedEvent>) {
+        let id = event.event.id;
+        let groups: Vec<Arc<Group>> = {
+            let groups = self.lock();
+            if id <= self.position.load(Ordering::Acquire) {
+                return;
+            }
+            // Under the lock: a member joining now either is in this list,
+            // or starts after this event.
+            self.position.store(id, Ordering::Release);
+            groups.values().filter_map(Weak::upgrade).collect()
+        };
+        let deliveries = groups
+            .iter()
+            .filter(|group| group.wants(&event.event.resource))
+            .map(|group| group.deliver(event));
+        async_graphql::futures_util::future::join_all(deliveries).await;
+        // Dropped here, outside the lock: a group's last reference may go
+        // with them.
+        drop(groups);
+    }
+
+    /// Reads the log after the position and hands each event out: the
+    /// renderer fell behind the feed's buffer. Retries until it succeeds,
+    /// so no group misses a change.
+    async fn catch_up(&self) {
+        let reader = Identity::of_role(Role::Authenticated);
+        loop {
+            let after = self.position.load(Ordering::Acquire);
+            let batch = self
+                .feed
+                .read(&reader, Access::Read, async |txn| {
+                    events::read_after(txn, after, BATCH, None).await
+                })
+                .await;
+            match batch {
+                Ok(batch) => {
+                    let full = batch.len() as u64 == BATCH;
+                    for event in batch {
+                        self.hand_out(&Arc::new(FeedEvent::new(event))).await;
+                    }
+                    if !full {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(?error, "live groups could not read the log; retrying");
+                    tokio::time::sleep(RETRY_READ).await;
+                }
+            }
+        }
+    }
+}
+
+/// The renderer: every change of the feed, handed to the groups in order.
+/// Ends with the server.
+async fn render_changes(live: Weak<LiveGroups>, mut changes: Receiver<Arc<FeedEvent>>) {
+    loop {
+        let received = changes.recv().await;
+        let Some(live) = live.upgrade() else {
+            return;
+        };
+        match received {
+            Ok(event) => live.hand_out(&event).await,
+            Err(RecvError::Lagged(_)) => live.catch_up().await,
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+impl Group {
+    fn wants(&self, resource: &str) -> bool {
+        self.resources
+            .as_ref()
+            .is_none_or(|resources| resources.iter().any(|wanted| wanted == resource))
+    }
+
+    /// Renders `event` once and sends it to every member.
+    async fn deliver(&self, event: &Arc<FeedEvent>) {
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        let rendered = self.render(event).await;
+        // No receivers is fine: the last member left meanwhile.
+        let _ = self.sender.send(Arc::new(rendered));
+    }
+
+    /// `event` as this group's members see it.
+    async fn render(&self, event: &Arc<FeedEvent>) -> RenderedChange {
+        let template = &self.template;
+        let mut request =
+            Request::new(template.query.as_ref()).variables(template.variables.clone());
+        request.operation_name = template.operation_name.clone();
+        if let Some(document) = &template.document {
+            request.set_parsed_query(document.clone());
+        }
+        let context = OperationContext::subscriptions(self.caller.clone(), self.live.clone(), None);
+        let request = request.data(context).data(RenderOne(event.clone()));
+        let mut response = Box::pin(self.live.schema.execute_stream(request).next())
+            .await
+            .unwrap_or_else(|| {
+                Response::from_errors(vec![
+                    async_graphql::Error::from(ApiError::internal("a change rendered nothing"))
+                        .into_server_error(Default::default()),
+                ])
+            });
+        fill_codes(&mut response);
+        self.live.feed.metrics().change_rendered();
+        let payload = serde_json::to_string(&response)
+            .unwrap_or_else(|_| r#"{"data":null}"#.to_owned())
+            .into_boxed_str();
+        RenderedChange {
+            event_id: event.event.id,
+            cursor: crate::feed::cursor::Cursor::at(event.event.id).encode(),
+            occurred_at: event.event.occurred_at.with_timezone(&Utc),
+            payload,
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let mut groups = self.live.lock();
+        if groups
+            .get(&self.key)
+            .is_some_and(|group| group.strong_count() == 0)
+        {
+            groups.remove(&self.key);
+        }
+    }
+}
+
+/// What a subscription and its transport share: how it was asked (to form
+/// or find its group), and the member it becomes once caught up.
+pub(super) struct HandOff {
+    template: Mutex<Option<RenderTemplate>>,
+    role: Role,
+    member: Mutex<Option<Member>>,
+}
+
+/// A subscription joined to its group, with its own cursor, before it has
+/// caught up.
+pub(super) struct Joined {
+    pub group: Arc<Group>,
+    pub receiver: Receiver<Arc<RenderedChange>>,
+    /// Every change up to this event id was rendered before the member
+    /// joined; its renderings after it will all arrive.
+    pub position: i64,
+}
+
+impl HandOff {
+    /// Joins (or forms) the group of the subscription whose root field is
+    /// `ctx`'s, following `resources`.
+    pub fn join(
+        &self,
+        ctx: &Context<'_>,
+        live: &Arc<LiveGroups>,
+        resources: Option<Vec<String>>,
+    ) -> Result<Joined, ApiError> {
+        let template = self
+            .template
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take()
+            .ok_or_else(|| ApiError::internal("one subscription joined twice"))?;
+        let starts = starting_variables(ctx, &template.query);
+        let variables = variables_text(&template.variables, &starts);
+        let key = GroupKey {
+            query: template.query.clone(),
+            operation_name: template.operation_name.clone(),
+            variables,
+            role: self.role,
+        };
+        let mut groups = live.lock();
+        let group = match groups.get(&key).and_then(Weak::upgrade) {
+            Some(group) => group,
+            None => {
+                let group = Arc::new(Group {
+                    key: key.clone(),
+                    live: live.clone(),
+                    template,
+                    caller: Caller::for_role(self.role),
+                    resources,
+                    sender: broadcast::channel(GROUP_BUFFER).0,
+                    _counted: live.feed.metrics_handle().group_formed(),
+                });
+                groups.insert(key, Arc::downgrade(&group));
+                group
+            }
+        };
+        let receiver = group.sender.subscribe();
+        let position = live
+            .position
+            .load(Ordering::Acquire)
+            .max(live.feed.position());
+        drop(groups);
+        Ok(Joined {
+            group,
+            receiver,
+            position,
+        })
+    }
+
+    /// Leaves `member` for the transport: the subscription has caught up.
+    pub fn hand_over(&self, member: Member) {
+        *self
+            .member
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(member);
+    }
+
+    fn take(&self) -> Option<Member> {
+        self.member
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take()
+    }
+}
+
+/// The variables that only say where the root field's subscription starts
+/// (its `after` and `initial` arguments), when nothing else in `query`
+/// uses them: members differing only in those render the same changes.
+fn starting_variables(ctx: &Context<'_>, query: &str) -> Vec<String> {
+    ctx.item
+        .node
+        .arguments
+        .iter()
+        .filter(|(name, _)| matches!(name.node.as_str(), "after" | "initial"))
+        // A variable writes itself as `$name`; nothing else starts so.
+        .filter_map(|(_, value)| value.node.to_string().strip_prefix('$').map(str::to_owned))
+        .filter(|name| uses_of(query, name) == 2)
+        .collect()
+}
+
+/// How often `$name` appears in `query` (its declaration counts one).
+fn uses_of(query: &str, name: &str) -> usize {
+    let needle = format!("${name}");
+    query
+        .match_indices(&needle)
+        .filter(|(at, _)| {
+            !query[at + needle.len()..]
+                .chars()
+                .next()
+                .is_some_and(|next| next.is_ascii_alphanumeric() || next == '_')
+        })
+        .count()
+}
+
+/// `variables` as text, in name order, without `left_out`.
+fn variables_text(variables: &Variables, left_out: &[String]) -> String {
+    let mut text = String::new();
+    for (name, value) in variables.iter() {
+        if left_out.iter().any(|left| left == name.as_str()) {
+            continue;
+        }
+        text.push_str(name.as_str());
+        text.push('=');
+        text.push_str(&value.to_string());
+        text.push(';');
+    }
+    text
+}
+
+/// A caught-up subscription: its place in a group, its cursor, and what
+/// it needs to catch up again if it falls behind.
+pub struct Member {
+    group: Arc<Group>,
+    receiver: Receiver<Arc<RenderedChange>>,
+    cursor: i64,
+    pending: VecDeque<Arc<RenderedChange>>,
+    needs_log: bool,
+    sse_resume: Option<Arc<SseResume>>,
+    done: bool,
+    _counted: SubscriptionGuard,
+}
+
+impl Member {
+    /// `joined`, having sent everything up to `cursor`.
+    pub(super) fn new(
+        joined: Joined,
+        cursor: i64,
+        sse_resume: Option<Arc<SseResume>>,
+        counted: SubscriptionGuard,
+    ) -> Self {
+        Self {
+            group: joined.group,
+            receiver: joined.receiver,
+            cursor,
+            pending: VecDeque::new(),
+            needs_log: false,
+            sse_resume,
+            done: false,
+            _counted: counted,
+        }
+    }
+
+    fn delivered(&self, change: &RenderedChange) {
+        let delay = Utc::now() - change.occurred_at;
+        self.group
+            .live
+            .feed
+            .metrics()
+            .event_delivered(delay.num_microseconds().unwrap_or(0) as f64 / 1e6);
+    }
+
+    /// Reads one batch of the log after the cursor, rendering for itself.
+    async fn read_log(&mut self) -> Result<(), ApiError> {
+        let after = self.cursor;
+        let resources = self.group.resources.clone();
+        let batch = self
+            .group
+            .live
+            .feed
+            .read(&self.group.caller.identity(), Access::Read, async |txn| {
+                events::read_after(txn, after, BATCH, resources.as_deref()).await
+            })
+            .await?;
+        self.needs_log = batch.len() as u64 == BATCH;
+        for event in batch {
+            let rendered = self.group.render(&Arc::new(FeedEvent::new(event))).await;
+            self.pending.push_back(Arc::new(rendered));
+        }
+        Ok(())
+    }
+
+    async fn next(mut self) -> Option<(Delivery, Self)> {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                if change.event_id <= self.cursor {
+                    continue;
+                }
+                self.cursor = change.event_id;
+                if self.pending.is_empty() {
+                    self.pending = VecDeque::new();
+                }
+                self.delivered(&change);
+                return Some((Delivery::Rendered(change), self));
+            }
+            if self.done {
+                return None;
+            }
+            if self.needs_log {
+                if let Err(error) = Box::pin(self.read_log()).await {
+                    // Ends the subscription; the client resumes from its
+                    // last cursor and loses nothing.
+                    tracing::warn!(?error, "subscription could not read the log");
+                    self.done = true;
+                    if let Some(stream) = &self.sse_resume {
+                        stream.interrupt();
+                    }
+                    let mut response = Response::from_errors(vec![
+                        async_graphql::Error::from(ApiError::Unavailable)
+                            .into_server_error(Default::default()),
+                    ]);
+                    fill_codes(&mut response);
+                    return Some((Delivery::Response(Box::new(response)), self));
+                }
+                continue;
+            }
+            match self.receiver.recv().await {
+                Ok(change) => {
+                    if change.event_id > self.cursor {
+                        self.cursor = change.event_id;
+                        self.delivered(&change);
+                        return Some((Delivery::Rendered(change), self));
+                    }
+                }
+                // Fell behind the group's buffer: read the log instead,
+                // then take the renderings still buffered.
+                Err(RecvError::Lagged(_)) => {
+                    self.group.live.feed.metrics().subscriber_fell_behind();
+                    self.needs_log = true;
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// A live operation's deliveries, ending when it completes.
+pub struct LiveStream {
+    phase: Phase,
+}
+
+enum Phase {
+    /// async-graphql runs the operation: validation, errors, and a
+    /// subscription's start, rendered for it alone.
+    Own {
+        results: BoxStream<'static, Response>,
+        hand_off: Arc<HandOff>,
+    },
+    /// A member of its group.
+    Member(BoxStream<'static, Delivery>),
+    Done,
+}
+
+impl Stream for LiveStream {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Delivery>> {
+        loop {
+            match &mut self.phase {
+                Phase::Own { results, hand_off } => match results.poll_next_unpin(cx) {
+                    Poll::Ready(Some(mut response)) => {
+                        fill_codes(&mut response);
+                        return Poll::Ready(Some(Delivery::Response(Box::new(response))));
+                    }
+                    Poll::Ready(None) => {
+                        self.phase = match hand_off.take() {
+                            Some(member) => {
+                                Phase::Member(stream::unfold(member, Member::next).boxed())
+                            }
+                            None => Phase::Done,
+                        };
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+                Phase::Member(deliveries) => {
+                    let next = deliveries.poll_next_unpin(cx);
+                    if let Poll::Ready(None) = next {
+                        self.phase = Phase::Done;
+                    }
+                    return next;
+                }
+                Phase::Done => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variable_counts_as_starting_only_where_nothing_else_uses_it() {
+        let query = "subscription($after: String, $afterAll: Boolean) { syncStateChanged(after: $after) @include(if: $afterAll) { cursor } }";
+        assert_eq!(uses_of(query, "after"), 2);
+        assert_eq!(uses_of(query, "afterAll"), 2);
+        assert_eq!(
+            uses_of(
+                "subscription($x: Boolean) { a(initial: $x) @include(if: $x) { b } }",
+                "x"
+            ),
+            3
+        );
+    }
+
+    #[test]
+    fn variables_text_is_in_name_order_and_leaves_out_what_it_is_told() {
+        let variables = Variables::from_json(serde_json::json!({
+            "resources": ["funds"], "after": "1:3", "initial": true
+        }));
+        assert_eq!(
+            variables_text(&variables, &["after".to_owned()]),
+            r#"initial=true;resources=["funds"];"#
+        );
+    }
+}
