@@ -450,6 +450,22 @@ pub async fn subscriptions_active(metrics_url: &str) -> i64 {
         .unwrap_or_else(|| panic!("no subscription gauge in:\n{text}"))
 }
 
+/// The live subscription groups (subscribers of one document, operation,
+/// variables and role share one) on the server whose `/metrics` is at
+/// `metrics_url`, by its gauge.
+pub async fn subscription_groups(metrics_url: &str) -> i64 {
+    let text = reqwest::get(metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("vantage_sync_subscription_groups "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no subscription group gauge in:\n{text}"))
+}
+
 /// The row of `resource` as `to_jsonb` gives it, or JSON null.
 pub async fn state_row(conn: &mut PgConnection, resource: &str) -> serde_json::Value {
     sqlx::query_scalar(

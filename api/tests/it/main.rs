@@ -23,6 +23,7 @@ mod least_privilege;
 mod leaving;
 mod live;
 mod live_faults;
+mod live_groups;
 mod log_growth;
 mod migrate_command;
 mod migration;
