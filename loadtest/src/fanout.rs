@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use vantage_sync::auth::Role;
 
@@ -322,7 +323,12 @@ pub async fn subscribe(
     request
         .headers_mut()
         .insert("sec-websocket-protocol", "graphql-transport-ws".parse()?);
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    // A small read buffer: tungstenite zeroes its whole read buffer
+    // (128 KiB by default) before every read, which costs this tool more
+    // than the message it reads and would inflate every delay measured.
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async_with_config(request, Some(config), false).await?;
     let init =
         json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}});
     socket.send(Message::Text(init.to_string().into())).await?;

@@ -362,15 +362,18 @@ fn complete(id_json: &str) -> String {
 }
 
 async fn serve(
-    socket: Socket,
+    mut socket: Socket,
     app: AppState,
     protocol: Protocols,
     header_caller: Option<Caller>,
     client: Option<std::net::IpAddr>,
 ) {
-    let (mut sink, mut incoming) = socket.split();
     let settings = app.websocket;
     let mut shutting_down = app.shutting_down.clone();
+    // Made once: a future made afresh on every turn of the loop costs
+    // more than the delivery it waits beside.
+    let shutdown = async move { drop(shutting_down.wait_for(|down| *down).await) };
+    tokio::pin!(shutdown);
     let mut connection = Connection {
         app,
         protocol,
@@ -400,7 +403,9 @@ async fn serve(
     loop {
         let acked = connection.caller.is_some();
         let outgoing = tokio::select! {
-            message = incoming.next() => {
+            // In this order, without drawing a random one each turn.
+            biased;
+            message = socket.next() => {
                 heard = true;
                 let reply = match message {
                     Some(Ok(Message::Text(text))) => connection.receive(text.as_bytes()).await,
@@ -417,12 +422,12 @@ async fn serve(
                         Message::Text(text.into())
                     }
                     Reply::Close(code, reason) => {
-                        let _ = sink.send(close(code, reason)).await;
+                        let _ = socket.send(close(code, reason)).await;
                         break;
                     }
                     Reply::End(last) => {
                         if let Some(text) = last {
-                            let _ = sink.send(Message::Text(text.into())).await;
+                            let _ = socket.send(Message::Text(text.into())).await;
                         }
                         break;
                     }
@@ -433,7 +438,7 @@ async fn serve(
                 None => Message::Text(complete(&id_json).into()),
             },
             () = &mut init_deadline, if !acked => {
-                let _ = sink.send(close(4408, "Connection initialisation timeout".into())).await;
+                let _ = socket.send(close(4408, "Connection initialisation timeout".into())).await;
                 break;
             }
             _ = ping.tick(), if acked => {
@@ -446,7 +451,7 @@ async fn serve(
                     // gives up, many minutes later.
                     Some(since) if since.elapsed() >= settings.pong_timeout => {
                         connection.app.metrics.connection_closed(ConnectionClosed::PongTimeout);
-                        let goodbye = sink.send(close(1011, "no answer to pings".into()));
+                        let goodbye = socket.send(close(1011, "no answer to pings".into()));
                         let _ = tokio::time::timeout(CLOSE_WAIT, goodbye).await;
                         break;
                     }
@@ -457,7 +462,7 @@ async fn serve(
                 // whose keep-alive has no answer. The wait is counted from
                 // when it went out: time spent blocked writing to a slow
                 // reader is not the peer's silence.
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
                     break;
                 }
                 unanswered_since.get_or_insert_with(tokio::time::Instant::now);
@@ -467,18 +472,18 @@ async fn serve(
                 };
                 Message::Text(text.into())
             }
-            () = async { drop(shutting_down.wait_for(|down| *down).await) } => {
-                let _ = sink.send(close(1001, "server shutting down; resume with your last cursor".into())).await;
+            () = &mut shutdown => {
+                let _ = socket.send(close(1001, "server shutting down; resume with your last cursor".into())).await;
                 break;
             }
             () = async { if let Some(expiry) = expiry.as_mut() { expiry.await } else { std::future::pending().await } } => {
-                let _ = sink.send(close(4403, "token expired".into())).await;
+                let _ = socket.send(close(4403, "token expired".into())).await;
                 break;
             }
         };
-        if sink.send(outgoing).await.is_err() {
+        if socket.send(outgoing).await.is_err() {
             break;
         }
     }
-    let _ = sink.close().await;
+    let _ = socket.close().await;
 }
