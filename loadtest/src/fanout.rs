@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use vantage_sync::auth::Role;
 
 use crate::stats;
