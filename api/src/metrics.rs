@@ -176,8 +176,8 @@ impl Default for Metrics {
         let renders = Counter::default();
         registry.register(
             "subscription_renders",
-            "Changes rendered for a group of subscribers (one per group and change; \
-             a subscriber catching up from the log renders its own)",
+            "Changes rendered for a group of subscribers (one per group and change), or by a \
+             subscriber that fell behind its group and catches up from the log",
             renders.clone(),
         );
         let fell_behind = Counter::default();

@@ -19,6 +19,8 @@ pub struct CpuMeter {
 #[derive(Clone, Copy)]
 pub struct CpuSample {
     server: Option<f64>,
+    /// The server's time in the kernel (its share of `server`).
+    server_kernel: Option<f64>,
     postgres: Option<f64>,
     load_tool: Option<f64>,
 }
@@ -26,12 +28,17 @@ pub struct CpuSample {
 /// Fields of `/proc/PID/stat` after the command name: (ppid, utime +
 /// stime, cutime + cstime).
 fn stat(pid: &str) -> Option<(u32, u64, u64)> {
+    stat_fields(pid).map(|(ppid, user, system, children)| (ppid, user + system, children))
+}
+
+/// (ppid, utime, stime, cutime + cstime) of `/proc/PID/stat`.
+fn stat_fields(pid: &str) -> Option<(u32, u64, u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: skip past the last ')'.
     let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
     let number = |index: usize| fields.get(index)?.parse::<u64>().ok();
     let ppid = u32::try_from(number(1)?).ok()?;
-    Some((ppid, number(11)? + number(12)?, number(13)? + number(14)?))
+    Some((ppid, number(11)?, number(12)?, number(13)? + number(14)?))
 }
 
 impl CpuMeter {
@@ -52,6 +59,10 @@ impl CpuMeter {
                 .server
                 .and_then(|pid| stat(&pid.to_string()))
                 .map(|(_, own, _)| own as f64 / self.ticks_per_second),
+            server_kernel: self
+                .server
+                .and_then(|pid| stat_fields(&pid.to_string()))
+                .map(|(_, _, system, _)| system as f64 / self.ticks_per_second),
             postgres: self
                 .postgres()
                 .map(|ticks| ticks as f64 / self.ticks_per_second),
@@ -93,6 +104,10 @@ impl CpuMeter {
         };
         json!({
             "server": each(before.server, after.server),
+            // Of which in the kernel: on loopback a socket write also runs
+            // the receiving side's TCP processing, which no server change
+            // removes.
+            "server_kernel": each(before.server_kernel, after.server_kernel),
             "postgres": each(before.postgres, after.postgres),
             "load_tool": each(before.load_tool, after.load_tool),
         })

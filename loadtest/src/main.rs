@@ -298,7 +298,7 @@ fn ms(value: &Value) -> String {
 }
 
 fn us(value: &Value) -> String {
-    value.as_f64().map_or("-".into(), |us| format!("{us:.0}"))
+    value.as_f64().map_or("-".into(), |us| format!("{us:.1}"))
 }
 
 /// `; served by replica1 n, replica2 m` from a scenario's `served_by`
@@ -392,7 +392,7 @@ fn print_table(args: &Args, report: &Value) {
         }
         let cpu = &fanout["cpu_us_per_delivery"];
         println!(
-            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt, CPU per delivery; shapes {}, missed {}, server RSS {} -> {} KiB = {:.1} KiB per subscriber",
+            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt, CPU per delivery (server: {} us in the kernel); shapes {}, missed {}, server RSS {} -> {} KiB = {:.1} KiB per subscriber",
             name,
             format!("S={} K={}", args.subscribers, args.changes),
             "-",
@@ -403,6 +403,7 @@ fn print_table(args: &Args, report: &Value) {
             us(&cpu["server"]),
             us(&cpu["postgres"]),
             us(&cpu["load_tool"]),
+            us(&cpu["server_kernel"]),
             fanout["shapes"],
             fanout["missed"],
             fanout["rss_kib_before"],

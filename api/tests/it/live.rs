@@ -489,6 +489,18 @@ async fn protocol_errors_get_the_spec_close_codes() {
     // A duplicate id: 4409.
     client.subscribe("a", CHANGES, json!({})).await;
     assert_eq!(client.closed().await.0, 4409);
+    // A subscribe before the acknowledgement: 4401.
+    let mut early = WsClient::connect(&app, "graphql-transport-ws").await;
+    early.subscribe("1", CHANGES, json!({})).await;
+    assert_eq!(early.closed().await, (4401, "Unauthorized".to_owned()));
+    // A second connection_init: 4429.
+    let mut twice = WsClient::ready(&app, "authenticated").await;
+    let again = twice.init(json!({})).await;
+    assert_eq!(again.unwrap_err().0, 4429);
+    // A message that is not one of the protocol's: 4400.
+    let mut garbled = WsClient::ready(&app, "authenticated").await;
+    garbled.send(json!({"type": "subscribe", "id": 7})).await;
+    assert_eq!(garbled.closed().await.0, 4400);
     // A subprotocol nobody speaks is refused.
     assert!(WsClient::connect_with(&app, "mqtt", None).await.is_err());
 }
