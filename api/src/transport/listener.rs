@@ -125,6 +125,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
             tokio::select! {
+                biased;
                 _ = connection.as_mut() => return,
                 reason = activity.expiry(limits) => {
                     metrics.connection_closed(reason);

@@ -84,7 +84,13 @@ pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitt
         .subscribe(request, caller, Some(sse_resume.clone()));
     let mut shutting_down = app.shutting_down.clone();
     let mut liveness = app.feed.liveness();
+    // A comment at a fixed pace, busy or idle: resetting a timer on
+    // every change (axum's keep-alive) costs more than the comment saves.
+    let mut keep_alive = tokio::time::interval(app.websocket.ping_interval.min(KEEP_ALIVE));
+    keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    keep_alive.reset();
     let live = Live {
+        keep_alive,
         deliveries,
         sse_resume,
         expiry: Box::pin(async move {
@@ -100,13 +106,14 @@ pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitt
         done: false,
     };
     let events = stream::unfold(live, Live::next).flat_map(stream::iter);
-    let keep_alive = app.websocket.ping_interval.min(KEEP_ALIVE);
-    marked(stream_response(events, keep_alive), operation, Outcome::Ok)
+    let response = Sse::new(events.map(Ok::<_, Infallible>)).into_response();
+    marked(response, operation, Outcome::Ok)
 }
 
 /// A subscription's stream of events.
 struct Live {
     deliveries: LiveStream,
+    keep_alive: tokio::time::Interval,
     sse_resume: Arc<SseResume>,
     expiry: BoxFuture<'static, ()>,
     shutdown: BoxFuture<'static, ()>,
@@ -125,6 +132,8 @@ impl Live {
             return None;
         }
         let events = tokio::select! {
+            // In this order, without drawing a random one each time.
+            biased;
             delivery = self.deliveries.next() => match delivery {
                 Some(Delivery::Response(response)) => {
                     vec![next(&response, self.sse_resume.take())]
@@ -149,6 +158,7 @@ impl Live {
             }
             () = &mut self.shutdown => return None,
             () = &mut self.feed_lost => return None,
+            _ = self.keep_alive.tick() => vec![Event::default().comment("")],
         };
         Some((events, self))
     }
