@@ -392,7 +392,7 @@ fn print_table(args: &Args, report: &Value) {
         }
         let cpu = &fanout["cpu_us_per_delivery"];
         println!(
-            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt, CPU per delivery (server: {} us in the kernel); shapes {}, missed {}, server RSS {} -> {} KiB = {:.1} KiB per subscriber",
+            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt, CPU per delivery (server: {} us in the kernel); shapes {}, missed {}, {}",
             name,
             format!("S={} K={}", args.subscribers, args.changes),
             "-",
@@ -406,9 +406,13 @@ fn print_table(args: &Args, report: &Value) {
             us(&cpu["server_kernel"]),
             fanout["shapes"],
             fanout["missed"],
-            fanout["rss_kib_before"],
-            fanout["rss_kib_after"],
-            fanout["rss_kib_per_subscriber"].as_f64().unwrap_or(0.0),
+            match fanout["rss_kib_per_subscriber"].as_f64() {
+                Some(per_subscriber) => format!(
+                    "server RSS {} -> {} KiB = {per_subscriber:.1} KiB per subscriber",
+                    fanout["rss_kib_before"], fanout["rss_kib_after"]
+                ),
+                None => "server memory not measured (a server started elsewhere)".to_owned(),
+            },
         );
     }
     let hooks = &report["webhooks"];
