@@ -12,6 +12,7 @@ use crate::auth::{ClaimRules, DEFAULT_JWKS_REFRESH, JwksSource, KeySettings, Tok
 use crate::db::PreparedStatements;
 use crate::db::replica::ReplicaSettings;
 use crate::graphql::QueryLimits;
+use crate::graphql::mutation::WriteRules;
 use crate::server::{
     DEFAULT_EVENT_RETENTION_DAYS, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES,
     DEFAULT_REQUEST_TIMEOUT_SECS, Leaving, ServerConfig,
@@ -189,6 +190,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=720))]
     pub webhook_retry_hours: u64,
 
+    /// Refuse `startSync` on a resource never registered (UNKNOWN_RESOURCE)
+    /// instead of creating it, so a misspelt name in a job's configuration
+    /// cannot add a resource.
+    #[arg(long, env = "REQUIRE_REGISTERED_RESOURCES")]
+    pub require_registered_resources: bool,
+
     /// Allow webhooks to loopback, private and link-local addresses
     /// (refused by default, after DNS resolution, at creation and at
     /// every delivery).
@@ -358,6 +365,9 @@ impl ServeArgs {
         config.webhooks = WebhookSettings {
             retry_window: Duration::from_secs(args.webhook_retry_hours * 3600),
             allow_private: args.webhook_allow_private,
+        };
+        config.write_rules = WriteRules {
+            require_registered_resources: args.require_registered_resources,
         };
         config.listen_addr = args.listen_addr;
         config.migrate = !args.no_migrate;

@@ -27,6 +27,12 @@ pub enum ErrorCode {
     NotRunning,
     /// A subscription cursor is unknown or pruned.
     CursorExpired,
+    /// `startSync` on a resource never registered, while the server
+    /// requires registration.
+    UnknownResource,
+    /// An `Idempotency-Key` already used with a different request (HTTP
+    /// 422).
+    IdempotencyKeyReused,
     /// The database cannot be reached now; retry later (HTTP 503).
     ServiceUnavailable,
     /// The caller is over its rate limit (HTTP 429, `Retry-After`).
@@ -48,6 +54,8 @@ impl ErrorCode {
             Self::AlreadyRunning => "ALREADY_RUNNING",
             Self::NotRunning => "NOT_RUNNING",
             Self::CursorExpired => "CURSOR_EXPIRED",
+            Self::UnknownResource => "UNKNOWN_RESOURCE",
+            Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Self::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             Self::RateLimited => "RATE_LIMITED",
             Self::InternalServerError => "INTERNAL_SERVER_ERROR",
@@ -97,6 +105,11 @@ pub enum ApiError {
     NotRunning(String),
     /// The cursor cannot be resumed from.
     CursorExpired,
+    /// `startSync` named a resource never registered, and registration
+    /// is required.
+    UnknownResource(String),
+    /// The `Idempotency-Key` was first used with a different request.
+    IdempotencyKeyReused,
     /// The request took longer than the server allows.
     Timeout,
     /// The database could not be reached.
@@ -143,6 +156,14 @@ impl ApiError {
             Self::CursorExpired => {
                 "cursor is unknown or expired; resubscribe with initial: true".into()
             }
+            Self::UnknownResource(resource) => format!(
+                "resource \"{resource}\" is not registered, and this server starts syncs of \
+                 registered resources only (REQUIRE_REGISTERED_RESOURCES): check the name, or \
+                 create it with registerResource first"
+            ),
+            Self::IdempotencyKeyReused => "this Idempotency-Key was used with a different \
+                request in the last 24 hours: send a new key for a new request"
+                .into(),
             Self::Timeout => "the request timed out".into(),
             Self::RateLimited(wait) => format!(
                 "too many requests: try again in {} s (RATE_LIMIT)",
@@ -167,6 +188,8 @@ impl ApiError {
             Self::AlreadyRunning(_) => ErrorCode::AlreadyRunning,
             Self::NotRunning(_) => ErrorCode::NotRunning,
             Self::CursorExpired => ErrorCode::CursorExpired,
+            Self::UnknownResource(_) => ErrorCode::UnknownResource,
+            Self::IdempotencyKeyReused => ErrorCode::IdempotencyKeyReused,
             Self::Unavailable => ErrorCode::ServiceUnavailable,
             Self::RateLimited(_) => ErrorCode::RateLimited,
             Self::Timeout | Self::Internal(_) => ErrorCode::InternalServerError,
@@ -182,6 +205,7 @@ impl ApiError {
             Self::BadUserInput { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -415,6 +439,16 @@ mod tests {
             ),
             (ApiError::NotRunning("funds".into()), "NOT_RUNNING", 500),
             (ApiError::CursorExpired, "CURSOR_EXPIRED", 500),
+            (
+                ApiError::UnknownResource("fundz".into()),
+                "UNKNOWN_RESOURCE",
+                500,
+            ),
+            (
+                ApiError::IdempotencyKeyReused,
+                "IDEMPOTENCY_KEY_REUSED",
+                422,
+            ),
             (ApiError::Timeout, "INTERNAL_SERVER_ERROR", 504),
             (ApiError::Unavailable, "SERVICE_UNAVAILABLE", 503),
             (

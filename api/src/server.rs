@@ -15,6 +15,7 @@ use crate::db::{Access, Identity, Pool, PreparedStatements, PrivilegeError, Role
 use crate::feed::Feed;
 use crate::graphql::QueryLimits;
 use crate::graphql::live::LiveGroups;
+use crate::graphql::mutation::WriteRules;
 use crate::graphql::parsed_queries::ParsedQueryCache;
 use crate::metrics::Metrics;
 use crate::transport::cors::CorsOrigins;
@@ -99,6 +100,8 @@ pub struct ServerConfig {
     pub rate_limit: Option<RateLimit>,
     /// Webhook retry window and allowed addresses.
     pub webhooks: WebhookSettings,
+    /// How strict writes are.
+    pub write_rules: WriteRules,
     /// How the server leaves when told to stop.
     pub leaving: Leaving,
     /// A hot standby that queries read from, when usable.
@@ -133,6 +136,7 @@ impl ServerConfig {
             connections: ConnectionLimits::DEFAULT,
             rate_limit: None,
             webhooks: WebhookSettings::DEFAULT,
+            write_rules: WriteRules::default(),
             leaving: Leaving::DEFAULT,
             read_replica: None,
         }
@@ -273,6 +277,7 @@ impl Server {
         );
         let schema = graphql::builder(config.limits)
             .data(config.webhooks)
+            .data(config.write_rules)
             .finish();
         let state = AppState {
             live: LiveGroups::start(schema.clone(), feed.clone()),
@@ -303,6 +308,10 @@ impl Server {
         if let Some(limiter) = &state.rate_limiter {
             tokio::spawn(forget_idle_callers(Arc::downgrade(limiter)));
         }
+        tokio::spawn(prune_idempotency_keys(
+            state.pool.clone(),
+            Arc::downgrade(&state.feed),
+        ));
         if let Some(days) = config.event_retention_days {
             tokio::spawn(prune_events(
                 state.pool.clone(),
@@ -422,6 +431,32 @@ async fn forget_idle_callers(limiter: std::sync::Weak<RateLimiter>) {
         match limiter.upgrade() {
             Some(limiter) => limiter.forget_idle(),
             None => return,
+        }
+    }
+}
+
+/// Forgets idempotency keys older than a day, at start and then hourly
+/// (an expired key is also taken over by its next use).
+async fn prune_idempotency_keys(pool: Pool, feed: std::sync::Weak<Feed>) {
+    let mut every_hour = tokio::time::interval(std::time::Duration::from_secs(3600));
+    let pruner = Identity::of_role(Role::ServiceRole);
+    loop {
+        every_hour.tick().await;
+        // Ends with the server.
+        if feed.strong_count() == 0 {
+            return;
+        }
+        let pruned = pool
+            .run(&pruner, Access::Write, PRUNE_TIMEOUT, async |txn| {
+                db::idempotency::prune(txn).await
+            })
+            .await;
+        match pruned {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "forgot idempotency keys older than a day"),
+            Err(error) => {
+                tracing::warn!(error = %error.message(), "could not prune idempotency keys")
+            }
         }
     }
 }

@@ -64,6 +64,13 @@ pub const SCRIPTS: &[SqlScript] = &[
         marker: "public.vantage_sync_alerts",
         transactional: true,
     },
+    SqlScript {
+        name: "m20261204_000000_vantage_sync_idempotency",
+        up: include_str!("m20261204_000000_vantage_sync_idempotency/up.sql"),
+        down: include_str!("m20261204_000000_vantage_sync_idempotency/down.sql"),
+        marker: "public.vantage_sync_idempotency_keys",
+        transactional: true,
+    },
 ];
 
 /// The whole up migration as one plain SQL script: the transactional

@@ -3,6 +3,7 @@
 
 pub mod alerts;
 pub mod events;
+pub mod idempotency;
 pub mod migrate;
 mod pool;
 pub mod replica;

@@ -17,6 +17,16 @@ use crate::error::{ApiError, ApiResult};
 #[derive(Default)]
 pub struct SyncMutation;
 
+/// How strict writes are (`--require-registered-resources`), given to the
+/// schema as data.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteRules {
+    /// `startSync` only for resources registered before (with
+    /// `registerResource`), so a misspelt name in a job's configuration
+    /// is refused instead of creating a resource.
+    pub require_registered_resources: bool,
+}
+
 /// The shape every mutation shares: a writer's request, a valid resource
 /// name, the work in a savepoint of the request transaction (kept if it
 /// succeeds, rolled back if not), and the row it leaves as the answer.
@@ -45,12 +55,29 @@ async fn write<I>(
 impl SyncMutation {
     /// Marks a sync of `resource` started (registering the resource if
     /// new). Refused with ALREADY_RUNNING while one runs, unless `force`.
+    /// On a server that requires registered resources, an unknown name is
+    /// refused with UNKNOWN_RESOURCE and nothing is created.
     async fn start_sync(
         &self,
         ctx: &Context<'_>,
         resource: String,
         #[graphql(default_with = "Some(false)")] force: Option<bool>,
     ) -> async_graphql::Result<SyncState> {
+        let rules = ctx.data_opt::<WriteRules>().copied().unwrap_or_default();
+        if rules.require_registered_resources {
+            // The caller and the name are checked first, as `write` does,
+            // so a reader learns nothing about which resources exist.
+            let request = OperationContext::writer(ctx)?;
+            validate::resource(&resource)?;
+            let known = request
+                .read(&resource, async |txn| {
+                    sync_states::find(txn, &resource).await
+                })
+                .await?;
+            if known.is_none() {
+                return Err(ApiError::UnknownResource(resource).into());
+            }
+        }
         write(ctx, &resource, Ok(()), async |txn, ()| {
             sync_states::start(txn, &resource, force.unwrap_or(false))
                 .await

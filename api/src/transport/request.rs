@@ -18,7 +18,7 @@ use serde_json::json;
 
 use super::AppState;
 use crate::auth::Caller;
-use crate::db::{Access, RequestDb};
+use crate::db::{Access, RequestDb, idempotency};
 use crate::error::{ApiError, ErrorCode, retry_after_secs};
 use crate::graphql::{OperationContext, cost, validate};
 use crate::metrics::{Metrics, Operation, Outcome};
@@ -213,6 +213,57 @@ pub(crate) struct Admitted {
     pub request: async_graphql::Request,
     pub operation: Operation,
     pub kind: Option<OperationType>,
+    /// The `Idempotency-Key` header, when sent.
+    pub idempotency_key: Option<String>,
+}
+
+/// Longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+
+/// The `Idempotency-Key` header: any text of 1 to 255 characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let refused = || {
+        ApiError::bad_input(
+            "Idempotency-Key",
+            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters of text"),
+        )
+    };
+    let key = value.to_str().map_err(|_| refused())?;
+    if key.is_empty() || key.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS {
+        return Err(refused());
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// A mutation sent with an `Idempotency-Key`: whose key it is and what
+/// identifies the request, so a retry can be told from a reuse.
+struct IdempotentRequest {
+    /// The token's subject, else its role: keys of two callers never meet.
+    caller: String,
+    key: String,
+    fingerprint: String,
+}
+
+impl IdempotentRequest {
+    fn new(caller: &Caller, key: String, request: &async_graphql::Request) -> Self {
+        use sha2::Digest;
+        let caller = match &caller.subject {
+            Some(subject) => format!("sub:{subject}"),
+            None => format!("role:{}", caller.role.as_str()),
+        };
+        let identity =
+            serde_json::to_string(&(&request.operation_name, &request.query, &request.variables))
+                .unwrap_or_default();
+        let fingerprint = format!("{:x}", sha2::Sha256::digest(identity.as_bytes()));
+        Self {
+            caller,
+            key,
+            fingerprint,
+        }
+    }
 }
 
 /// Authenticates and classifies one GraphQL request, or refuses it with
@@ -234,6 +285,7 @@ pub(crate) async fn admit(
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or("\u{0}"));
     let caller = app.keys.caller(authorization).await.map_err(refuse)?;
+    let idempotency_key = idempotency_key(headers).map_err(refuse)?;
     if let Some(limiter) = &app.rate_limiter
         && let Err(wait) = limiter.check(&caller, client)
     {
@@ -274,6 +326,7 @@ pub(crate) async fn admit(
         request,
         operation,
         kind,
+        idempotency_key,
     })
 }
 
@@ -284,7 +337,11 @@ pub(crate) fn answer(
     operation: Operation,
     outcome: Outcome,
 ) -> Response {
+    let mut response = response;
+    let headers = std::mem::take(&mut response.http_headers);
     let mut answer = (status_of(&response), Json(response)).into_response();
+    // What a response asks to carry, e.g. `Idempotent-Replayed`.
+    answer.headers_mut().extend(headers);
     if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
         answer
             .headers_mut()
@@ -327,10 +384,19 @@ pub(crate) async fn run(
         request,
         operation,
         kind,
+        idempotency_key,
     } = admitted;
     let access = match kind {
         Some(OperationType::Mutation) => Access::Write,
         _ => Access::Query,
+    };
+    // Only writers' mutations are kept: anything else changes nothing
+    // (or is refused), so running it again is already safe.
+    let idempotent = match idempotency_key {
+        Some(key) if access == Access::Write && caller.may_write().is_ok() => {
+            Some(IdempotentRequest::new(&caller, key, &request))
+        }
+        _ => None,
     };
     let db = Arc::new(RequestDb::new(
         app.pool.clone(),
@@ -338,6 +404,22 @@ pub(crate) async fn run(
         access,
         app.request_timeout,
     ));
+    if let Some(idempotent) = &idempotent {
+        let claimed = tokio::time::timeout(app.request_timeout, claim(&db, idempotent)).await;
+        match claimed {
+            Err(_) => return Err(refused_as(operation, ApiError::Timeout)),
+            Ok(Err(error)) => return Err(refused_as(operation, error)),
+            Ok(Ok(Some(replay))) => {
+                let outcome = if replay.errors.is_empty() {
+                    Outcome::Ok
+                } else {
+                    Outcome::Error
+                };
+                return Ok((replay, outcome));
+            }
+            Ok(Ok(None)) => {}
+        }
+    }
     let context = OperationContext::request(caller, db.clone());
     let executed = tokio::time::timeout(
         app.request_timeout,
@@ -347,18 +429,77 @@ pub(crate) async fn run(
     let Ok(mut response) = executed else {
         return Err(refused_as(operation, ApiError::Timeout));
     };
+    validate::fill_codes(&mut response);
+    if let Some(idempotent) = &idempotent {
+        // An answer to retry (the database was unavailable) is not kept:
+        // the transaction rolls back with the key, and a retry runs anew.
+        if status_of(&response) != StatusCode::OK {
+            return Ok((response, Outcome::Error));
+        }
+        if let Err(error) = record(&db, idempotent, &response).await {
+            return Err(refused_as(operation, error));
+        }
+    }
     if let Err(error) = db.commit().await {
         response = async_graphql::Response::from_errors(vec![
             async_graphql::Error::from(error).into_server_error(Default::default()),
         ]);
+        validate::fill_codes(&mut response);
     }
-    validate::fill_codes(&mut response);
     let outcome = if response.errors.is_empty() {
         Outcome::Ok
     } else {
         Outcome::Error
     };
     Ok((response, outcome))
+}
+
+/// Claims the request's key in its transaction: `None` when the request
+/// is to run; the first answer when it is a retry; IDEMPOTENCY_KEY_REUSED
+/// when the key came with a different request.
+async fn claim(
+    db: &RequestDb,
+    idempotent: &IdempotentRequest,
+) -> Result<Option<async_graphql::Response>, ApiError> {
+    let first = {
+        let txn = db.txn().await?;
+        idempotency::claim(
+            &*txn,
+            &idempotent.caller,
+            &idempotent.key,
+            &idempotent.fingerprint,
+        )
+        .await
+        .map_err(|error| ApiError::from_db(error, ""))?
+    };
+    let Some(first) = first else {
+        return Ok(None);
+    };
+    if first.first_fingerprint != idempotent.fingerprint {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    let mut answer: async_graphql::Response = first
+        .first_answer
+        .and_then(|answer| serde_json::from_value(answer).ok())
+        .ok_or_else(|| ApiError::internal("an idempotency key without its answer"))?;
+    answer.http_headers.insert(
+        "idempotent-replayed",
+        header::HeaderValue::from_static("true"),
+    );
+    Ok(Some(answer))
+}
+
+/// Keeps the answer under the request's key, before the commit.
+async fn record(
+    db: &RequestDb,
+    idempotent: &IdempotentRequest,
+    response: &async_graphql::Response,
+) -> Result<(), ApiError> {
+    let answer = serde_json::to_value(response).map_err(ApiError::internal)?;
+    let txn = db.txn().await?;
+    idempotency::record(&*txn, &idempotent.caller, &idempotent.key, answer)
+        .await
+        .map_err(|error| ApiError::from_db(error, ""))
 }
 
 #[cfg(test)]

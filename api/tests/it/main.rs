@@ -18,6 +18,7 @@ mod docs;
 mod entity;
 mod graphql_schema;
 mod history;
+mod idempotency;
 mod layers;
 mod least_privilege;
 mod leaving;
