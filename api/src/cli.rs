@@ -10,6 +10,7 @@ use crate::check;
 use crate::config::{ClaimArgs, ConfigError, ServeArgs};
 use crate::db::migrate::{self, MigrateCommand, MigrateError};
 use crate::managed_postgres::{self, ManagedError, ManagedPostgres};
+use crate::run;
 use crate::server::{ServeError, Server};
 
 /// The version and the commit the binary was built from.
@@ -63,6 +64,54 @@ pub enum Command {
     /// or a JWKS_URL you serve), so tokens from `token --private-key`
     /// verify.
     Jwks(JwksArgs),
+    /// Run an ETL job and record it as a sync of RESOURCE: marked started,
+    /// then completed (exit 0, with the counts the job writes to
+    /// $VANTAGE_SYNC_RESULT) or failed (with the exit code or signal and
+    /// the end of its standard error). Exits with the job's exit code.
+    Run(Box<RunArgs>),
+}
+
+/// Flags of `vantage-sync run`.
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example (a crontab line):\n  0 * * * * vantage-sync run accounts -- /opt/etl/sync-accounts.sh"
+)]
+pub struct RunArgs {
+    /// The resource the job syncs, e.g. accounts.
+    pub resource: String,
+    /// The server: its address (http://host:8080) or its /graphql endpoint.
+    #[arg(long, env = "VANTAGE_SYNC_URL")]
+    pub url: Option<String>,
+    /// A service_role token to mark the sync with (`vantage-sync token
+    /// --role service_role`); the job does not inherit VANTAGE_SYNC_TOKEN.
+    #[arg(long, env = "VANTAGE_SYNC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Run the job only once its start is marked: if the API cannot be
+    /// reached or refuses (ALREADY_RUNNING included), exit 75 without
+    /// running it.
+    #[arg(long)]
+    pub require_api: bool,
+    /// Seconds to keep retrying each mark (start, then completed or
+    /// failed) while the API cannot be reached; 0 tries once.
+    #[arg(long, env = "VANTAGE_SYNC_RETRY_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub retry_secs: u64,
+    /// The job: a program and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+impl RunArgs {
+    fn settings(self) -> run::Settings {
+        run::Settings {
+            resource: self.resource,
+            url: self.url,
+            token: self.token,
+            require_api: self.require_api,
+            retry_for: Duration::from_secs(self.retry_secs),
+            command: self.command,
+        }
+    }
 }
 
 /// Flags of `vantage-sync jwks`.
@@ -291,6 +340,12 @@ impl Cli {
                     .map_err(|error| CliError::PrivateKey(error.to_string()))?;
                 println!("{set}");
                 Ok(())
+            }
+            Command::Run(args) => {
+                let code = run::run(args.settings()).await;
+                // The job's exit code is the wrapper's, which `main`'s
+                // Result cannot carry.
+                std::process::exit(code)
             }
         }
     }

@@ -10,8 +10,8 @@
 //!    `webhooks` (alerts delivered), then `graphql` (the schema).
 //! 4. `transport`: HTTP, SSE and WebSocket around one request path.
 //! 5. `server` (assembles and serves), `check` (the start-up checks,
-//!    without serving), `config` (flags into settings), `cli` (the
-//!    binary's commands).
+//!    without serving), `run` (an ETL job recorded as a sync), `config`
+//!    (flags into settings), `cli` (the binary's commands).
 
 pub mod derived;
 pub mod error;
@@ -30,6 +30,7 @@ pub mod transport;
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod run;
 pub mod server;
 
 pub use feed::cursor::Cursor;

@@ -1,8 +1,8 @@
 //! The documentation holds together: every relative link in the README,
 //! `docs/`, the changelog and the contributing guide reaches a file, every
 //! anchor a heading; the configuration page names every flag and
-//! environment variable of `serve`; and the README's commands are the ones
-//! the tests and CI run.
+//! environment variable of `serve`, `check`, `token`, `migrate` and `run`;
+//! and the README's commands are the ones the tests and CI run.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -154,7 +154,7 @@ fn the_configuration_page_names_every_flag_and_variable() {
     let cli = vantage_sync::cli::Cli::command();
     let mut missing = Vec::new();
     let mut named = 0;
-    for command in ["serve", "check", "token", "migrate"] {
+    for command in ["serve", "check", "token", "migrate", "run"] {
         let command = cli.find_subcommand(command).unwrap();
         for arg in command.get_arguments() {
             if let Some(long) = arg.get_long()
