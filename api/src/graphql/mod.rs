@@ -36,7 +36,11 @@ pub use subscription::Subscription;
 #[graphql(name = "Query")]
 pub struct Query(query::SyncQuery, alerts::AlertQuery, webhooks::WebhookQuery);
 
-/// Write operations; they need a `service_role` token.
+/// Write operations; they need a `service_role` token. Sent over HTTP
+/// with an `Idempotency-Key` header, a mutation retried with the same key
+/// within 24 hours gets its first answer again and is not applied twice;
+/// the key sent with a different request is refused with
+/// IDEMPOTENCY_KEY_REUSED.
 #[derive(MergedObject, Default)]
 #[graphql(name = "Mutation")]
 pub struct Mutation(mutation::SyncMutation, webhooks::WebhookMutation);
