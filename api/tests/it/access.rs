@@ -300,6 +300,7 @@ async fn functions_pin_search_path_and_only_service_role_executes_them() {
     let expected = [
         ("advance_vantage_sync_notifications", true, true),
         ("calculate_vantage_sync_duration", false, false),
+        ("claim_vantage_idempotency_key", true, true),
         ("claim_vantage_webhook_deliveries", true, true),
         ("complete_vantage_sync", true, true),
         ("create_vantage_webhook", true, true),
@@ -308,7 +309,9 @@ async fn functions_pin_search_path_and_only_service_role_executes_them() {
         // Writes the event log, which no caller role may write.
         ("notify_vantage_sync_state_change", true, false),
         ("ping_vantage_webhook", true, true),
+        ("prune_vantage_idempotency_keys", true, true),
         ("prune_vantage_sync_events", true, true),
+        ("record_vantage_idempotent_answer", true, true),
         // Called by record_vantage_webhook_attempts, one attempt each.
         ("record_vantage_webhook_attempt", true, false),
         ("record_vantage_webhook_attempts", true, true),
