@@ -95,6 +95,13 @@ pub struct ServeArgs {
     #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
     pub cors_allowed_origins: Option<String>,
 
+    /// Add a `Server-Timing` header (`db;dur=…, total;dur=…`, in
+    /// milliseconds) to GraphQL answers over HTTP, for browsers' developer
+    /// tools. Off by default: timings tell any caller, and on the public
+    /// internet anyone, how long the database took for their request.
+    #[arg(long, env = "SERVER_TIMING")]
+    pub server_timing: bool,
+
     /// Address to serve HTTP on.
     #[arg(long, env = "LISTEN_ADDR", default_value_t = DEFAULT_LISTEN_ADDR)]
     pub listen_addr: SocketAddr,
@@ -370,6 +377,7 @@ impl ServeArgs {
             require_registered_resources: args.require_registered_resources,
         };
         config.listen_addr = args.listen_addr;
+        config.server_timing = args.server_timing;
         config.migrate = !args.no_migrate;
         config.max_connections = args.max_connections;
         config.acquire_timeout = Duration::from_secs(args.db_acquire_timeout_secs);

@@ -5,7 +5,8 @@
 //!
 //! 1. `error`, `metrics`, `derived`: what every layer above speaks in.
 //! 2. `db`: the pool and the per-request transaction, run as a role given
-//!    as data; `managed_postgres`: the PostgreSQL of a zero-config start.
+//!    as data; `managed_postgres`: the PostgreSQL of a zero-config start;
+//!    `telemetry`: the log subscriber and the OTLP trace exporter.
 //! 3. `auth` (tokens to callers), `feed` (the event log, live), then
 //!    `webhooks` (alerts delivered), then `graphql` (the schema).
 //! 4. `transport`: HTTP, SSE and WebSocket around one request path.
@@ -19,6 +20,7 @@ pub mod metrics;
 
 pub mod db;
 pub mod managed_postgres;
+pub mod telemetry;
 
 pub mod auth;
 pub mod feed;

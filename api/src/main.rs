@@ -2,8 +2,8 @@
 
 use std::io::IsTerminal;
 
-use tracing_subscriber::EnvFilter;
 use vantage_sync::cli::Cli;
+use vantage_sync::telemetry::{self, TraceSettings};
 
 // glibc's malloc and free were a large share of the server's CPU under the
 // dashboard query (docs/adr/0005-mimalloc.md).
@@ -12,14 +12,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm_migration=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-    Cli::parse_or_exit().run().await?;
+    let traces = TraceSettings::from_env()?;
+    let telemetry = telemetry::init(
+        traces.as_ref(),
+        "info,sqlx=warn,sea_orm_migration=warn",
+        std::io::stderr().is_terminal(),
+    )?;
+    let result = Cli::parse_or_exit().run().await;
+    // The spans of the last requests, exported before the process ends.
+    telemetry.shutdown().await;
+    result?;
     Ok(())
 }

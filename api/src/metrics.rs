@@ -131,6 +131,59 @@ pub enum ConnectionClosed {
     PongTimeout,
 }
 
+/// Why a finished span was not exported.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum SpanDrop {
+    /// The export queue (`OTEL_BSP_MAX_QUEUE_SIZE`) was full.
+    QueueFull,
+    /// Its batch's export failed.
+    ExportFailed,
+}
+
+impl SpanDrop {
+    fn label(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::ExportFailed => "export_failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpanDropLabels {
+    reason: &'static str,
+}
+
+/// Spans exported, process-wide: the trace exporter is the process's
+/// (installed with the subscriber, before any server's registry exists).
+static TRACE_SPANS_EXPORTED: std::sync::LazyLock<Counter> =
+    std::sync::LazyLock::new(Counter::default);
+/// Spans dropped, process-wide, by why; both reasons shown from the start.
+static TRACE_SPANS_DROPPED: std::sync::LazyLock<Family<SpanDropLabels, Counter>> =
+    std::sync::LazyLock::new(|| {
+        let dropped = Family::default();
+        for reason in [SpanDrop::QueueFull, SpanDrop::ExportFailed] {
+            let _ = dropped.get_or_create(&SpanDropLabels {
+                reason: reason.label(),
+            });
+        }
+        dropped
+    });
+
+/// Counts `spans` exported.
+pub fn trace_spans_exported(spans: u64) {
+    TRACE_SPANS_EXPORTED.inc_by(spans);
+}
+
+/// Counts `spans` dropped for `reason`.
+pub fn trace_spans_dropped(reason: SpanDrop, spans: u64) {
+    TRACE_SPANS_DROPPED
+        .get_or_create(&SpanDropLabels {
+            reason: reason.label(),
+        })
+        .inc_by(spans);
+}
+
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics(..)")
@@ -302,6 +355,17 @@ impl Default for Metrics {
             "read_replica_usable",
             "1 while queries may read from the read replica (reachable, within READ_MAX_LAG_MS), else 0",
             replica_usable.clone(),
+        );
+        // Process-wide, as the exporter is: every registry shows the same.
+        registry.register(
+            "trace_spans_exported",
+            "Spans exported over OTLP",
+            TRACE_SPANS_EXPORTED.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans not exported: the export queue was full (queue_full), or the collector refused or could not be reached (export_failed)",
+            TRACE_SPANS_DROPPED.clone(),
         );
         Self {
             registry,

@@ -106,6 +106,8 @@ pub struct ServerConfig {
     pub leaving: Leaving,
     /// A hot standby that queries read from, when usable.
     pub read_replica: Option<ReplicaSettings>,
+    /// Whether GraphQL HTTP answers carry `Server-Timing` (`db`, `total`).
+    pub server_timing: bool,
 }
 
 impl ServerConfig {
@@ -139,6 +141,7 @@ impl ServerConfig {
             write_rules: WriteRules::default(),
             leaving: Leaving::DEFAULT,
             read_replica: None,
+            server_timing: false,
         }
     }
 }
@@ -297,6 +300,7 @@ impl Server {
             draining: draining.clone(),
             parsed_queries: Arc::new(ParsedQueryCache::new(PARSED_QUERIES_KEPT)),
             cors: config.cors,
+            server_timing: config.server_timing,
         };
         crate::webhooks::start(
             state.pool.clone(),

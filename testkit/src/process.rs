@@ -41,6 +41,27 @@ const READY_WITHIN: Duration = Duration::from_secs(30);
 
 static NEXT_PROCESS: AtomicU32 = AtomicU32::new(0);
 
+/// How [`ServerProcess::start_with`] starts a server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// How it leaves when sent SIGTERM.
+    pub leaving: Leaving,
+    /// Environment variables of the process (e.g. `OTEL_*`).
+    pub env: Vec<(String, String)>,
+    /// Whether answers carry `Server-Timing`.
+    pub server_timing: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            leaving: Leaving::DEFAULT,
+            env: Vec::new(),
+            server_timing: false,
+        }
+    }
+}
+
 /// A server process (the [`Server`] that `vantage-sync serve` runs) on a
 /// test database, on a free port of 127.0.0.1, with the [`SECRET`] that [`crate::TestApp`] uses. Killed
 /// (SIGKILL) when dropped, so a failing test leaves nothing running; and
@@ -68,6 +89,26 @@ impl ServerProcess {
     /// [`Self::start`], leaving as `leaving` says when sent SIGTERM
     /// ([`Self::terminate`]).
     pub async fn start_leaving(test: &str, db: &TestDb, leaving: Leaving) -> ServerProcess {
+        Self::start_with(
+            test,
+            db,
+            ServerOptions {
+                leaving,
+                ..ServerOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Self::start`] with `options`: process-wide settings such as the
+    /// `OTEL_*` variables, which a server in the test process could not
+    /// have without giving them to every other test.
+    pub async fn start_with(test: &str, db: &TestDb, options: ServerOptions) -> ServerProcess {
+        let ServerOptions {
+            leaving,
+            env,
+            server_timing,
+        } = options;
         let ready_file = std::env::temp_dir().join(format!(
             "vantage-sync-server-{}-{}.json",
             std::process::id(),
@@ -79,6 +120,7 @@ impl ServerProcess {
             "ready_file": ready_file,
             "shutdown_delay_ms": leaving.delay.as_millis() as u64,
             "shutdown_timeout_ms": leaving.timeout.as_millis() as u64,
+            "server_timing": server_timing,
         });
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
@@ -90,6 +132,7 @@ impl ServerProcess {
                 "--test-threads=1",
             ])
             .env(SERVER_VAR, settings.to_string())
+            .envs(env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -238,14 +281,10 @@ pub fn serve_if_asked() {
     let settings: serde_json::Value = serde_json::from_str(&settings).unwrap();
     let database_url = settings["database_url"].as_str().unwrap().to_owned();
     let ready_file = PathBuf::from(settings["ready_file"].as_str().unwrap());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    // As `vantage-sync serve` does: logs, and traces when OTEL_* say so.
+    let traces = vantage_sync::telemetry::TraceSettings::from_env().unwrap();
+    let _telemetry =
+        vantage_sync::telemetry::init(traces.as_ref(), "info,sqlx=warn", false).unwrap();
     // The parent holds our stdin open; end-of-file means it is gone, and a
     // server left behind would hold database connections and a port.
     std::thread::spawn(|| {
@@ -261,6 +300,7 @@ pub fn serve_if_asked() {
         config.listen_addr = "127.0.0.1:0".parse().unwrap();
         config.migrate = false;
         config.max_connections = 8;
+        config.server_timing = settings["server_timing"].as_bool().unwrap_or(false);
         let millis = |name: &str| Duration::from_millis(settings[name].as_u64().unwrap_or(0));
         config.leaving = Leaving {
             delay: millis("shutdown_delay_ms"),

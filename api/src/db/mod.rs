@@ -7,6 +7,7 @@ pub mod idempotency;
 pub mod migrate;
 mod pool;
 pub mod replica;
+mod spans;
 pub mod sync_states;
 pub mod webhooks;
 
@@ -16,7 +17,8 @@ pub use pool::{
 };
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use sea_orm::sea_query::Values;
 use sea_orm::sqlx::{self, AssertSqlSafe, Postgres, Transaction};
@@ -26,6 +28,7 @@ use sea_orm::{
 };
 use sea_query_sqlx::SqlxValues;
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tracing::Instrument as _;
 
 use crate::error::{ApiError, ApiResult};
 use crate::metrics::ReadTarget;
@@ -112,6 +115,36 @@ impl Access {
     fn read_only(self) -> bool {
         self != Self::Write
     }
+
+    /// How a trace names it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Query => "query",
+            Self::Snapshot => "snapshot",
+            Self::Write => "write",
+        }
+    }
+}
+
+/// Time spent in database calls, added up across a request's
+/// transactions (for `Server-Timing`). Shared with each transaction.
+#[derive(Debug, Default)]
+struct DbClock(AtomicU64);
+
+impl DbClock {
+    /// Runs `call`, adding how long it took.
+    async fn timed<T>(&self, call: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let result = call.await;
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.fetch_add(nanos, Ordering::Relaxed);
+        result
+    }
+
+    fn spent(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
 }
 
 impl Pool {
@@ -147,6 +180,7 @@ pub struct RequestDb {
     access: Access,
     statement_timeout: Duration,
     txn: Mutex<Option<RequestTxn>>,
+    clock: Arc<DbClock>,
 }
 
 impl RequestDb {
@@ -163,7 +197,14 @@ impl RequestDb {
             access,
             statement_timeout,
             txn: Mutex::new(None),
+            clock: Arc::default(),
         }
+    }
+
+    /// Time spent so far in database calls (begins, statements, commits)
+    /// of this request's transactions, waits for a connection included.
+    pub fn time_spent(&self) -> Duration {
+        self.clock.spent()
     }
 
     /// The request's transaction, begun (as the caller's role) if need be.
@@ -187,11 +228,15 @@ impl RequestDb {
             self.statement_timeout,
             self.access,
         );
+        let begun = Begun {
+            span: spans::transaction(self.access.as_str()),
+            clock: self.clock.clone(),
+        };
         if self.access == Access::Query
             && let Some(replica) = self.pool.replica()
         {
             if replica.usable() {
-                match begin_on(replica.pool(), &statement).await {
+                match begin_on(replica.pool(), &statement, begun.clone()).await {
                     Ok(txn) => {
                         replica.counted(ReadTarget::Replica);
                         return Ok(txn);
@@ -206,7 +251,7 @@ impl RequestDb {
             }
             replica.counted(ReadTarget::Primary);
         }
-        begin_on(&self.pool, &statement)
+        begin_on(&self.pool, &statement, begun)
             .await
             .map_err(|error| ApiError::from_db(error, ""))
     }
@@ -224,12 +269,14 @@ impl RequestDb {
                 drop(txn);
                 Ok(())
             }
-            Some(txn) => txn
-                .txn
-                .into_inner()
-                .commit()
-                .await
-                .map_err(|error| ApiError::from_db(query_error(error), "")),
+            Some(txn) => {
+                let span = spans::fixed_statement(&txn.span, "COMMIT");
+                let clock = txn.clock.clone();
+                clock
+                    .timed(txn.txn.into_inner().commit().instrument(span))
+                    .await
+                    .map_err(|error| ApiError::from_db(query_error(error), ""))
+            }
             None => Ok(()),
         }
     }
@@ -270,11 +317,25 @@ pub fn begin_statement(
     )
 }
 
+/// What a request transaction is traced and timed by.
+#[derive(Clone)]
+struct Begun {
+    /// The transaction's span, ended when the transaction is.
+    span: tracing::Span,
+    clock: Arc<DbClock>,
+}
+
 /// A request transaction begun on `pool` with `statement`.
-async fn begin_on(pool: &Pool, statement: &str) -> Result<RequestTxn, DbErr> {
-    let txn = pool
-        .sqlx()
-        .begin_with(AssertSqlSafe(statement.to_owned()))
+async fn begin_on(pool: &Pool, statement: &str, begun: Begun) -> Result<RequestTxn, DbErr> {
+    // The statement holds the caller's claims: the span names it BEGIN.
+    let span = spans::fixed_statement(&begun.span, "BEGIN");
+    let txn = begun
+        .clock
+        .timed(
+            pool.sqlx()
+                .begin_with(AssertSqlSafe(statement.to_owned()))
+                .instrument(span),
+        )
         .await
         .map_err(|error| match error {
             sqlx::Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
@@ -285,6 +346,8 @@ async fn begin_on(pool: &Pool, statement: &str) -> Result<RequestTxn, DbErr> {
     Ok(RequestTxn {
         txn: Mutex::new(txn),
         prepared: pool.prepared_statements(),
+        span: begun.span,
+        clock: begun.clock,
     })
 }
 
@@ -303,6 +366,9 @@ fn exec_error(error: sqlx::Error) -> DbErr {
 pub struct RequestTxn {
     txn: Mutex<Transaction<'static, Postgres>>,
     prepared: bool,
+    /// The transaction's span: its statements' parent.
+    span: tracing::Span,
+    clock: Arc<DbClock>,
 }
 
 impl RequestTxn {
@@ -332,6 +398,11 @@ impl RequestTxn {
         let values = statement.values.unwrap_or(Values(Vec::new()));
         sqlx::query_with(AssertSqlSafe(statement.sql), SqlxValues(values)).persistent(self.prepared)
     }
+
+    /// Runs `call`, a statement, in `span` and on the clock.
+    async fn traced<T>(&self, span: tracing::Span, call: impl Future<Output = T>) -> T {
+        self.clock.timed(call.instrument(span)).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -342,8 +413,8 @@ impl ConnectionTrait for RequestTxn {
 
     async fn execute_raw(&self, statement: Statement) -> Result<ExecResult, DbErr> {
         let mut txn = self.txn.lock().await;
-        self.bind(statement)
-            .execute(&mut **txn)
+        let span = spans::statement(&self.span, &statement.sql);
+        self.traced(span, self.bind(statement).execute(&mut **txn))
             .await
             .map(Into::into)
             .map_err(exec_error)
@@ -351,17 +422,20 @@ impl ConnectionTrait for RequestTxn {
 
     async fn execute_unprepared(&self, sql: &str) -> Result<ExecResult, DbErr> {
         let mut txn = self.txn.lock().await;
-        sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
-            .execute(&mut **txn)
-            .await
-            .map(Into::into)
-            .map_err(exec_error)
+        let span = spans::statement(&self.span, sql);
+        self.traced(
+            span,
+            sqlx::raw_sql(AssertSqlSafe(sql.to_owned())).execute(&mut **txn),
+        )
+        .await
+        .map(Into::into)
+        .map_err(exec_error)
     }
 
     async fn query_one_raw(&self, statement: Statement) -> Result<Option<QueryResult>, DbErr> {
         let mut txn = self.txn.lock().await;
-        self.bind(statement)
-            .fetch_optional(&mut **txn)
+        let span = spans::statement(&self.span, &statement.sql);
+        self.traced(span, self.bind(statement).fetch_optional(&mut **txn))
             .await
             .map(|row| row.map(Into::into))
             .map_err(query_error)
@@ -369,8 +443,8 @@ impl ConnectionTrait for RequestTxn {
 
     async fn query_all_raw(&self, statement: Statement) -> Result<Vec<QueryResult>, DbErr> {
         let mut txn = self.txn.lock().await;
-        self.bind(statement)
-            .fetch_all(&mut **txn)
+        let span = spans::statement(&self.span, &statement.sql);
+        self.traced(span, self.bind(statement).fetch_all(&mut **txn))
             .await
             .map(|rows| rows.into_iter().map(Into::into).collect())
             .map_err(query_error)

@@ -31,7 +31,11 @@ pub(crate) async fn execute(
     }
     let operation = admitted.operation;
     match run(app, admitted).await {
-        Ok((response, outcome)) => answer(response, operation, outcome),
+        Ok((response, outcome, db_time)) => {
+            let mut answered = answer(response, operation, outcome);
+            answered.extensions_mut().insert(db_time);
+            answered
+        }
         Err(refused) => refused,
     }
 }

@@ -18,6 +18,7 @@ pub mod operator;
 pub mod rate_limit;
 pub mod request;
 pub mod sse;
+pub mod traces;
 pub mod ws;
 
 use std::sync::Arc;
@@ -77,6 +78,8 @@ pub struct AppState {
     pub parsed_queries: Arc<ParsedQueryCache>,
     /// Origins browsers may call from.
     pub cors: CorsOrigins,
+    /// Whether GraphQL HTTP answers carry `Server-Timing`.
+    pub server_timing: bool,
 }
 
 /// The service's routes.
@@ -88,6 +91,17 @@ pub fn router(state: AppState) -> Router {
             state.metrics.clone(),
             request::record_requests,
         ));
+    // Outermost: the server span covers the request's metrics too. Left
+    // out when there is nothing to observe (no traces, no Server-Timing):
+    // a layer costs every request even when it does nothing.
+    let graphql = if state.server_timing || traces::enabled() {
+        graphql.route_layer(axum::middleware::from_fn_with_state(
+            state.server_timing,
+            traces::observe,
+        ))
+    } else {
+        graphql
+    };
     let routes = Router::new()
         .merge(graphql)
         .route("/", get(board::page))

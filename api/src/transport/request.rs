@@ -7,6 +7,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument as _;
+
 use async_graphql::parser::types::{DocumentOperations, OperationType};
 use axum::Json;
 use axum::body::Bytes;
@@ -17,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
+use super::traces::DbTime;
 use crate::auth::Caller;
 use crate::db::{Access, RequestDb, idempotency};
 use crate::error::{ApiError, ErrorCode, retry_after_secs};
@@ -189,22 +192,37 @@ pub(crate) enum HttpMethod {
     Post,
 }
 
-/// The type of the operation a request will run and the database reads it
-/// will make at most, if it parses.
-fn classify(request: &mut async_graphql::Request) -> Option<(OperationType, usize)> {
+/// What [`classify`] tells of the operation a request will run.
+struct Classified {
+    kind: OperationType,
+    /// Its name in the document (a GraphQL name: never a value).
+    name: Option<async_graphql::Name>,
+    /// The database reads it will make at most.
+    reads: usize,
+}
+
+/// The operation a request will run, if it parses.
+fn classify(request: &mut async_graphql::Request) -> Option<Classified> {
     let name = request.operation_name.clone();
     let document = request.parsed_query().ok()?;
-    let operation = match &document.operations {
-        DocumentOperations::Single(operation) => Some(&operation.node),
+    let (name, operation) = match &document.operations {
+        DocumentOperations::Single(operation) => Some((None, &operation.node)),
         DocumentOperations::Multiple(operations) => match name {
             Some(name) => operations
-                .get(name.as_str())
-                .map(|operation| &operation.node),
-            None if operations.len() == 1 => operations.values().next().map(|op| &op.node),
+                .get_key_value(name.as_str())
+                .map(|(name, operation)| (Some(name.clone()), &operation.node)),
+            None if operations.len() == 1 => operations
+                .iter()
+                .next()
+                .map(|(name, operation)| (Some(name.clone()), &operation.node)),
             None => None,
         },
     }?;
-    Some((operation.ty, cost::database_reads(document, operation)))
+    Some(Classified {
+        kind: operation.ty,
+        name,
+        reads: cost::database_reads(document, operation),
+    })
 }
 
 /// A GraphQL request let in: its caller known, its operation classified.
@@ -213,6 +231,8 @@ pub(crate) struct Admitted {
     pub request: async_graphql::Request,
     pub operation: Operation,
     pub kind: Option<OperationType>,
+    /// The operation's name in the document, when it has one.
+    pub name: Option<async_graphql::Name>,
     /// The `Idempotency-Key` header, when sent.
     pub idempotency_key: Option<String>,
 }
@@ -294,7 +314,7 @@ pub(crate) async fn admit(
     }
     app.parsed_queries.prepare(&mut request);
     let classified = classify(&mut request);
-    let kind = classified.map(|(kind, _)| kind);
+    let kind = classified.as_ref().map(|classified| classified.kind);
     let operation = match kind {
         Some(OperationType::Mutation) if method == HttpMethod::Get => {
             return Err(refused_as(
@@ -307,7 +327,7 @@ pub(crate) async fn admit(
         Some(OperationType::Subscription) => Operation::Subscription,
         None => Operation::Unknown,
     };
-    if let Some((_, reads)) = classified
+    if let Some(reads) = classified.as_ref().map(|classified| classified.reads)
         && reads > app.max_db_reads
     {
         return Err(refused_as(
@@ -326,6 +346,7 @@ pub(crate) async fn admit(
         request,
         operation,
         kind,
+        name: classified.and_then(|classified| classified.name),
         idempotency_key,
     })
 }
@@ -373,17 +394,59 @@ pub(crate) fn status_of(response: &async_graphql::Response) -> StatusCode {
     }
 }
 
+/// The span of a GraphQL operation, by OpenTelemetry's conventions: named
+/// by its type and name (`query Dashboard`), never by its document or
+/// variables.
+fn operation_span(kind: Option<OperationType>, name: Option<&str>) -> tracing::Span {
+    let kind = match kind {
+        Some(OperationType::Query) => "query",
+        Some(OperationType::Mutation) => "mutation",
+        Some(OperationType::Subscription) => "subscription",
+        // Not parsed, or no operation to run: the schema says why.
+        None => "unknown",
+    };
+    let span = tracing::debug_span!(
+        "graphql.operation",
+        otel.name = tracing::field::Empty,
+        graphql.operation.type = kind,
+        graphql.operation.name = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        match name {
+            Some(name) => {
+                let full = format!("{kind} {name}");
+                span.record("otel.name", full.as_str());
+                span.record("graphql.operation.name", name);
+            }
+            None => {
+                span.record("otel.name", kind);
+            }
+        }
+    }
+    span
+}
+
 /// Runs an admitted query or mutation in one request transaction, as its
-/// caller, within the request timeout.
+/// caller, within the request timeout, in the operation's span; with the
+/// time its database calls took.
 pub(crate) async fn run(
     app: &AppState,
     admitted: Admitted,
-) -> Result<(async_graphql::Response, Outcome), Response> {
+) -> Result<(async_graphql::Response, Outcome, DbTime), Response> {
+    let span = operation_span(admitted.kind, admitted.name.as_deref());
+    run_in_transaction(app, admitted).instrument(span).await
+}
+
+async fn run_in_transaction(
+    app: &AppState,
+    admitted: Admitted,
+) -> Result<(async_graphql::Response, Outcome, DbTime), Response> {
     let Admitted {
         caller,
         request,
         operation,
         kind,
+        name: _,
         idempotency_key,
     } = admitted;
     let access = match kind {
@@ -415,7 +478,7 @@ pub(crate) async fn run(
                 } else {
                     Outcome::Error
                 };
-                return Ok((replay, outcome));
+                return Ok((replay, outcome, DbTime(db.time_spent())));
             }
             Ok(Ok(None)) => {}
         }
@@ -434,7 +497,7 @@ pub(crate) async fn run(
         // An answer to retry (the database was unavailable) is not kept:
         // the transaction rolls back with the key, and a retry runs anew.
         if status_of(&response) != StatusCode::OK {
-            return Ok((response, Outcome::Error));
+            return Ok((response, Outcome::Error, DbTime(db.time_spent())));
         }
         if let Err(error) = record(&db, idempotent, &response).await {
             return Err(refused_as(operation, error));
@@ -451,7 +514,7 @@ pub(crate) async fn run(
     } else {
         Outcome::Error
     };
-    Ok((response, outcome))
+    Ok((response, outcome, DbTime(db.time_spent())))
 }
 
 /// Claims the request's key in its transaction: `None` when the request

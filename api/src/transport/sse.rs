@@ -55,7 +55,9 @@ pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitt
         return match run(&app, admitted).await {
             // Unavailable: said with the plain POST's status, before any
             // stream, so the client retries.
-            Ok((response, outcome)) => match status_of(&response) {
+            // Server-Timing's `db` is for plain answers; a stream says
+            // only its `total` (to its head).
+            Ok((response, outcome, _)) => match status_of(&response) {
                 StatusCode::OK => {
                     let events = stream::iter([next(&response, None), complete()]);
                     marked(stream_response(events, KEEP_ALIVE), operation, outcome)

@@ -40,6 +40,7 @@ mod server_kill;
 mod sse;
 mod stalled_reader;
 mod state_table;
+mod traces;
 mod transitions;
 mod trends;
 mod upgrade;

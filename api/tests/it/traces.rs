@@ -1,0 +1,327 @@
+//! Traces (SPEC section 13): servers in processes of their own (the trace
+//! exporter is process-wide), configured by `OTEL_*` variables, exporting
+//! to a real OTLP/HTTP receiver that decodes the protobuf itself. A request
+//! with a `traceparent` joins the caller's trace; no token, variable value
+//! or SQL parameter reaches a span; a collector that is down costs no
+//! request, and its lost spans are counted; `Server-Timing` is there only
+//! when enabled.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vantage_sync_testkit::otlp::{SPAN_KIND_CLIENT, SPAN_KIND_SERVER};
+use vantage_sync_testkit::{OtlpReceiver, ReceivedSpan, ServerOptions, ServerProcess, TestDb};
+
+/// libtest's name of [`server_process`].
+const SERVER_PROCESS: &str = "traces::server_process";
+
+/// How long exported spans may take to arrive, the batch delay set low.
+const EXPORTED_WITHIN: Duration = Duration::from_secs(5);
+
+/// Not a test: the body of the processes [`ServerProcess`] starts.
+#[test]
+#[ignore = "the server process of the trace tests, which run it themselves"]
+fn server_process() {
+    vantage_sync_testkit::serve_if_asked();
+}
+
+/// `OTEL_*` variables that export to `endpoint`, in batches sent every
+/// 100 ms.
+fn otel_env(endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_owned(), value.to_owned()))
+    .collect()
+}
+
+async fn traced_server(db: &TestDb, env: Vec<(String, String)>) -> ServerProcess {
+    ServerProcess::start_with(
+        SERVER_PROCESS,
+        db,
+        ServerOptions {
+            env,
+            ..ServerOptions::default()
+        },
+    )
+    .await
+}
+
+/// POSTs a GraphQL request with `token` and extra `headers`.
+async fn post(
+    server: &ServerProcess,
+    token: &str,
+    headers: &[(&str, &str)],
+    body: Value,
+) -> reqwest::Response {
+    let mut request = reqwest::Client::new()
+        .post(server.url("/graphql"))
+        .bearer_auth(token)
+        .json(&body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.unwrap()
+}
+
+fn in_trace<'a>(spans: &'a [ReceivedSpan], trace_id: &str) -> Vec<&'a ReceivedSpan> {
+    spans
+        .iter()
+        .filter(|span| span.trace_id == trace_id)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_traceparent_makes_the_request_a_part_of_the_callers_trace() {
+    let db = TestDb::migrated().await;
+    let receiver = OtlpReceiver::start().await;
+    let server = traced_server(&db, otel_env(&receiver.endpoint())).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_id = "00f067aa0ba902b7";
+    let response = post(
+        &server,
+        &server.token("authenticated"),
+        &[
+            ("traceparent", &format!("00-{trace_id}-{parent_id}-01")),
+            ("tracestate", "vendor=opaque"),
+        ],
+        json!({"query": "query Dashboard { syncStates { resource lastSyncStatus } }"}),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert!(body.get("errors").is_none(), "{body}");
+
+    let spans = receiver
+        .wait_for(EXPORTED_WITHIN, |spans| {
+            let spans = in_trace(spans, trace_id);
+            spans.iter().any(|span| span.kind == SPAN_KIND_SERVER)
+                && spans.iter().any(|span| span.name == "query Dashboard")
+                && spans
+                    .iter()
+                    .any(|span| span.attribute("db.system.name") == Some("postgresql"))
+        })
+        .await;
+    let spans = in_trace(&spans, trace_id);
+    let server_span = spans
+        .iter()
+        .find(|span| span.kind == SPAN_KIND_SERVER)
+        .unwrap();
+    assert_eq!(server_span.name, "POST /graphql");
+    assert_eq!(server_span.parent_span_id, parent_id, "{server_span:#?}");
+    assert_eq!(server_span.attribute("http.request.method"), Some("POST"));
+    assert_eq!(server_span.attribute("url.path"), Some("/graphql"));
+    assert_eq!(
+        server_span.attribute("http.response.status_code"),
+        Some("200")
+    );
+    assert_eq!(server_span.service.as_deref(), Some("vantage-sync"));
+
+    let operation = spans
+        .iter()
+        .find(|span| span.name == "query Dashboard")
+        .unwrap();
+    assert_eq!(operation.parent_span_id, server_span.span_id);
+    assert_eq!(
+        operation.attribute("graphql.operation.name"),
+        Some("Dashboard")
+    );
+    assert_eq!(operation.attribute("graphql.operation.type"), Some("query"));
+
+    // The transaction, its BEGIN and its SELECT, under the operation.
+    let transaction = spans
+        .iter()
+        .find(|span| span.name == "transaction")
+        .unwrap();
+    assert_eq!(transaction.parent_span_id, operation.span_id);
+    assert_eq!(transaction.kind, SPAN_KIND_CLIENT);
+    let statements: Vec<&str> = spans
+        .iter()
+        .filter(|span| span.parent_span_id == transaction.span_id)
+        .map(|span| span.name.as_str())
+        .collect();
+    assert!(statements.contains(&"BEGIN"), "{statements:?}");
+    assert!(
+        statements
+            .iter()
+            .any(|name| name.starts_with("SELECT vantage_sync_state")),
+        "{statements:?}"
+    );
+    let select = spans
+        .iter()
+        .find(|span| span.name.starts_with("SELECT"))
+        .unwrap();
+    assert_eq!(select.attribute("db.system.name"), Some("postgresql"));
+    assert_eq!(select.attribute("db.operation.name"), Some("SELECT"));
+}
+
+#[tokio::test]
+async fn no_token_variable_value_or_sql_parameter_reaches_a_span() {
+    let db = TestDb::migrated().await;
+    let receiver = OtlpReceiver::start().await;
+    let server = traced_server(&db, otel_env(&receiver.endpoint())).await;
+    let reader = server.token("authenticated");
+    let writer = server.token("service_role");
+    let variable_marker = "variable_marker_5f1c9a";
+    let literal_marker = "literal_marker_8e2d47";
+
+    let read = post(
+        &server,
+        &reader,
+        &[],
+        json!({
+            "query": "query Find($resource: String!) { syncState(resource: $resource) { resource } }",
+            "variables": {"resource": variable_marker},
+        }),
+    )
+    .await;
+    assert_eq!(read.status(), 200);
+    let written = post(
+        &server,
+        &writer,
+        &[],
+        json!({"query": format!("mutation Start {{ startSync(resource: \"{literal_marker}\") {{ resource }} }}")}),
+    )
+    .await;
+    assert_eq!(written.status(), 200);
+    let body: Value = written.json().await.unwrap();
+    assert_eq!(
+        body["data"]["startSync"]["resource"], literal_marker,
+        "{body}"
+    );
+
+    let spans = receiver
+        .wait_for(EXPORTED_WITHIN, |spans| {
+            let names: Vec<&str> = spans.iter().map(|span| span.name.as_str()).collect();
+            names.contains(&"query Find")
+                && names.contains(&"mutation Start")
+                && names.iter().filter(|name| **name == "COMMIT").count() >= 1
+        })
+        .await;
+    let secrets = [
+        variable_marker,
+        literal_marker,
+        reader.as_str(),
+        writer.as_str(),
+        "Bearer",
+        "jwt",
+        "claims",
+        "SET LOCAL",
+    ];
+    for span in &spans {
+        for text in span.texts() {
+            for secret in secrets {
+                assert!(
+                    !text.to_lowercase().contains(&secret.to_lowercase()),
+                    "{secret:?} is in span {:?}: {span:#?}",
+                    span.name
+                );
+            }
+        }
+    }
+    // What the mutation's database work is called instead.
+    assert!(
+        spans
+            .iter()
+            .any(|span| span.attribute("db.operation.name").is_some()
+                && span.name != "BEGIN"
+                && span.name != "COMMIT"),
+        "no statement span"
+    );
+}
+
+#[tokio::test]
+async fn a_collector_that_is_down_costs_no_request_and_its_spans_are_counted() {
+    let db = TestDb::migrated().await;
+    // A port nothing listens on: bound, then let go.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let mut env = otel_env(&format!("http://{closed}"));
+    env.extend([
+        ("OTEL_BSP_MAX_QUEUE_SIZE".to_owned(), "64".to_owned()),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT".to_owned(), "500".to_owned()),
+    ]);
+    let server = traced_server(&db, env).await;
+    let token = server.token("authenticated");
+    for request in 0..200 {
+        let response = post(
+            &server,
+            &token,
+            &[],
+            json!({"query": "query Dashboard { syncStates { resource } }"}),
+        )
+        .await;
+        assert_eq!(response.status(), 200, "request {request}");
+    }
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + EXPORTED_WITHIN;
+    let dropped = loop {
+        let metrics = client
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let dropped: f64 = metrics
+            .lines()
+            .filter(|line| line.starts_with("vantage_sync_trace_spans_dropped_total{"))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if dropped > 0.0 || tokio::time::Instant::now() > deadline {
+            break dropped;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(dropped > 0.0, "no dropped spans counted");
+    // One line for the export errors, not one per failed batch.
+    let logs = server.log_tail();
+    let warnings = logs.matches("cannot export traces").count();
+    assert_eq!(warnings, 1, "{logs}");
+}
+
+#[tokio::test]
+async fn server_timing_is_there_only_when_enabled() {
+    let db = TestDb::migrated().await;
+    let query = json!({"query": "{ syncStates { resource } }"});
+    for enabled in [true, false] {
+        let server = ServerProcess::start_with(
+            SERVER_PROCESS,
+            &db,
+            ServerOptions {
+                server_timing: enabled,
+                ..ServerOptions::default()
+            },
+        )
+        .await;
+        let response = post(&server, &server.token("authenticated"), &[], query.clone()).await;
+        assert_eq!(response.status(), 200);
+        let timing = response
+            .headers()
+            .get("server-timing")
+            .map(|value| value.to_str().unwrap().to_owned());
+        if !enabled {
+            assert_eq!(timing, None);
+            continue;
+        }
+        let timing = timing.expect("no Server-Timing");
+        let durations: Vec<(&str, f64)> = timing
+            .split(',')
+            .map(|metric| {
+                let (name, duration) = metric.trim().split_once(";dur=").unwrap();
+                (name, duration.parse().unwrap())
+            })
+            .collect();
+        let [("db", db_ms), ("total", total_ms)] = durations[..] else {
+            panic!("Server-Timing: {timing}");
+        };
+        assert!(db_ms > 0.0 && db_ms <= total_ms, "Server-Timing: {timing}");
+    }
+}
