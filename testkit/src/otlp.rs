@@ -19,9 +19,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message as _;
 
+/// An internal span (a GraphQL operation, a subscription's life).
+pub const SPAN_KIND_INTERNAL: i32 = 1;
 /// The kind of a span, as OTLP numbers it.
 pub const SPAN_KIND_SERVER: i32 = 2;
-/// A client span (a database call).
+/// A client span (a database call, a webhook delivery).
 pub const SPAN_KIND_CLIENT: i32 = 3;
 
 /// One span the receiver got.

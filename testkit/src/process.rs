@@ -50,6 +50,9 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     /// Whether answers carry `Server-Timing`.
     pub server_timing: bool,
+    /// Whether webhooks may target loopback and private addresses (the
+    /// test kit's receiver).
+    pub webhook_allow_private: bool,
 }
 
 impl Default for ServerOptions {
@@ -58,6 +61,7 @@ impl Default for ServerOptions {
             leaving: Leaving::DEFAULT,
             env: Vec::new(),
             server_timing: false,
+            webhook_allow_private: false,
         }
     }
 }
@@ -108,6 +112,7 @@ impl ServerProcess {
             leaving,
             env,
             server_timing,
+            webhook_allow_private,
         } = options;
         let ready_file = std::env::temp_dir().join(format!(
             "vantage-sync-server-{}-{}.json",
@@ -121,6 +126,7 @@ impl ServerProcess {
             "shutdown_delay_ms": leaving.delay.as_millis() as u64,
             "shutdown_timeout_ms": leaving.timeout.as_millis() as u64,
             "server_timing": server_timing,
+            "webhook_allow_private": webhook_allow_private,
         });
         let mut command = Command::new(std::env::current_exe().unwrap());
         command
@@ -301,6 +307,8 @@ pub fn serve_if_asked() {
         config.migrate = false;
         config.max_connections = 8;
         config.server_timing = settings["server_timing"].as_bool().unwrap_or(false);
+        config.webhooks.allow_private =
+            settings["webhook_allow_private"].as_bool().unwrap_or(false);
         let millis = |name: &str| Duration::from_millis(settings[name].as_u64().unwrap_or(0));
         config.leaving = Leaving {
             delay: millis("shutdown_delay_ms"),

@@ -29,6 +29,8 @@ pub struct Received {
     pub timestamp: String,
     /// `webhook-signature`.
     pub signature: String,
+    /// `traceparent` (W3C Trace Context), when sent.
+    pub traceparent: Option<String>,
     /// The raw body.
     pub body: String,
     /// When it arrived.
@@ -185,6 +187,10 @@ async fn receive(
         id: header("webhook-id"),
         timestamp: header("webhook-timestamp"),
         signature: header("webhook-signature"),
+        traceparent: headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
         body: String::from_utf8_lossy(&body).into_owned(),
         at,
         answered: status,

@@ -22,10 +22,11 @@ use std::time::Duration;
 
 use async_graphql::futures_util::stream::{self, BoxStream};
 use async_graphql::futures_util::{Stream, StreamExt};
-use async_graphql::parser::types::ExecutableDocument;
+use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType};
 use async_graphql::{Context, Request, Response, Variables};
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast::{self, Receiver, Sender, error::RecvError};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::validate::fill_codes;
 use super::{AppSchema, OperationContext, SseResume};
@@ -148,13 +149,18 @@ impl LiveGroups {
     }
 
     /// Runs `request` for `caller` as a live operation: a subscription's
-    /// own responses first, then its group's renderings.
+    /// own responses first, then its group's renderings. Its span, when
+    /// traces are on, is the child of `trace_parent` if given (a WebSocket
+    /// connection's upgrade request), else of the current span (an SSE
+    /// request's server span).
     pub fn subscribe(
         self: &Arc<Self>,
         mut request: Request,
         caller: Caller,
         sse_resume: Option<Arc<SseResume>>,
+        trace_parent: Option<&opentelemetry::Context>,
     ) -> LiveStream {
+        let traced = Traced::start(&mut request, sse_resume.is_some(), trace_parent);
         let hand_off = Arc::new(HandOff {
             template: Mutex::new(Some(RenderTemplate {
                 query: Arc::from(request.query.as_str()),
@@ -171,6 +177,7 @@ impl LiveGroups {
             .execute_stream(request.data(context).data(hand_off.clone()));
         LiveStream {
             phase: Phase::Own { results, hand_off },
+            traced,
         }
     }
 
@@ -565,6 +572,117 @@ impl Member {
 /// A live operation's deliveries, ending when it completes.
 pub struct LiveStream {
     phase: Phase,
+    /// Its span and how many messages it sent; `None` when traces are off,
+    /// so a delivery then costs nothing more than a null check.
+    traced: Option<Box<Traced>>,
+}
+
+/// The field that counts a live operation's deliveries, recorded once, at
+/// its end: a span per delivery would be a span per subscriber per change.
+const DELIVERIES: &str = "vantage_sync.subscription.deliveries";
+
+/// A live operation's span, open for its life, and its deliveries.
+struct Traced {
+    span: tracing::Span,
+    deliveries: u64,
+}
+
+impl Traced {
+    /// The span of `request`'s operation, by OpenTelemetry's conventions
+    /// for GraphQL: named by the operation's type and name, never by its
+    /// document or variables. `None` (and nothing read) when traces are off.
+    fn start(
+        request: &mut Request,
+        sse: bool,
+        parent: Option<&opentelemetry::Context>,
+    ) -> Option<Box<Self>> {
+        let span = tracing::debug_span!(
+            "graphql.subscription",
+            otel.name = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            graphql.operation.type = tracing::field::Empty,
+            graphql.operation.name = tracing::field::Empty,
+            vantage_sync.subscription.transport = if sse { "sse" } else { "websocket" },
+            vantage_sync.subscription.deliveries = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        if span.is_disabled() {
+            return None;
+        }
+        let (kind, name) = operation_of(request);
+        span.record("graphql.operation.type", kind);
+        match &name {
+            Some(name) => {
+                span.record("otel.name", format!("{kind} {name}").as_str());
+                span.record("graphql.operation.name", name.as_str());
+            }
+            None => {
+                span.record("otel.name", kind);
+            }
+        }
+        if let Some(parent) = parent {
+            let _ = span.set_parent(parent.clone());
+        }
+        Some(Box::new(Self {
+            span,
+            deliveries: 0,
+        }))
+    }
+
+    fn delivered(&mut self, delivery: &Delivery) {
+        self.deliveries += 1;
+        // A response of its own may be an error that ends it: its code.
+        if let Delivery::Response(response) = delivery
+            && let Some(code) = response.errors.first().and_then(|error| {
+                match error.extensions.as_ref()?.get("code")? {
+                    async_graphql::Value::String(code) => Some(code.clone()),
+                    _ => None,
+                }
+            })
+        {
+            self.span.record("error.type", code.as_str());
+            self.span.record("otel.status_code", "error");
+        }
+    }
+}
+
+impl Drop for Traced {
+    fn drop(&mut self) {
+        self.span.record(DELIVERIES, self.deliveries);
+    }
+}
+
+/// The type and name of the operation `request` runs, as its span says
+/// them: `unknown` when the document does not parse or names none.
+fn operation_of(request: &mut Request) -> (&'static str, Option<String>) {
+    let wanted = request.operation_name.clone();
+    let Ok(document) = request.parsed_query() else {
+        return ("unknown", None);
+    };
+    let found = match &document.operations {
+        DocumentOperations::Single(operation) => Some((operation.node.ty, None)),
+        DocumentOperations::Multiple(operations) => match wanted {
+            Some(wanted) => operations
+                .get(wanted.as_str())
+                .map(|operation| (operation.node.ty, Some(wanted))),
+            None if operations.len() == 1 => operations
+                .iter()
+                .next()
+                .map(|(name, operation)| (operation.node.ty, Some(name.to_string()))),
+            None => None,
+        },
+    };
+    match found {
+        Some((ty, name)) => (
+            match ty {
+                OperationType::Query => "query",
+                OperationType::Mutation => "mutation",
+                OperationType::Subscription => "subscription",
+            },
+            name,
+        ),
+        None => ("unknown", None),
+    }
 }
 
 enum Phase {
@@ -579,19 +697,17 @@ enum Phase {
     Done,
 }
 
-impl Stream for LiveStream {
-    type Item = Delivery;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Delivery>> {
+impl Phase {
+    fn poll_next(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<Delivery>> {
         loop {
-            match &mut self.phase {
+            match self {
                 Phase::Own { results, hand_off } => match results.poll_next_unpin(cx) {
                     Poll::Ready(Some(mut response)) => {
                         fill_codes(&mut response);
                         return Poll::Ready(Some(Delivery::Response(Box::new(response))));
                     }
                     Poll::Ready(None) => {
-                        self.phase = match hand_off.take() {
+                        *self = match hand_off.take() {
                             Some(member) => {
                                 Phase::Member(stream::unfold(member, Member::next).boxed())
                             }
@@ -603,13 +719,36 @@ impl Stream for LiveStream {
                 Phase::Member(deliveries) => {
                     let next = deliveries.poll_next_unpin(cx);
                     if let Poll::Ready(None) = next {
-                        self.phase = Phase::Done;
+                        *self = Phase::Done;
                     }
                     return next;
                 }
                 Phase::Done => return Poll::Ready(None),
             }
         }
+    }
+}
+
+impl Stream for LiveStream {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Delivery>> {
+        let this = &mut *self;
+        let Some(traced) = &mut this.traced else {
+            return this.phase.poll_next(cx);
+        };
+        // Its start (the snapshot, or the log after its cursor) is read
+        // in its span; a member's deliveries are only counted.
+        let next = if matches!(this.phase, Phase::Own { .. }) {
+            let _entered = traced.span.enter();
+            this.phase.poll_next(cx)
+        } else {
+            this.phase.poll_next(cx)
+        };
+        if let Poll::Ready(Some(delivery)) = &next {
+            traced.delivered(delivery);
+        }
+        next
     }
 }
 

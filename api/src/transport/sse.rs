@@ -83,7 +83,7 @@ pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitt
     let sse_resume = Arc::new(SseResume::resuming(resume_after));
     let deliveries = app
         .live
-        .subscribe(request, caller, Some(sse_resume.clone()));
+        .subscribe(request, caller, Some(sse_resume.clone()), None);
     let mut shutting_down = app.shutting_down.clone();
     let mut liveness = app.feed.liveness();
     // A comment at a fixed pace, busy or idle: resetting a timer on

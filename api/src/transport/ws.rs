@@ -22,6 +22,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket as Socket, WebSocketUpgra
 use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use serde_json::{Value, json};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::AppState;
 use super::request::refuse;
@@ -113,11 +114,23 @@ pub async fn upgrade(
     } else {
         upgrade.protocols([protocol.sec_websocket_protocol()])
     };
+    // The upgrade request's trace (its server span, the child of the
+    // client's `traceparent`), for the connection's subscriptions: its
+    // context only, so the request's span still ends with the upgrade.
+    let current = tracing::Span::current();
+    let trace_parent = (!current.is_disabled()).then(|| current.context());
     // A task of its own: inside axum's upgrade task this connection's
     // future would sit in a larger one for its whole life, and every idle
     // subscriber would pay for it.
     upgrade.on_upgrade(move |socket| async move {
-        tokio::spawn(serve(socket, app, protocol, header_caller, client));
+        tokio::spawn(serve(
+            socket,
+            app,
+            protocol,
+            header_caller,
+            client,
+            trace_parent,
+        ));
     })
 }
 
@@ -223,6 +236,8 @@ struct Connection {
     /// The caller, once acknowledged.
     caller: Option<Caller>,
     operations: Operations,
+    /// The trace of the upgrade request, when traces are on.
+    trace_parent: Option<opentelemetry::Context>,
 }
 
 impl Connection {
@@ -318,7 +333,10 @@ impl Connection {
             ));
         }
         self.app.parsed_queries.prepare(&mut request);
-        let deliveries = self.app.live.subscribe(request, caller.clone(), None);
+        let deliveries =
+            self.app
+                .live
+                .subscribe(request, caller.clone(), None, self.trace_parent.as_ref());
         self.operations.running.push(Running {
             id_json: json_string(&id).into(),
             id: id.into(),
@@ -367,6 +385,7 @@ async fn serve(
     protocol: Protocols,
     header_caller: Option<Caller>,
     client: Option<std::net::IpAddr>,
+    trace_parent: Option<opentelemetry::Context>,
 ) {
     let settings = app.websocket;
     let mut shutting_down = app.shutting_down.clone();
@@ -382,6 +401,7 @@ async fn serve(
         init_received: false,
         caller: None,
         operations: Operations::default(),
+        trace_parent,
     };
     let init_deadline = tokio::time::sleep(settings.init_timeout);
     tokio::pin!(init_deadline);

@@ -23,7 +23,12 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use entity::vantage_sync_webhook::WebhookFormat;
+use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use sea_orm::ActiveEnum as _;
 use tokio::sync::{broadcast, mpsc, watch};
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::db::webhooks::{self, Attempt, AttemptOutcome, Claim, Sent};
 use crate::db::{Access, Identity, Pool, Role, alerts};
@@ -279,12 +284,104 @@ fn by_webhook(claims: Vec<Claim>) -> Vec<Vec<Claim>> {
 }
 
 /// Sends one notification (its body, made once per notification and
-/// format), signed; the answer, whatever it is.
+/// format), signed; the answer, whatever it is. The attempt is a client
+/// span when traces are on.
 async fn deliver(
     client: &reqwest::Client,
     claim: &Claim,
     body: Bytes,
     allow_private: bool,
+) -> Attempt {
+    let span = delivery_span(claim);
+    if span.is_disabled() {
+        return send(client, claim, body, allow_private, &span).await;
+    }
+    let attempt = send(client, claim, body, allow_private, &span)
+        .instrument(span.clone())
+        .await;
+    if let Some(status) = attempt.http_status {
+        span.record("http.response.status_code", status);
+    }
+    if attempt.error.is_some() {
+        span.record("otel.status_code", "error");
+    }
+    attempt
+}
+
+/// The span of one delivery attempt, by OpenTelemetry's conventions for
+/// HTTP clients, naming the notification and the webhook; never the URL's
+/// path or query (a webhook URL may hold a token), the body, the secret or
+/// the signature. Disabled (and nothing read) when traces are off.
+fn delivery_span(claim: &Claim) -> tracing::Span {
+    let span = tracing::debug_span!(
+        "webhook.delivery",
+        otel.name = "POST",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = "POST",
+        url.scheme = tracing::field::Empty,
+        server.address = tracing::field::Empty,
+        server.port = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        vantage_sync.webhook.id = tracing::field::Empty,
+        vantage_sync.webhook.attempt = claim.attempt,
+        vantage_sync.event.id = claim.notification_id,
+        vantage_sync.notification.type = claim.kind.as_str(),
+        vantage_sync.alert = tracing::field::Empty,
+        vantage_sync.resource.name = tracing::field::Empty,
+    );
+    if !span.is_disabled() {
+        span.record(
+            "vantage_sync.webhook.id",
+            tracing::field::display(claim.webhook_id),
+        );
+        if let Some(alert) = claim.alert {
+            span.record("vantage_sync.alert", alert.to_value().as_str());
+        }
+        if let Some(resource) = &claim.resource {
+            span.record("vantage_sync.resource.name", resource.as_str());
+        }
+    }
+    span
+}
+
+/// Records why an attempt failed, as a class the conventions' `error.type`
+/// allows: never an error's text, which may quote the URL.
+fn failed_as(span: &tracing::Span, error_type: &'static str) {
+    span.record("error.type", error_type);
+}
+
+/// The W3C `traceparent` (and `tracestate`) of `span`, to send with its
+/// request; none when traces are off.
+fn trace_headers(span: &tracing::Span) -> reqwest::header::HeaderMap {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if !span.is_disabled() {
+        TraceContextPropagator::new().inject_context(&span.context(), &mut Injector(&mut headers));
+    }
+    headers
+}
+
+/// Request headers as the propagator writes them.
+struct Injector<'a>(&'a mut reqwest::header::HeaderMap);
+
+impl opentelemetry::propagation::Injector for Injector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            reqwest::header::HeaderName::from_bytes(key.as_bytes()),
+            reqwest::header::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+async fn send(
+    client: &reqwest::Client,
+    claim: &Claim,
+    body: Bytes,
+    allow_private: bool,
+    span: &tracing::Span,
 ) -> Attempt {
     let started = Instant::now();
     let failed = |error: String| Attempt {
@@ -294,16 +391,32 @@ async fn deliver(
     };
     let url = match address::check_written(&claim.url, allow_private) {
         Ok(url) => url,
-        Err(refused) => return failed(refused.to_string()),
+        Err(refused) => {
+            failed_as(span, "address_refused");
+            return failed(refused.to_string());
+        }
     };
+    if !span.is_disabled() {
+        span.record("url.scheme", url.scheme());
+        if let Some(host) = url.host_str() {
+            span.record("server.address", host);
+        }
+        if let Some(port) = url.port_or_known_default() {
+            span.record("server.port", port);
+        }
+    }
     let id = payload::message_id(claim);
     let timestamp = chrono::Utc::now().timestamp();
     let signature = match signature::sign(&claim.secret, &id, timestamp, &body) {
         Ok(signature) => signature,
-        Err(error) => return failed(error.to_string()),
+        Err(error) => {
+            failed_as(span, "signature");
+            return failed(error.to_string());
+        }
     };
     let sent = client
         .post(url)
+        .headers(trace_headers(span))
         .header("content-type", "application/json")
         .header("webhook-id", id)
         .header("webhook-timestamp", timestamp.to_string())
@@ -314,13 +427,35 @@ async fn deliver(
     match sent {
         Ok(response) => {
             let status = response.status();
+            if !status.is_success() {
+                // The conventions' error.type of an HTTP error: its status.
+                span.record("error.type", status.as_str());
+            }
             Attempt {
                 http_status: Some(status.as_u16()),
                 error: (!status.is_success()).then(|| format!("the endpoint answered {status}")),
                 duration: started.elapsed(),
             }
         }
-        Err(error) => failed(describe(&error)),
+        Err(error) => {
+            failed_as(span, error_type(&error));
+            failed(describe(&error))
+        }
+    }
+}
+
+/// The class of a transport error, for `error.type`.
+fn error_type(error: &reqwest::Error) -> &'static str {
+    if error.is_timeout() {
+        "timeout"
+    } else if error.is_connect() {
+        "connect"
+    } else if error.is_body() || error.is_decode() {
+        "body"
+    } else if error.is_request() {
+        "request"
+    } else {
+        "_OTHER"
     }
 }
 

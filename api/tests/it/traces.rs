@@ -4,13 +4,16 @@
 //! with a `traceparent` joins the caller's trace; no token, variable value
 //! or SQL parameter reaches a span; a collector that is down costs no
 //! request, and its lost spans are counted; `Server-Timing` is there only
-//! when enabled.
+//! when enabled. A webhook delivery is a client span whose request carries
+//! its `traceparent`; a subscription is one span for its life.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vantage_sync_testkit::otlp::{SPAN_KIND_CLIENT, SPAN_KIND_SERVER};
-use vantage_sync_testkit::{OtlpReceiver, ReceivedSpan, ServerOptions, ServerProcess, TestDb};
+use vantage_sync_testkit::otlp::{SPAN_KIND_CLIENT, SPAN_KIND_INTERNAL, SPAN_KIND_SERVER};
+use vantage_sync_testkit::{
+    OtlpReceiver, ReceivedSpan, Receiver, ServerOptions, ServerProcess, TestDb, WsClient,
+};
 
 /// libtest's name of [`server_process`].
 const SERVER_PROCESS: &str = "traces::server_process";
@@ -324,4 +327,200 @@ async fn server_timing_is_there_only_when_enabled() {
         };
         assert!(db_ms > 0.0 && db_ms <= total_ms, "Server-Timing: {timing}");
     }
+}
+
+/// The trace and span ids of a `traceparent` (`00-<trace>-<span>-<flags>`).
+fn trace_ids(traceparent: &str) -> (String, String) {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    assert_eq!(parts[0], "00", "{traceparent}");
+    assert_eq!(parts[3], "01", "sampled: {traceparent}");
+    (parts[1].to_owned(), parts[2].to_owned())
+}
+
+#[tokio::test]
+async fn a_webhook_delivery_is_a_client_span_whose_request_carries_its_traceparent() {
+    let db = TestDb::migrated().await;
+    let otlp = OtlpReceiver::start().await;
+    let server = ServerProcess::start_with(
+        SERVER_PROCESS,
+        &db,
+        ServerOptions {
+            env: otel_env(&otlp.endpoint()),
+            webhook_allow_private: true,
+            ..ServerOptions::default()
+        },
+    )
+    .await;
+    let writer = server.token("service_role");
+    // One endpoint answers, the other fails; both URLs hold what a span
+    // must never show (a path and a query with a token in them).
+    let answering = Receiver::start().await;
+    let failing = Receiver::start().await;
+    failing.answer(&[503]);
+    let path = "/hooks/path_marker_3c81";
+    let query = "?token=query_marker_9a4e";
+    let mut webhooks = Vec::new();
+    for receiver in [&answering, &failing] {
+        let created = post(
+            &server,
+            &writer,
+            &[],
+            json!({
+                "query": "mutation($url: String!) { createWebhook(url: $url, events: [SYNC_STARTED]) { webhook { id } secret } }",
+                "variables": {"url": receiver.url(&format!("{path}{query}"))},
+            }),
+        )
+        .await;
+        let body: Value = created.json().await.unwrap();
+        assert!(body.get("errors").is_none(), "{body}");
+        let created = &body["data"]["createWebhook"];
+        webhooks.push((
+            created["webhook"]["id"].as_str().unwrap().to_owned(),
+            created["secret"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let started = post(
+        &server,
+        &writer,
+        &[],
+        json!({"query": "mutation { startSync(resource: \"orders\") { resource } }"}),
+    )
+    .await;
+    assert_eq!(started.status(), 200);
+
+    for ((webhook, secret), (receiver, status)) in webhooks
+        .iter()
+        .zip([(&answering, "200"), (&failing, "503")])
+    {
+        let received = receiver
+            .wait_for(path, Duration::from_secs(10), |received| {
+                !received.is_empty()
+            })
+            .await;
+        let request = received.first().expect("no delivery");
+        let traceparent = request.traceparent.as_deref().expect("no traceparent");
+        let (trace_id, span_id) = trace_ids(traceparent);
+        let spans = otlp
+            .wait_for(EXPORTED_WITHIN, |spans| {
+                spans.iter().any(|span| span.span_id == span_id)
+            })
+            .await;
+        let span = spans.iter().find(|span| span.span_id == span_id).unwrap();
+        assert_eq!(span.trace_id, trace_id);
+        assert_eq!(span.kind, SPAN_KIND_CLIENT, "{span:#?}");
+        assert_eq!(span.name, "POST");
+        let port = receiver.url("").rsplit(':').next().unwrap().to_owned();
+        for (key, value) in [
+            ("http.request.method", "POST"),
+            ("url.scheme", "http"),
+            ("server.address", "127.0.0.1"),
+            ("server.port", port.as_str()),
+            ("http.response.status_code", status),
+            ("vantage_sync.webhook.id", webhook.as_str()),
+            ("vantage_sync.webhook.attempt", "1"),
+            ("vantage_sync.event.id", request.id.as_str()),
+            ("vantage_sync.notification.type", "sync.started"),
+            ("vantage_sync.resource.name", "orders"),
+        ] {
+            assert_eq!(span.attribute(key), Some(value), "{key}: {span:#?}");
+        }
+        let error_type = (status != "200").then_some(status);
+        assert_eq!(span.attribute("error.type"), error_type, "{span:#?}");
+        for text in span.texts() {
+            for secret in [
+                "path_marker",
+                "query_marker",
+                "/hooks",
+                secret.as_str(),
+                request.signature.as_str(),
+            ] {
+                assert!(!text.contains(secret), "{secret:?} is in {span:#?}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_subscription_is_one_span_for_its_life_counting_its_deliveries() {
+    let db = TestDb::migrated().await;
+    let otlp = OtlpReceiver::start().await;
+    let server = traced_server(&db, otel_env(&otlp.endpoint())).await;
+    let writer = server.token("service_role");
+    let mut socket = WsClient::ready_at(server.addr(), &server.token("authenticated"))
+        .await
+        .unwrap();
+    socket
+        .follow(
+            "subscription Changes($resources: [String!]) { syncStateChanged(resources: $resources, initial: true) { resource operation } }",
+            // Not there yet: an empty snapshot.
+            json!({"resources": ["resource_0", "resource_1", "resource_2"]}),
+        )
+        .await;
+    let changes = 3;
+    for change in 0..changes {
+        let mutation =
+            format!("mutation {{ startSync(resource: \"resource_{change}\") {{ resource }} }}");
+        let response = post(&server, &writer, &[], json!({"query": mutation})).await;
+        assert_eq!(response.status(), 200);
+        let (id, data) = socket.next_data().await;
+        assert_eq!(id, "1");
+        assert_eq!(
+            data["syncStateChanged"]["resource"],
+            format!("resource_{change}")
+        );
+    }
+    socket.send(json!({"id": "1", "type": "complete"})).await;
+    assert_eq!(socket.recv().await["type"], "complete");
+
+    let spans = otlp
+        .wait_for(EXPORTED_WITHIN, |spans| {
+            spans.iter().any(|span| span.name == "subscription Changes")
+        })
+        .await;
+    let subscriptions: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|span| span.attribute("graphql.operation.type") == Some("subscription"))
+        .collect();
+    assert_eq!(subscriptions.len(), 1, "{subscriptions:#?}");
+    let subscription = subscriptions[0];
+    assert_eq!(subscription.name, "subscription Changes");
+    assert_eq!(subscription.kind, SPAN_KIND_INTERNAL);
+    assert_eq!(
+        subscription.attribute("graphql.operation.name"),
+        Some("Changes")
+    );
+    assert_eq!(
+        subscription.attribute("vantage_sync.subscription.transport"),
+        Some("websocket")
+    );
+    assert_eq!(
+        subscription.attribute("vantage_sync.subscription.deliveries"),
+        Some(changes.to_string().as_str()),
+        "{subscription:#?}"
+    );
+    // The child of the connection's upgrade request.
+    let upgrade = spans
+        .iter()
+        .find(|span| span.span_id == subscription.parent_span_id)
+        .expect("no parent span");
+    assert_eq!(upgrade.kind, SPAN_KIND_SERVER);
+    assert_eq!(upgrade.name, "GET /graphql");
+    assert_eq!(upgrade.trace_id, subscription.trace_id);
+    // Its start's reads (the empty snapshot) are its children; no span
+    // per delivery.
+    assert!(
+        spans
+            .iter()
+            .any(|span| span.name == "transaction" && span.parent_span_id == subscription.span_id),
+        "{spans:#?}"
+    );
+    assert!(
+        spans
+            .iter()
+            .all(|span| span.parent_span_id != subscription.span_id
+                || span.attribute("db.system.name").is_some()),
+        "{spans:#?}"
+    );
+    socket.close().await;
 }
