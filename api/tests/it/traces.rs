@@ -1,4 +1,4 @@
-//! Traces (SPEC section 13): servers in processes of their own (the trace
+//! Traces: servers in processes of their own (the trace
 //! exporter is process-wide), configured by `OTEL_*` variables, exporting
 //! to a real OTLP/HTTP receiver that decodes the protobuf itself. A request
 //! with a `traceparent` joins the caller's trace; no token, variable value
