@@ -312,14 +312,15 @@ impl Server {
         if let Some(limiter) = &state.rate_limiter {
             tokio::spawn(forget_idle_callers(Arc::downgrade(limiter)));
         }
-        tokio::spawn(prune_idempotency_keys(
+        tokio::spawn(prune_hourly(
             state.pool.clone(),
+            Pruned::IdempotencyKeys,
             Arc::downgrade(&state.feed),
         ));
         if let Some(days) = config.event_retention_days {
-            tokio::spawn(prune_events(
+            tokio::spawn(prune_hourly(
                 state.pool.clone(),
-                days,
+                Pruned::Events(days),
                 Arc::downgrade(&state.feed),
             ));
         }
@@ -439,34 +440,28 @@ async fn forget_idle_callers(limiter: std::sync::Weak<RateLimiter>) {
     }
 }
 
-/// Forgets idempotency keys older than a day, at start and then hourly
-/// (an expired key is also taken over by its next use).
-async fn prune_idempotency_keys(pool: Pool, feed: std::sync::Weak<Feed>) {
-    let mut every_hour = tokio::time::interval(std::time::Duration::from_secs(3600));
-    let pruner = Identity::of_role(Role::ServiceRole);
-    loop {
-        every_hour.tick().await;
-        // Ends with the server.
-        if feed.strong_count() == 0 {
-            return;
-        }
-        let pruned = pool
-            .run(&pruner, Access::Write, PRUNE_TIMEOUT, async |txn| {
-                db::idempotency::prune(txn).await
-            })
-            .await;
-        match pruned {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, "forgot idempotency keys older than a day"),
-            Err(error) => {
-                tracing::warn!(error = %error.message(), "could not prune idempotency keys")
-            }
+/// What the server prunes on its own, hourly.
+#[derive(Debug, Clone, Copy)]
+enum Pruned {
+    /// Sync events older than this many days.
+    Events(u32),
+    /// Idempotency keys older than a day (an expired key is also taken
+    /// over by its next use).
+    IdempotencyKeys,
+}
+
+impl Pruned {
+    async fn prune(self, txn: &db::RequestTxn) -> Result<i64, DbErr> {
+        match self {
+            Self::Events(days) => events::prune(txn, days).await,
+            Self::IdempotencyKeys => db::idempotency::prune(txn).await,
         }
     }
 }
 
-/// Deletes events older than `days` days, at start and then hourly.
-async fn prune_events(pool: Pool, days: u32, feed: std::sync::Weak<Feed>) {
+/// Deletes what `pruned` names, at start and then hourly, as the service
+/// role, until the server ends.
+async fn prune_hourly(pool: Pool, pruned: Pruned, feed: std::sync::Weak<Feed>) {
     let mut every_hour = tokio::time::interval(std::time::Duration::from_secs(3600));
     let pruner = Identity::of_role(Role::ServiceRole);
     loop {
@@ -475,15 +470,26 @@ async fn prune_events(pool: Pool, days: u32, feed: std::sync::Weak<Feed>) {
         if feed.strong_count() == 0 {
             return;
         }
-        let pruned = pool
+        let result = pool
             .run(&pruner, Access::Write, PRUNE_TIMEOUT, async |txn| {
-                events::prune(txn, days).await
+                pruned.prune(txn).await
             })
             .await;
-        match pruned {
-            Ok(0) => {}
-            Ok(deleted) => tracing::info!(deleted, days, "pruned old sync events"),
-            Err(error) => tracing::warn!(error = %error.message(), "could not prune sync events"),
+        // The messages operators search for (docs/operations.md).
+        match (result, pruned) {
+            (Ok(0), _) => {}
+            (Ok(deleted), Pruned::Events(days)) => {
+                tracing::info!(deleted, days, "pruned old sync events")
+            }
+            (Ok(deleted), Pruned::IdempotencyKeys) => {
+                tracing::info!(deleted, "forgot idempotency keys older than a day")
+            }
+            (Err(error), Pruned::Events(_)) => {
+                tracing::warn!(error = %error.message(), "could not prune sync events")
+            }
+            (Err(error), Pruned::IdempotencyKeys) => {
+                tracing::warn!(error = %error.message(), "could not prune idempotency keys")
+            }
         }
     }
 }

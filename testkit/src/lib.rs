@@ -440,22 +440,18 @@ impl SubscriptionStart {
 /// The subscriptions open on the server whose `/metrics` is at
 /// `metrics_url`, by its gauge.
 pub async fn subscriptions_active(metrics_url: &str) -> i64 {
-    let text = reqwest::get(metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix("vantage_sync_subscriptions_active "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no subscription gauge in:\n{text}"))
+    gauge(metrics_url, "vantage_sync_subscriptions_active").await
 }
 
 /// The live subscription groups (subscribers of one document, operation,
 /// variables and role share one) on the server whose `/metrics` is at
 /// `metrics_url`, by its gauge.
 pub async fn subscription_groups(metrics_url: &str) -> i64 {
+    gauge(metrics_url, "vantage_sync_subscription_groups").await
+}
+
+/// The value of the unlabelled gauge `name` in `/metrics` at `metrics_url`.
+async fn gauge(metrics_url: &str, name: &str) -> i64 {
     let text = reqwest::get(metrics_url)
         .await
         .unwrap()
@@ -463,9 +459,9 @@ pub async fn subscription_groups(metrics_url: &str) -> i64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|line| line.strip_prefix("vantage_sync_subscription_groups "))
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no subscription group gauge in:\n{text}"))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
 }
 
 /// The row of `resource` as `to_jsonb` gives it, or JSON null.

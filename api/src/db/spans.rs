@@ -30,27 +30,20 @@ pub(crate) fn statement(parent: &Span, sql: &str) -> Span {
     }
     let summary = Summary::of(sql);
     let name = summary.to_string();
-    match summary.table {
-        Some(table) => tracing::debug_span!(
-            parent: parent,
-            "db.statement",
-            otel.name = name.as_str(),
-            otel.kind = "client",
-            db.system.name = "postgresql",
-            db.operation.name = summary.operation,
-            db.collection.name = table.as_str(),
-            db.query.summary = name.as_str(),
-        ),
-        None => tracing::debug_span!(
-            parent: parent,
-            "db.statement",
-            otel.name = name.as_str(),
-            otel.kind = "client",
-            db.system.name = "postgresql",
-            db.operation.name = summary.operation,
-            db.query.summary = name.as_str(),
-        ),
+    let span = tracing::debug_span!(
+        parent: parent,
+        "db.statement",
+        otel.name = name.as_str(),
+        otel.kind = "client",
+        db.system.name = "postgresql",
+        db.operation.name = summary.operation,
+        db.collection.name = tracing::field::Empty,
+        db.query.summary = name.as_str(),
+    );
+    if let Some(table) = &summary.table {
+        span.record("db.collection.name", table.as_str());
     }
+    span
 }
 
 /// The span of a statement that is not in the SQL text it sends, e.g. the
