@@ -160,6 +160,12 @@ async fn a_traceparent_makes_the_request_a_part_of_the_callers_trace() {
         .unwrap();
     assert_eq!(select.attribute("db.system.name"), Some("postgresql"));
     assert_eq!(select.attribute("db.operation.name"), Some("SELECT"));
+    assert_eq!(
+        select.attribute("db.collection.name"),
+        Some("vantage_sync_state")
+    );
+    let begin = spans.iter().find(|span| span.name == "BEGIN").unwrap();
+    assert_eq!(begin.attribute("db.collection.name"), None);
 }
 
 #[tokio::test]
