@@ -3,9 +3,6 @@
 
 use sea_orm::{ConnectionTrait, DbBackend, DbErr, FromQueryResult, Statement};
 
-/// How long a key is remembered (the functions' own interval).
-pub const KEPT_HOURS: u32 = 24;
-
 /// The first use of a key: the fingerprint of its request and the answer
 /// it got.
 #[derive(Debug, Clone, PartialEq, FromQueryResult)]

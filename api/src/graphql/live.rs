@@ -140,14 +140,6 @@ impl LiveGroups {
         &self.feed
     }
 
-    /// Groups with members now.
-    pub fn group_count(&self) -> usize {
-        self.lock()
-            .values()
-            .filter(|group| group.strong_count() > 0)
-            .count()
-    }
-
     /// Runs `request` for `caller` as a live operation: a subscription's
     /// own responses first, then its group's renderings. Its span, when
     /// traces are on, is the child of `trace_parent` if given (a WebSocket
