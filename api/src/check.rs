@@ -9,6 +9,7 @@ use crate::db::migrate::{self, MigrationState};
 use crate::db::{self, Pool, PreparedStatements};
 use crate::feed;
 use crate::server::ServerConfig;
+use crate::telemetry::TraceSettings;
 
 /// How a check ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +168,93 @@ pub async fn deployment(config: &ServerConfig) -> Report {
     pool.close().await;
     read_replica(config, &mut report).await;
     report
+}
+
+/// How long the collector has to answer the traces check.
+const COLLECTOR_ANSWERS_WITHIN: Duration = Duration::from_secs(3);
+
+impl Report {
+    /// Trace export, as the `OTEL_*` variables of this process set it: off,
+    /// or on with a collector that answers an empty export (a warning when
+    /// it does not: spans are dropped, requests are not affected).
+    pub async fn traces(&mut self) {
+        let settings = match TraceSettings::from_env() {
+            Ok(Some(settings)) => settings,
+            Ok(None) => {
+                return self.add(
+                    Verdict::Pass,
+                    "traces",
+                    "off (set OTEL_EXPORTER_OTLP_ENDPOINT to export them; docs/traces.md)",
+                );
+            }
+            Err(error) => return self.add(Verdict::Fail, "traces", error.to_string()),
+        };
+        let shown = shown_url(&settings.endpoint);
+        let sampler = std::env::var("OTEL_TRACES_SAMPLER")
+            .ok()
+            .filter(|sampler| !sampler.trim().is_empty())
+            .unwrap_or_else(|| "parentbased_always_on".into());
+        let mut request = reqwest::Client::new()
+            .post(&settings.endpoint)
+            .timeout(COLLECTOR_ANSWERS_WITHIN)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf");
+        for (name, value) in collector_headers() {
+            request = request.header(name, value);
+        }
+        // An empty ExportTraceServiceRequest is zero bytes of protobuf.
+        let answer = request.body(Vec::new()).send().await;
+        match answer {
+            Ok(answer) if answer.status().is_success() => self.add(
+                Verdict::Pass,
+                "traces",
+                format!("exported over OTLP/HTTP to {shown} (sampler {sampler}); the collector answers"),
+            ),
+            Ok(answer) => {
+                let status = answer.status();
+                let fix = if matches!(status.as_u16(), 401 | 403) {
+                    "check the credentials in OTEL_EXPORTER_OTLP_HEADERS"
+                } else {
+                    "check OTEL_EXPORTER_OTLP_ENDPOINT (a collector's OTLP/HTTP port, 4318 by default)"
+                };
+                self.add(
+                    Verdict::Warn,
+                    "traces",
+                    format!(
+                        "the collector at {shown} answers {status}: spans would be dropped (requests are not affected); {fix}"
+                    ),
+                );
+            }
+            Err(error) => self.add(
+                Verdict::Warn,
+                "traces",
+                format!(
+                    "no answer from the collector at {shown} ({}): spans would be dropped and counted in vantage_sync_trace_spans_dropped_total (requests are not affected); start the collector or fix OTEL_EXPORTER_OTLP_ENDPOINT",
+                    if error.is_timeout() { "timed out" } else if error.is_connect() { "cannot connect" } else { "request failed" }
+                ),
+            ),
+        }
+    }
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS` (and the traces-only variable), as the
+/// exporter sends them: `name=value` pairs separated by commas.
+fn collector_headers() -> Vec<(String, String)> {
+    [
+        "OTEL_EXPORTER_OTLP_HEADERS",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+    ]
+    .into_iter()
+    .filter_map(|variable| std::env::var(variable).ok())
+    .flat_map(|headers| {
+        headers
+            .split(',')
+            .filter_map(|pair| {
+                let (name, value) = pair.split_once('=')?;
+                Some((name.trim().to_owned(), value.trim().to_owned()))
+            })
+            .collect::<Vec<_>>()
+    })
+    .collect()
 }
 
 async fn read_replica(config: &ServerConfig, report: &mut Report) {

@@ -353,7 +353,7 @@ impl Cli {
 
 /// Runs every start-up check of `serve` and prints a line for each.
 async fn check(args: ServeArgs) -> Result<(), CliError> {
-    let report = match &args.database_url {
+    let mut report = match &args.database_url {
         None => check::managed(&args.data_dir, managed_postgres::server_bin_dir()),
         Some(url) => {
             let secret = args.jwt_secret.as_deref().map(str::as_bytes);
@@ -363,6 +363,7 @@ async fn check(args: ServeArgs) -> Result<(), CliError> {
             }
         }
     };
+    report.traces().await;
     for finding in &report.findings {
         println!("{finding}");
     }

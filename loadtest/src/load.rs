@@ -217,6 +217,7 @@ pub async fn floor(
         &caller.claims,
         Duration::from_secs(30),
         Access::Read,
+        None,
     ));
     let ((samples, elapsed), before, after) = metered(
         target,

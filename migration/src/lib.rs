@@ -71,6 +71,13 @@ pub const SCRIPTS: &[SqlScript] = &[
         marker: "public.vantage_sync_idempotency_keys",
         transactional: true,
     },
+    SqlScript {
+        name: "m20261204_120000_vantage_sync_event_traces",
+        up: include_str!("m20261204_120000_vantage_sync_event_traces/up.sql"),
+        down: include_str!("m20261204_120000_vantage_sync_event_traces/down.sql"),
+        marker: "public.vantage_sync_event_traces",
+        transactional: true,
+    },
 ];
 
 /// The whole up migration as one plain SQL script: the transactional

@@ -45,6 +45,8 @@ pub struct ReceivedSpan {
     pub attributes: Vec<(String, String)>,
     /// Its events: name and attributes.
     pub events: Vec<(String, Vec<(String, String)>)>,
+    /// The spans it links to: trace id and span id, in hex.
+    pub links: Vec<(String, String)>,
 }
 
 impl ReceivedSpan {
@@ -167,6 +169,11 @@ async fn receive(
                         .events
                         .iter()
                         .map(|event| (event.name.clone(), pairs(&event.attributes)))
+                        .collect(),
+                    links: span
+                        .links
+                        .iter()
+                        .map(|link| (hex(&link.trace_id), hex(&link.span_id)))
                         .collect(),
                 });
             }

@@ -222,14 +222,20 @@ impl RequestDb {
     }
 
     async fn begin(&self) -> ApiResult<RequestTxn> {
+        let span = spans::transaction(self.access.as_str());
+        let traceparent = match self.access {
+            Access::Write => spans::traceparent(&span),
+            _ => None,
+        };
         let statement = begin_statement(
             self.identity.role,
             &self.identity.claims,
             self.statement_timeout,
             self.access,
+            traceparent.as_deref(),
         );
         let begun = Begun {
-            span: spans::transaction(self.access.as_str()),
+            span,
             clock: self.clock.clone(),
         };
         if self.access == Access::Query
@@ -292,6 +298,10 @@ impl RequestDb {
 /// names; the claims are JSON text from the verified token, written as an
 /// escape string literal, so nothing in them can end it.
 ///
+/// A traced write also sets `vantage_sync.traceparent` (built here from
+/// hex ids, never input), which the database keeps with the changes the
+/// transaction logs.
+///
 /// JIT compilation is off: PostgreSQL compiles a plan whose estimated cost
 /// passes `jit_above_cost`, which a read over a long event log can, and the
 /// compilation then takes far longer than the read: requests here are short
@@ -301,6 +311,7 @@ pub fn begin_statement(
     claims: &str,
     statement_timeout: Duration,
     access: Access,
+    traceparent: Option<&str>,
 ) -> String {
     let (isolation, access) = match access {
         Access::Read | Access::Query => ("", "READ ONLY"),
@@ -309,10 +320,13 @@ pub fn begin_statement(
     };
     let role = role.as_str();
     let claims = claims.replace('\\', "\\\\").replace('\'', "''");
+    let trace = traceparent
+        .map(|traceparent| format!("; SET LOCAL vantage_sync.traceparent TO '{traceparent}'"))
+        .unwrap_or_default();
     format!(
         "BEGIN{isolation} {access}; SET LOCAL ROLE \"{role}\"; \
          SET LOCAL request.jwt.claims TO E'{claims}'; SET LOCAL statement_timeout TO {}; \
-         SET LOCAL jit TO off",
+         SET LOCAL jit TO off{trace}",
         statement_timeout.as_millis()
     )
 }
@@ -462,7 +476,8 @@ mod tests {
                 Role::Authenticated,
                 r#"{"sub":"o'brien \ '"}"#,
                 Duration::from_secs(30),
-                Access::Read
+                Access::Read,
+                None
             ),
             r#"BEGIN READ ONLY; SET LOCAL ROLE "authenticated"; SET LOCAL request.jwt.claims TO E'{"sub":"o''brien \\ ''"}'; SET LOCAL statement_timeout TO 30000; SET LOCAL jit TO off"#
         );
@@ -471,13 +486,33 @@ mod tests {
                 Role::ServiceRole,
                 "{}",
                 Duration::from_secs(1),
-                Access::Write
+                Access::Write,
+                None
             )
             .starts_with("BEGIN READ WRITE; SET LOCAL ROLE \"service_role\";")
         );
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert!(
-            begin_statement(Role::Anon, "{}", Duration::from_secs(1), Access::Snapshot)
-                .starts_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;")
+            begin_statement(
+                Role::ServiceRole,
+                "{}",
+                Duration::from_secs(1),
+                Access::Write,
+                Some(traceparent)
+            )
+            .ends_with(&format!(
+                "SET LOCAL jit TO off; SET LOCAL vantage_sync.traceparent TO '{traceparent}'"
+            ))
+        );
+        assert!(
+            begin_statement(
+                Role::Anon,
+                "{}",
+                Duration::from_secs(1),
+                Access::Snapshot,
+                None
+            )
+            .starts_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;")
         );
     }
 }

@@ -23,6 +23,27 @@ pub(crate) fn transaction(access: &'static str) -> Span {
     )
 }
 
+/// The W3C `traceparent` of `span`, when it is recorded and sampled: what
+/// a write transaction leaves with the changes it logs, so that their
+/// webhook deliveries link to it.
+pub(crate) fn traceparent(span: &Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if span.is_disabled() {
+        return None;
+    }
+    let context = span.context();
+    let ids = context.span().span_context().clone();
+    (ids.is_valid() && ids.is_sampled()).then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            ids.trace_id(),
+            ids.span_id(),
+            ids.trace_flags().to_u8()
+        )
+    })
+}
+
 /// The span of one statement of the transaction whose span is `parent`.
 pub(crate) fn statement(parent: &Span, sql: &str) -> Span {
     if parent.is_disabled() {

@@ -159,6 +159,31 @@ pub async fn claim(
     .await
 }
 
+/// The change a notification was made from, and the W3C `traceparent` of
+/// the transaction that wrote it, when that transaction set one.
+#[derive(Debug, Clone, FromQueryResult)]
+pub struct Cause {
+    /// The notification.
+    pub notification_id: i64,
+    /// The event-log id of its change; `None` for alerts that time alone
+    /// fired, and for pings.
+    pub event_id: Option<i64>,
+    /// The writer's traceparent.
+    pub traceparent: Option<String>,
+}
+
+/// The causes of `notifications`, in no particular order.
+pub async fn causes(db: &impl ConnectionTrait, notifications: &[i64]) -> Result<Vec<Cause>, DbErr> {
+    Cause::find_by_statement(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT notification_id, event_id, traceparent \
+         FROM public.vantage_sync_notification_traces($1)",
+        [notifications.to_vec().into()],
+    ))
+    .all(db)
+    .await
+}
+
 /// What became of a webhook after an attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptOutcome {

@@ -24,15 +24,17 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use entity::vantage_sync_webhook::WebhookFormat;
 use opentelemetry::propagation::TextMapPropagator as _;
+use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use sea_orm::ActiveEnum as _;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::db::webhooks::{self, Attempt, AttemptOutcome, Claim, Sent};
+use crate::db::webhooks::{self, Attempt, AttemptOutcome, Cause, Claim, Sent};
 use crate::db::{Access, Identity, Pool, Role, alerts};
 use crate::feed::Feed;
+use crate::feed::cursor::Cursor;
 use crate::metrics::Metrics;
 
 /// Longest a webhook's endpoint has to answer.
@@ -195,10 +197,19 @@ impl Worker {
                     } else {
                         Vec::new()
                     };
-                    Ok((outcomes, made, claims))
+                    // What the delivery spans link to: read only when
+                    // traces are on.
+                    let causes = if !claims.is_empty() && delivery_traced() {
+                        let notifications: Vec<i64> =
+                            claims.iter().map(|claim| claim.notification_id).collect();
+                        webhooks::causes(txn, &notifications).await?
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((outcomes, made, claims, causes))
                 })
                 .await;
-            let (outcomes, made, claims) = match round {
+            let (outcomes, made, claims, causes) = match round {
                 Ok(round) => round,
                 // The server stopped during the round, its pool (and a
                 // managed database) with it: no failure to report.
@@ -218,15 +229,20 @@ impl Worker {
             if bodies.len() > BODIES_KEPT {
                 bodies.clear();
             }
+            let causes: HashMap<i64, Cause> = causes
+                .into_iter()
+                .map(|cause| (cause.notification_id, cause))
+                .collect();
             for batch in by_webhook(claims) {
-                let batch: Vec<(Claim, Bytes)> = batch
+                let batch: Vec<(Claim, Bytes, Option<Cause>)> = batch
                     .into_iter()
                     .map(|claim| {
                         let body = bodies
                             .entry((claim.notification_id, claim.format))
                             .or_insert_with(|| Bytes::from(payload::body(&claim)))
                             .clone();
-                        (claim, body)
+                        let cause = causes.get(&claim.notification_id).cloned();
+                        (claim, body, cause)
                     })
                     .collect();
                 in_flight += 1;
@@ -236,11 +252,12 @@ impl Worker {
                 tokio::spawn(async move {
                     let started = Instant::now();
                     let mut sent = Vec::with_capacity(batch.len());
-                    for (claim, body) in batch {
+                    for (claim, body, cause) in batch {
                         if !sent.is_empty() && started.elapsed() > SEND_WITHIN {
                             break;
                         }
-                        let attempt = deliver(&client, &claim, body, allow_private).await;
+                        let attempt =
+                            deliver(&client, &claim, cause.as_ref(), body, allow_private).await;
                         let failed = attempt.error.is_some();
                         sent.push((claim, attempt));
                         if failed {
@@ -285,14 +302,15 @@ fn by_webhook(claims: Vec<Claim>) -> Vec<Vec<Claim>> {
 
 /// Sends one notification (its body, made once per notification and
 /// format), signed; the answer, whatever it is. The attempt is a client
-/// span when traces are on.
+/// span when traces are on, linked to the change that `cause` names.
 async fn deliver(
     client: &reqwest::Client,
     claim: &Claim,
+    cause: Option<&Cause>,
     body: Bytes,
     allow_private: bool,
 ) -> Attempt {
-    let span = delivery_span(claim);
+    let span = delivery_span(claim, cause);
     if span.is_disabled() {
         return send(client, claim, body, allow_private, &span).await;
     }
@@ -312,7 +330,13 @@ async fn deliver(
 /// HTTP clients, naming the notification and the webhook; never the URL's
 /// path or query (a webhook URL may hold a token), the body, the secret or
 /// the signature. Disabled (and nothing read) when traces are off.
-fn delivery_span(claim: &Claim) -> tracing::Span {
+///
+/// A notification made from a change names that change's cursor, and
+/// links to the trace of the transaction that wrote it, when that
+/// transaction was traced: a delivery is made later, by whichever replica
+/// claims it, so it starts a trace of its own rather than joining the
+/// writer's.
+fn delivery_span(claim: &Claim, cause: Option<&Cause>) -> tracing::Span {
     let span = tracing::debug_span!(
         "webhook.delivery",
         otel.name = "POST",
@@ -328,6 +352,7 @@ fn delivery_span(claim: &Claim) -> tracing::Span {
         vantage_sync.webhook.attempt = claim.attempt,
         vantage_sync.event.id = claim.notification_id,
         vantage_sync.notification.type = claim.kind.as_str(),
+        vantage_sync.change.cursor = tracing::field::Empty,
         vantage_sync.alert = tracing::field::Empty,
         vantage_sync.resource.name = tracing::field::Empty,
     );
@@ -342,8 +367,28 @@ fn delivery_span(claim: &Claim) -> tracing::Span {
         if let Some(resource) = &claim.resource {
             span.record("vantage_sync.resource.name", resource.as_str());
         }
+        if let Some(event) = cause.and_then(|cause| cause.event_id) {
+            span.record(
+                "vantage_sync.change.cursor",
+                Cursor::at(event).encode().as_str(),
+            );
+        }
+        if let Some(traceparent) = cause.and_then(|cause| cause.traceparent.as_deref()) {
+            let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+            let writer = TraceContextPropagator::new().extract(&carrier);
+            span.add_link(writer.span().span_context().clone());
+        }
     }
     span
+}
+
+/// Whether delivery spans are recorded (traces are on).
+fn delivery_traced() -> bool {
+    tracing::enabled!(
+        kind: tracing::metadata::Kind::SPAN,
+        target: "vantage_sync::webhooks",
+        tracing::Level::DEBUG
+    )
 }
 
 /// Records why an attempt failed, as a class the conventions' `error.type`

@@ -321,6 +321,10 @@ async fn functions_pin_search_path_and_only_service_role_executes_them() {
         // above.
         ("vantage_sync_alerts_holding", false, false),
         ("vantage_sync_failure_streak", false, false),
+        // Keeps a writer's traceparent with its event, which no caller
+        // role may write.
+        ("vantage_sync_keep_event_trace", true, false),
+        ("vantage_sync_notification_traces", true, true),
         ("vantage_sync_notify", true, false),
         ("vantage_sync_settle_alerts", true, false),
     ]

@@ -197,3 +197,37 @@ async fn a_read_replica_must_be_a_standby_and_an_unreachable_one_is_a_warning() 
         "{lines:#?}"
     );
 }
+
+#[tokio::test]
+async fn traces_are_reported_off_on_or_with_a_collector_that_does_not_answer() {
+    let db = TestDb::migrated().await;
+    let base = [("DATABASE_URL", db.url.as_str()), ("JWT_SECRET", SECRET)];
+    let (ok, lines) = check(&base).await;
+    assert!(ok, "{lines:#?}");
+    let off = line(&lines, "traces");
+    assert!(off.starts_with('✓') && off.contains("off"), "{off}");
+
+    let collector = vantage_sync_testkit::OtlpReceiver::start().await;
+    let endpoint = collector.endpoint();
+    let mut env = base.to_vec();
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint));
+    let (ok, lines) = check(&env).await;
+    assert!(ok, "{lines:#?}");
+    let on = line(&lines, "traces");
+    assert!(on.starts_with('✓'), "{on}");
+    assert!(on.contains(&format!("{endpoint}/v1/traces")), "{on}");
+    assert!(on.contains("parentbased_always_on"), "{on}");
+
+    // Nobody listens there: a warning, and check still succeeds.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let mut env = base.to_vec();
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", &closed));
+    let (ok, lines) = check(&env).await;
+    assert!(ok, "{lines:#?}");
+    let down = line(&lines, "traces");
+    assert!(down.starts_with('⚠'), "{down}");
+    assert!(down.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{down}");
+}

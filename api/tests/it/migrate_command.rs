@@ -14,6 +14,7 @@ const EVENTS: &str = "m20251106_000000_vantage_sync_events";
 const INDEXES: &str = "m20261202_000000_vantage_sync_event_indexes";
 const ALERTS: &str = "m20261203_000000_vantage_sync_alerts";
 const IDEMPOTENCY: &str = "m20261204_000000_vantage_sync_idempotency";
+const EVENT_TRACES: &str = "m20261204_120000_vantage_sync_event_traces";
 
 fn lines(prefix: &str, names: &[&str]) -> String {
     names
@@ -29,21 +30,39 @@ async fn migrate_status_up_down_fresh() {
     let run = |command| run(command, url);
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Pending", &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY])
+        lines(
+            "Pending",
+            &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY, EVENT_TRACES]
+        )
     );
     assert_eq!(
         run(MigrateCommand::Up).await.unwrap(),
-        lines("applied", &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY])
+        lines(
+            "applied",
+            &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY, EVENT_TRACES]
+        )
     );
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Applied", &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY])
+        lines(
+            "Applied",
+            &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY, EVENT_TRACES]
+        )
     );
     assert_eq!(run(MigrateCommand::Up).await.unwrap(), "nothing to do\n");
     assert_eq!(
         run(MigrateCommand::Fresh).await.unwrap(),
-        lines("reverted", &[IDEMPOTENCY, ALERTS, INDEXES, EVENTS, STATE])
-            + &lines("applied", &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY])
+        lines(
+            "reverted",
+            &[EVENT_TRACES, IDEMPOTENCY, ALERTS, INDEXES, EVENTS, STATE]
+        ) + &lines(
+            "applied",
+            &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY, EVENT_TRACES]
+        )
+    );
+    assert_eq!(
+        run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
+        lines("reverted", &[EVENT_TRACES])
     );
     assert_eq!(
         run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
@@ -63,7 +82,11 @@ async fn migrate_status_up_down_fresh() {
     );
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Applied", &[STATE]) + &lines("Pending", &[EVENTS, INDEXES, ALERTS, IDEMPOTENCY])
+        lines("Applied", &[STATE])
+            + &lines(
+                "Pending",
+                &[EVENTS, INDEXES, ALERTS, IDEMPOTENCY, EVENT_TRACES]
+            )
     );
     assert_eq!(
         run(MigrateCommand::Down { steps: 1 }).await.unwrap(),
@@ -75,7 +98,10 @@ async fn migrate_status_up_down_fresh() {
     );
     assert_eq!(
         run(MigrateCommand::Status).await.unwrap(),
-        lines("Pending", &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY])
+        lines(
+            "Pending",
+            &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY, EVENT_TRACES]
+        )
     );
 }
 
@@ -119,7 +145,10 @@ async fn concurrent_migrate_up_applies_once() {
     assert_eq!(
         outputs,
         [
-            lines("applied", &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY]),
+            lines(
+                "applied",
+                &[STATE, EVENTS, INDEXES, ALERTS, IDEMPOTENCY, EVENT_TRACES]
+            ),
             "nothing to do\n".to_owned(),
             "nothing to do\n".to_owned(),
             "nothing to do\n".to_owned()
@@ -137,7 +166,7 @@ async fn a_migration_behind_a_long_transaction_fails_fast_and_names_it() {
     use sqlx::{Connection, Executor};
     let db = TestDb::migrated().await;
     let url = Some(db.url.as_str());
-    run(MigrateCommand::Down { steps: 3 }, url).await.unwrap();
+    run(MigrateCommand::Down { steps: 4 }, url).await.unwrap();
     // A writer's long transaction on the event log, which the indexes'
     // migration builds on.
     let mut writer = db.connect().await;
@@ -187,6 +216,6 @@ async fn a_migration_behind_a_long_transaction_fails_fast_and_names_it() {
     long.rollback().await.unwrap();
     assert_eq!(
         run(MigrateCommand::Up, url).await.unwrap(),
-        lines("applied", &[INDEXES, ALERTS, IDEMPOTENCY])
+        lines("applied", &[INDEXES, ALERTS, IDEMPOTENCY, EVENT_TRACES])
     );
 }

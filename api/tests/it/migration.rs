@@ -66,8 +66,8 @@ async fn up_down_up_again() {
     assert_eq!(first["rows"].as_array().map(Vec::len), Some(7));
     assert_eq!(first["policies"].as_array().map(Vec::len), Some(4));
     // 7 of the state table and event log, 11 of alerts and webhooks, 3 of
-    // idempotency keys.
-    assert_eq!(first["functions"].as_array().map(Vec::len), Some(21));
+    // idempotency keys, 2 of event traces.
+    assert_eq!(first["functions"].as_array().map(Vec::len), Some(23));
 
     migration::Migrator::down(&orm, None).await.unwrap();
     assert_eq!(objects_left(&mut conn).await, Vec::<String>::new());

@@ -386,14 +386,37 @@ async fn a_webhook_delivery_is_a_client_span_whose_request_carries_its_tracepare
             created["secret"].as_str().unwrap().to_owned(),
         ));
     }
+    // The writer's trace, which each delivery links to.
+    let writer_trace = "0af7651916cd43dd8448eb211c80319c";
     let started = post(
         &server,
         &writer,
-        &[],
+        &[(
+            "traceparent",
+            &format!("00-{writer_trace}-b7ad6b7169203331-01"),
+        )],
         json!({"query": "mutation { startSync(resource: \"orders\") { resource } }"}),
     )
     .await;
     assert_eq!(started.status(), 200);
+    let spans = otlp
+        .wait_for(EXPORTED_WITHIN, |spans| {
+            spans
+                .iter()
+                .any(|span| span.trace_id == writer_trace && span.name == "transaction")
+        })
+        .await;
+    let written_by = spans
+        .iter()
+        .find(|span| span.trace_id == writer_trace && span.name == "transaction")
+        .unwrap()
+        .span_id
+        .clone();
+    let event: i64 = sqlx::query_scalar("SELECT max(id) FROM public.vantage_sync_events")
+        .fetch_one(&mut db.connect().await)
+        .await
+        .unwrap();
+    let cursor = format!("1:{event}");
 
     for ((webhook, secret), (receiver, status)) in webhooks
         .iter()
@@ -428,9 +451,17 @@ async fn a_webhook_delivery_is_a_client_span_whose_request_carries_its_tracepare
             ("vantage_sync.event.id", request.id.as_str()),
             ("vantage_sync.notification.type", "sync.started"),
             ("vantage_sync.resource.name", "orders"),
+            ("vantage_sync.change.cursor", cursor.as_str()),
         ] {
             assert_eq!(span.attribute(key), Some(value), "{key}: {span:#?}");
         }
+        // Its own trace, linked to the transaction that wrote the change.
+        assert_ne!(span.trace_id, writer_trace);
+        assert_eq!(
+            span.links,
+            [(writer_trace.to_owned(), written_by.clone())],
+            "{span:#?}"
+        );
         let error_type = (status != "200").then_some(status);
         assert_eq!(span.attribute("error.type"), error_type, "{span:#?}");
         for text in span.texts() {
@@ -529,4 +560,175 @@ async fn a_subscription_is_one_span_for_its_life_counting_its_deliveries() {
         "{spans:#?}"
     );
     socket.close().await;
+}
+
+/// In SQL, as the server's writes do: a transaction that sets
+/// `vantage_sync.traceparent` has it kept with the events it logs (every
+/// one of them, and only its own); a malformed one is ignored, never
+/// failing the write; no caller role reads the kept traces.
+#[tokio::test]
+async fn a_writers_traceparent_is_kept_with_its_events_and_junk_is_ignored() {
+    use sqlx::{Connection, Executor};
+    let db = TestDb::migrated().await;
+    let mut conn = db.connect().await;
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut traced = conn.begin().await.unwrap();
+    traced
+        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL ROLE service_role; SET LOCAL vantage_sync.traceparent TO '{traceparent}'"
+        ))))
+        .await
+        .unwrap();
+    for resource in ["orders", "funds"] {
+        sqlx::query("SELECT start_vantage_sync($1)")
+            .bind(resource)
+            .execute(&mut *traced)
+            .await
+            .unwrap();
+    }
+    traced.commit().await.unwrap();
+    let junk = [
+        "00-xyz",
+        "'; DROP TABLE x; --",
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    ];
+    for (index, junk) in junk.into_iter().enumerate() {
+        let mut untraced = conn.begin().await.unwrap();
+        sqlx::query("SELECT set_config('vantage_sync.traceparent', $1, true)")
+            .bind(junk)
+            .execute(&mut *untraced)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO vantage_sync_state (resource) VALUES ($1)")
+            .bind(format!("junk_{index}"))
+            .execute(&mut *untraced)
+            .await
+            .unwrap();
+        untraced.commit().await.unwrap();
+    }
+    // The same connection, later: the setting ended with the transaction
+    // that made it.
+    sqlx::query("SELECT complete_vantage_sync('orders', 1, 1, 0)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    let kept: Vec<(String, String)> = sqlx::query_as(
+        "SELECT e.resource, t.traceparent FROM public.vantage_sync_events e \
+         LEFT JOIN public.vantage_sync_event_traces t ON t.event_id = e.id \
+         WHERE e.resource IN ('orders', 'funds') OR e.resource LIKE 'junk%' ORDER BY e.id",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .map(|rows: Vec<(String, Option<String>)>| {
+        rows.into_iter()
+            .map(|(resource, kept)| (resource, kept.unwrap_or_default()))
+            .collect()
+    })
+    .unwrap();
+    let expected: Vec<(String, String)> = [
+        ("orders", traceparent),
+        ("funds", traceparent),
+        ("junk_0", ""),
+        ("junk_1", ""),
+        ("junk_2", ""),
+        ("orders", ""),
+    ]
+    .into_iter()
+    .map(|(resource, kept)| (resource.to_owned(), kept.to_owned()))
+    .collect();
+    assert_eq!(kept, expected);
+
+    for role in ["anon", "authenticated", "service_role"] {
+        let mut reader = conn.begin().await.unwrap();
+        reader
+            .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "SET LOCAL ROLE {role}"
+            ))))
+            .await
+            .unwrap();
+        let refused = reader
+            .execute("SELECT * FROM public.vantage_sync_event_traces")
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("permission denied"),
+            "{role}: {refused}"
+        );
+    }
+}
+
+/// The log line of an internal error names the trace and span of the
+/// request it happened in, so an operator goes from the log to the trace.
+#[tokio::test]
+async fn an_error_logged_in_a_traced_request_names_its_trace() {
+    use sqlx::Executor;
+    let db = TestDb::migrated().await;
+    // A change the database refuses with an error no code maps: an
+    // internal error, logged with its detail.
+    db.connect()
+        .await
+        .execute(
+            "CREATE FUNCTION public.refuse_broken() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN RAISE EXCEPTION 'broken on purpose' USING ERRCODE = '22012'; END $$; \
+             CREATE TRIGGER refuse_broken BEFORE INSERT OR UPDATE ON public.vantage_sync_state \
+             FOR EACH ROW WHEN (NEW.resource = 'broken') EXECUTE FUNCTION public.refuse_broken();",
+        )
+        .await
+        .unwrap();
+    let otlp = OtlpReceiver::start().await;
+    let server = traced_server(&db, otel_env(&otlp.endpoint())).await;
+    let trace_id = "5e2b3c4d5f60718293a4b5c6d7e8f901";
+    let response = post(
+        &server,
+        &server.token("service_role"),
+        &[("traceparent", &format!("00-{trace_id}-1a2b3c4d5e6f7081-01"))],
+        json!({"query": "mutation { startSync(resource: \"broken\") { resource } }"}),
+    )
+    .await;
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["errors"][0]["extensions"]["code"], "INTERNAL_SERVER_ERROR",
+        "{body}"
+    );
+    let spans = otlp
+        .wait_for(EXPORTED_WITHIN, |spans| {
+            spans
+                .iter()
+                .any(|span| span.trace_id == trace_id && span.name == "mutation")
+        })
+        .await;
+    let operation = spans
+        .iter()
+        .find(|span| span.trace_id == trace_id && span.name == "mutation")
+        .unwrap();
+    let log = server.log_tail();
+    let line = log
+        .lines()
+        .find(|line| line.contains("internal error") && line.contains("broken on purpose"))
+        .unwrap_or_else(|| panic!("no internal error logged:\n{log}"));
+    assert!(line.contains(&format!("trace_id={trace_id}")), "{line}");
+    // The span it was logged in: the operation's, or one of its children.
+    let span_id = line
+        .split("span_id=")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no span_id: {line}"))
+        .trim();
+    let logged_in = spans
+        .iter()
+        .find(|span| span.span_id == span_id)
+        .unwrap_or_else(|| panic!("span {span_id} was not exported: {line}"));
+    assert_eq!(logged_in.trace_id, trace_id);
+    let mut ancestor = Some(logged_in);
+    while let Some(span) = ancestor
+        && span.span_id != operation.span_id
+    {
+        ancestor = spans
+            .iter()
+            .find(|parent| parent.span_id == span.parent_span_id);
+    }
+    assert!(
+        ancestor.is_some(),
+        "not under the operation: {logged_in:#?}"
+    );
 }
