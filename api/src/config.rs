@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -12,6 +13,7 @@ use crate::auth::{ClaimRules, DEFAULT_JWKS_REFRESH, JwksSource, KeySettings, Tok
 use crate::db::PreparedStatements;
 use crate::db::replica::ReplicaSettings;
 use crate::graphql::QueryLimits;
+use crate::graphql::documents::{DocumentSettings, TrustedDocuments};
 use crate::graphql::mutation::WriteRules;
 use crate::server::{
     DEFAULT_EVENT_RETENTION_DAYS, DEFAULT_LISTEN_ADDR, DEFAULT_MAX_BODY_BYTES,
@@ -94,6 +96,27 @@ pub struct ServeArgs {
     /// (same-origin only).
     #[arg(long, env = "CORS_ALLOWED_ORIGINS")]
     pub cors_allowed_origins: Option<String>,
+
+    /// Do not remember documents sent with their hash (Apollo's automatic
+    /// persisted queries): a hash sent alone is then answered
+    /// PERSISTED_QUERY_NOT_SUPPORTED, unless it names a trusted document.
+    #[arg(long, env = "NO_PERSISTED_QUERIES")]
+    pub no_persisted_queries: bool,
+
+    /// A manifest of trusted documents (a JSON object of hash → document,
+    /// as graphql-codegen's client preset and Relay write it, or an Apollo
+    /// persisted query manifest). Callers other than service_role may then
+    /// run only these documents, by documentId or persisted-query hash.
+    #[arg(long, env = "TRUSTED_DOCUMENTS")]
+    pub trusted_documents: Option<PathBuf>,
+
+    /// Hold service_role to the trusted documents too.
+    #[arg(
+        long,
+        env = "TRUSTED_DOCUMENTS_FOR_ALL",
+        requires = "trusted_documents"
+    )]
+    pub trusted_documents_for_all: bool,
 
     /// Add a `Server-Timing` header (`db;dur=…, total;dur=…`, in
     /// milliseconds) to GraphQL answers over HTTP, for browsers' developer
@@ -299,6 +322,9 @@ pub enum ConfigError {
     /// The WebSocket timings contradict each other.
     #[error("{0}")]
     WebSocket(String),
+    /// The trusted documents' manifest cannot be used.
+    #[error(transparent)]
+    TrustedDocuments(#[from] crate::graphql::documents::ManifestError),
 }
 
 impl ServeArgs {
@@ -378,6 +404,14 @@ impl ServeArgs {
         };
         config.listen_addr = args.listen_addr;
         config.server_timing = args.server_timing;
+        config.documents = DocumentSettings {
+            persisted_queries: !args.no_persisted_queries,
+            trusted: match &args.trusted_documents {
+                Some(path) => Some(Arc::new(TrustedDocuments::load(path)?)),
+                None => None,
+            },
+            trusted_for_all: args.trusted_documents_for_all,
+        };
         config.migrate = !args.no_migrate;
         config.max_connections = args.max_connections;
         config.acquire_timeout = Duration::from_secs(args.db_acquire_timeout_secs);

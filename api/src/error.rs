@@ -33,6 +33,14 @@ pub enum ErrorCode {
     /// An `Idempotency-Key` already used with a different request (HTTP
     /// 422).
     IdempotencyKeyReused,
+    /// No document is known by the hash or `documentId` sent: send the
+    /// query with its hash (Apollo's persisted-query protocol).
+    PersistedQueryNotFound,
+    /// A hash was sent alone while automatic persisted queries are off.
+    PersistedQueryNotSupported,
+    /// The caller may run only trusted documents, and this is not one
+    /// (HTTP 400).
+    PersistedQueryRequired,
     /// The database cannot be reached now; retry later (HTTP 503).
     ServiceUnavailable,
     /// The caller is over its rate limit (HTTP 429, `Retry-After`).
@@ -56,6 +64,9 @@ impl ErrorCode {
             Self::CursorExpired => "CURSOR_EXPIRED",
             Self::UnknownResource => "UNKNOWN_RESOURCE",
             Self::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            Self::PersistedQueryNotFound => "PERSISTED_QUERY_NOT_FOUND",
+            Self::PersistedQueryNotSupported => "PERSISTED_QUERY_NOT_SUPPORTED",
+            Self::PersistedQueryRequired => "PERSISTED_QUERY_REQUIRED",
             Self::ServiceUnavailable => "SERVICE_UNAVAILABLE",
             Self::RateLimited => "RATE_LIMITED",
             Self::InternalServerError => "INTERNAL_SERVER_ERROR",
@@ -93,6 +104,8 @@ pub enum ApiError {
     },
     /// The operation may not be sent with this HTTP method.
     MethodNotAllowed(&'static str),
+    /// A POST body not declared `application/json`.
+    UnsupportedMediaType,
     /// No such resource.
     NotFound(String),
     /// No webhook with this id.
@@ -110,6 +123,12 @@ pub enum ApiError {
     UnknownResource(String),
     /// The `Idempotency-Key` was first used with a different request.
     IdempotencyKeyReused,
+    /// A persisted-query hash or `documentId` names no known document.
+    PersistedQueryNotFound,
+    /// A persisted-query hash came alone, and persisted queries are off.
+    PersistedQueryNotSupported,
+    /// Only trusted documents may run for this caller.
+    PersistedQueryRequired,
     /// The request took longer than the server allows.
     Timeout,
     /// The database could not be reached.
@@ -142,6 +161,9 @@ impl ApiError {
                 format!("the request body exceeds {limit} bytes (MAX_BODY_BYTES)")
             }
             Self::MethodNotAllowed(message) => (*message).to_owned(),
+            Self::UnsupportedMediaType => {
+                "a GraphQL POST body must be JSON: send Content-Type: application/json".into()
+            }
             Self::NotFound(resource) => format!("resource \"{resource}\" is not registered"),
             Self::WebhookNotFound(id) => format!("there is no webhook \"{id}\""),
             Self::AlreadyExists(resource) => {
@@ -164,6 +186,13 @@ impl ApiError {
             Self::IdempotencyKeyReused => "this Idempotency-Key was used with a different \
                 request in the last 24 hours: send a new key for a new request"
                 .into(),
+            // Apollo's clients recognise these two by their exact text.
+            Self::PersistedQueryNotFound => "PersistedQueryNotFound".into(),
+            Self::PersistedQueryNotSupported => "PersistedQueryNotSupported".into(),
+            Self::PersistedQueryRequired => "this server runs only trusted documents for this \
+                caller (TRUSTED_DOCUMENTS): send the documentId or persisted-query hash of a \
+                document in its manifest"
+                .into(),
             Self::Timeout => "the request timed out".into(),
             Self::RateLimited(wait) => format!(
                 "too many requests: try again in {} s (RATE_LIMIT)",
@@ -182,7 +211,8 @@ impl ApiError {
             Self::InvalidToken(_) => ErrorCode::InvalidToken,
             Self::BadUserInput { .. }
             | Self::PayloadTooLarge { .. }
-            | Self::MethodNotAllowed(_) => ErrorCode::BadUserInput,
+            | Self::MethodNotAllowed(_)
+            | Self::UnsupportedMediaType => ErrorCode::BadUserInput,
             Self::NotFound(_) | Self::WebhookNotFound(_) => ErrorCode::NotFound,
             Self::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Self::AlreadyRunning(_) => ErrorCode::AlreadyRunning,
@@ -190,6 +220,9 @@ impl ApiError {
             Self::CursorExpired => ErrorCode::CursorExpired,
             Self::UnknownResource(_) => ErrorCode::UnknownResource,
             Self::IdempotencyKeyReused => ErrorCode::IdempotencyKeyReused,
+            Self::PersistedQueryNotFound => ErrorCode::PersistedQueryNotFound,
+            Self::PersistedQueryNotSupported => ErrorCode::PersistedQueryNotSupported,
+            Self::PersistedQueryRequired => ErrorCode::PersistedQueryRequired,
             Self::Unavailable => ErrorCode::ServiceUnavailable,
             Self::RateLimited(_) => ErrorCode::RateLimited,
             Self::Timeout | Self::Internal(_) => ErrorCode::InternalServerError,
@@ -205,7 +238,13 @@ impl ApiError {
             Self::BadUserInput { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::PersistedQueryRequired => StatusCode::BAD_REQUEST,
+            // 200, as Apollo's servers answer: its client link takes a 400
+            // or 500 to mean the server has no persisted queries at all,
+            // and stops sending hashes.
+            Self::PersistedQueryNotFound | Self::PersistedQueryNotSupported => StatusCode::OK,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -425,6 +464,7 @@ mod tests {
                 413,
             ),
             (ApiError::MethodNotAllowed("POST"), "BAD_USER_INPUT", 405),
+            (ApiError::UnsupportedMediaType, "BAD_USER_INPUT", 415),
             (ApiError::NotFound("funds".into()), "NOT_FOUND", 500),
             (ApiError::WebhookNotFound("7".into()), "NOT_FOUND", 500),
             (
@@ -448,6 +488,21 @@ mod tests {
                 ApiError::IdempotencyKeyReused,
                 "IDEMPOTENCY_KEY_REUSED",
                 422,
+            ),
+            (
+                ApiError::PersistedQueryNotFound,
+                "PERSISTED_QUERY_NOT_FOUND",
+                200,
+            ),
+            (
+                ApiError::PersistedQueryNotSupported,
+                "PERSISTED_QUERY_NOT_SUPPORTED",
+                200,
+            ),
+            (
+                ApiError::PersistedQueryRequired,
+                "PERSISTED_QUERY_REQUIRED",
+                400,
             ),
             (ApiError::Timeout, "INTERNAL_SERVER_ERROR", 504),
             (ApiError::Unavailable, "SERVICE_UNAVAILABLE", 503),

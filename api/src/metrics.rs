@@ -53,6 +53,25 @@ pub enum JwksOutcome {
     Failed,
 }
 
+/// How a document sent by reference (persisted-query hash,
+/// `documentId`), or a text held to the trusted documents, was settled.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum PersistedLookup {
+    /// A reference found its document.
+    Hit,
+    /// A reference named no known document (PERSISTED_QUERY_NOT_FOUND).
+    Miss,
+    /// A text sent with its hash was remembered (or was already).
+    Registered,
+    /// A text not in the trusted documents (PERSISTED_QUERY_REQUIRED).
+    Refused,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PersistedLabels {
+    result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JwksLabels {
     outcome: JwksOutcome,
@@ -82,6 +101,7 @@ pub struct Metrics {
     connections: Gauge,
     connections_closed: Family<ClosedLabels, Counter>,
     rate_limited: Counter,
+    persisted: Family<PersistedLabels, Counter>,
     notifications: Counter,
     webhook_attempts: Family<AttemptLabels, Counter>,
     webhook_retries: Counter,
@@ -294,6 +314,12 @@ impl Default for Metrics {
             "Requests and WebSocket subscribe messages refused by the rate limit",
             rate_limited.clone(),
         );
+        let persisted = Family::<PersistedLabels, Counter>::default();
+        registry.register(
+            "persisted_queries",
+            "Documents sent by reference (persisted-query hash or documentId), by result: hit, miss; texts remembered by their hash (registered); texts refused for not being trusted documents (refused)",
+            persisted.clone(),
+        );
         let notifications = Counter::default();
         registry.register(
             "notifications_made",
@@ -380,6 +406,7 @@ impl Default for Metrics {
             webhooks_disabled,
             webhook_latency,
             rate_limited,
+            persisted,
             connections,
             connections_closed,
             requests,
@@ -419,6 +446,19 @@ impl Metrics {
     /// A request or subscribe message over its caller's rate limit.
     pub fn rate_limited(&self) {
         self.rate_limited.inc();
+    }
+
+    /// A document settled by reference, or refused, as `result` says.
+    pub fn persisted_lookup(&self, result: PersistedLookup) {
+        let result = match result {
+            PersistedLookup::Hit => "hit",
+            PersistedLookup::Miss => "miss",
+            PersistedLookup::Registered => "registered",
+            PersistedLookup::Refused => "refused",
+        };
+        self.persisted
+            .get_or_create(&PersistedLabels { result })
+            .inc();
     }
 
     /// The server closed a connection itself, for `reason`.

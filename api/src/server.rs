@@ -14,6 +14,7 @@ use crate::db::replica::{ReadReplica, ReplicaSettings};
 use crate::db::{Access, Identity, Pool, PreparedStatements, PrivilegeError, Role, events};
 use crate::feed::Feed;
 use crate::graphql::QueryLimits;
+use crate::graphql::documents::{DocumentSettings, PersistedDocuments};
 use crate::graphql::live::LiveGroups;
 use crate::graphql::mutation::WriteRules;
 use crate::graphql::parsed_queries::ParsedQueryCache;
@@ -108,6 +109,9 @@ pub struct ServerConfig {
     pub read_replica: Option<ReplicaSettings>,
     /// Whether GraphQL HTTP answers carry `Server-Timing` (`db`, `total`).
     pub server_timing: bool,
+    /// What may be sent by reference (persisted queries, trusted
+    /// documents).
+    pub documents: DocumentSettings,
 }
 
 impl ServerConfig {
@@ -142,6 +146,10 @@ impl ServerConfig {
             leaving: Leaving::DEFAULT,
             read_replica: None,
             server_timing: false,
+            documents: DocumentSettings {
+                persisted_queries: true,
+                ..DocumentSettings::default()
+            },
         }
     }
 }
@@ -301,6 +309,7 @@ impl Server {
             parsed_queries: Arc::new(ParsedQueryCache::new(PARSED_QUERIES_KEPT)),
             cors: config.cors,
             server_timing: config.server_timing,
+            documents: Arc::new(PersistedDocuments::new(config.documents.clone())),
         };
         crate::webhooks::start(
             state.pool.clone(),

@@ -3,6 +3,7 @@
 
 pub mod alerts;
 pub mod cost;
+pub mod documents;
 pub mod history;
 pub mod in_memory;
 pub mod live;

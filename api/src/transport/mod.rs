@@ -35,6 +35,7 @@ use crate::db::Pool;
 use crate::error::ApiError;
 use crate::feed::Feed;
 use crate::graphql::AppSchema;
+use crate::graphql::documents::PersistedDocuments;
 use crate::graphql::live::LiveGroups;
 use crate::graphql::parsed_queries::ParsedQueryCache;
 use crate::metrics::Metrics;
@@ -80,6 +81,8 @@ pub struct AppState {
     pub cors: CorsOrigins,
     /// Whether GraphQL HTTP answers carry `Server-Timing`.
     pub server_timing: bool,
+    /// Documents sent by reference: persisted queries, trusted documents.
+    pub documents: Arc<PersistedDocuments>,
 }
 
 /// The service's routes.
@@ -135,13 +138,17 @@ async fn graphql_post(
     body: axum::body::Body,
 ) -> Response {
     let client = client.map(|axum::Extension(addr)| addr.0.ip());
+    let media = http::ResponseMedia::negotiate(&headers);
+    if !http::declared_json(&headers) {
+        return media.label(refuse(ApiError::UnsupportedMediaType));
+    }
     let request = match request::read_body(&headers, body, app.max_body_bytes).await {
         Ok(bytes) => request::from_body(&bytes),
         Err(error) => Err(error),
     };
     let request = match request {
         Ok(request) => request,
-        Err(error) => return refuse(error),
+        Err(error) => return media.label(refuse(error)),
     };
     if sse::wanted(&headers) {
         match request::admit(&app, &headers, client, request, HttpMethod::Post).await {
@@ -171,15 +178,12 @@ async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request)
             Err(rejection) => rejection.into_response(),
         };
     }
-    match async_graphql::http::parse_query_string(parts.uri.query().unwrap_or_default()) {
-        Ok(request) => {
+    match http::from_query_string(parts.uri.query().unwrap_or_default()) {
+        Ok(incoming) => {
             let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
-            http::execute(&app, &parts.headers, client, request, HttpMethod::Get).await
+            http::execute(&app, &parts.headers, client, incoming, HttpMethod::Get).await
         }
-        Err(error) => refuse(ApiError::BadUserInput {
-            message: format!("bad query string: {error}"),
-            field: None,
-        }),
+        Err(error) => http::ResponseMedia::negotiate(&parts.headers).label(refuse(error)),
     }
 }
 

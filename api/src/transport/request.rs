@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
+use super::http::ResponseMedia;
 use super::traces::DbTime;
 use crate::auth::Caller;
 use crate::db::{Access, RequestDb, idempotency};
@@ -164,9 +165,32 @@ pub(crate) async fn read_body(
     Ok(first.unwrap_or_else(|| Bytes::from(rest)))
 }
 
+/// A GraphQL request as it came, before its document is settled: the
+/// request, and the `documentId` it names its document by, if any.
+pub(crate) struct Incoming {
+    pub request: async_graphql::Request,
+    pub document_id: Option<String>,
+}
+
+/// The `documentId` of a JSON object holding `"documentId"` at all (a
+/// scan much cheaper than a second parse of every body).
+pub(crate) fn document_id(bytes: &[u8]) -> Result<Option<String>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Reference {
+        #[serde(rename = "documentId")]
+        document_id: Option<String>,
+    }
+    if !bytes.windows(10).any(|window| window == b"documentId") {
+        return Ok(None);
+    }
+    serde_json::from_slice::<Reference>(bytes)
+        .map(|reference| reference.document_id)
+        .map_err(|_| ApiError::bad_input("documentId", "\"documentId\" must be a string"))
+}
+
 /// The GraphQL request in a POST body; a body that is not a JSON object
-/// with a query is refused.
-pub(crate) fn from_body(bytes: &[u8]) -> Result<async_graphql::Request, ApiError> {
+/// is refused.
+pub(crate) fn from_body(bytes: &[u8]) -> Result<Incoming, ApiError> {
     // async-graphql's Request would also accept an array; only an object is
     // a GraphQL request (batches are not supported).
     let is_object = bytes.iter().find(|byte| !byte.is_ascii_whitespace()) == Some(&b'{');
@@ -175,11 +199,15 @@ pub(crate) fn from_body(bytes: &[u8]) -> Result<async_graphql::Request, ApiError
     } else {
         Err("expected a JSON object".to_owned())
     };
-    parsed.map_err(|error| ApiError::BadUserInput {
+    let request = parsed.map_err(|error| ApiError::BadUserInput {
         message: format!(
             "the body must be a JSON object with a \"query\" string (and optional \"variables\", \"operationName\"): {error}"
         ),
         field: None,
+    })?;
+    Ok(Incoming {
+        request,
+        document_id: document_id(bytes)?,
     })
 }
 
@@ -292,15 +320,13 @@ pub(crate) async fn admit(
     app: &AppState,
     headers: &HeaderMap,
     client: Option<std::net::IpAddr>,
-    mut request: async_graphql::Request,
+    incoming: Incoming,
     method: HttpMethod,
 ) -> Result<Admitted, Response> {
-    if request.query.trim().is_empty() {
-        return Err(refuse(ApiError::bad_input(
-            "query",
-            "the request has no \"query\"",
-        )));
-    }
+    let Incoming {
+        mut request,
+        document_id,
+    } = incoming;
     let authorization = headers
         .get(header::AUTHORIZATION)
         .map(|value| value.to_str().unwrap_or("\u{0}"));
@@ -311,6 +337,20 @@ pub(crate) async fn admit(
     {
         app.metrics.rate_limited();
         return Err(refuse(ApiError::RateLimited(wait)));
+    }
+    app.documents
+        .settle(
+            &mut request,
+            document_id.as_deref(),
+            caller.role,
+            &app.metrics,
+        )
+        .map_err(refuse)?;
+    if request.query.trim().is_empty() {
+        return Err(refuse(ApiError::bad_input(
+            "query",
+            "the request has no \"query\" (nor a \"documentId\" or persisted-query hash)",
+        )));
     }
     app.parsed_queries.prepare(&mut request);
     let classified = classify(&mut request);
@@ -351,16 +391,33 @@ pub(crate) async fn admit(
     })
 }
 
-/// An executed request as one JSON response, with its status (and
-/// `Retry-After` when the database was unavailable).
+/// An executed request as one JSON response in `media`, with its status
+/// (and `Retry-After` when the database was unavailable).
 pub(crate) fn answer(
     response: async_graphql::Response,
     operation: Operation,
     outcome: Outcome,
+    media: ResponseMedia,
 ) -> Response {
     let mut response = response;
     let headers = std::mem::take(&mut response.http_headers);
-    let mut answer = (status_of(&response), Json(response)).into_response();
+    let status = status_of(&response);
+    let mut answer = if media == ResponseMedia::GraphqlResponseJson && request_error(&response) {
+        // No `data` at all: the operation never ran.
+        let status = match status {
+            StatusCode::OK if server_side(&response) => StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::OK => StatusCode::BAD_REQUEST,
+            status => status,
+        };
+        let body = if response.extensions.is_empty() {
+            json!({ "errors": response.errors })
+        } else {
+            json!({ "errors": response.errors, "extensions": response.extensions })
+        };
+        media.label((status, Json(body)).into_response())
+    } else {
+        media.label((status, Json(response)).into_response())
+    };
     // What a response asks to carry, e.g. `Idempotent-Replayed`.
     answer.headers_mut().extend(headers);
     if answer.status() == StatusCode::SERVICE_UNAVAILABLE {
@@ -372,6 +429,29 @@ pub(crate) fn answer(
         .extensions_mut()
         .insert(RequestOutcome { operation, outcome });
     answer
+}
+
+/// Whether `response` is a request error: the operation never ran (its
+/// document did not parse or validate, a variable did not coerce, or the
+/// transaction could not end), so its errors name no field. An error
+/// raised while executing always has the path of its field.
+fn request_error(response: &async_graphql::Response) -> bool {
+    response.data == async_graphql::Value::Null
+        && !response.errors.is_empty()
+        && response.errors.iter().all(|error| error.path.is_empty())
+}
+
+/// Whether any of `response`'s errors is the server's, not the request's.
+fn server_side(response: &async_graphql::Response) -> bool {
+    response.errors.iter().any(|error| {
+        error
+            .extensions
+            .as_ref()
+            .and_then(|extensions| extensions.get("code"))
+            == Some(&async_graphql::Value::from(
+                ErrorCode::InternalServerError.as_str(),
+            ))
+    })
 }
 
 /// The HTTP status of an executed request: 200, but 503 when the database

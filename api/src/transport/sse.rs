@@ -20,6 +20,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
+use super::http::ResponseMedia;
 use super::request::{Admitted, RequestOutcome, answer, refused_as, run, status_of};
 use crate::error::ApiError;
 use crate::feed::LIVE_WAIT;
@@ -62,7 +63,7 @@ pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitt
                     let events = stream::iter([next(&response, None), complete()]);
                     marked(stream_response(events, KEEP_ALIVE), operation, outcome)
                 }
-                _ => answer(response, operation, outcome),
+                _ => answer(response, operation, outcome, ResponseMedia::Json),
             },
             Err(refused) => refused,
         };

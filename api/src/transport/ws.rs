@@ -134,6 +134,31 @@ pub async fn upgrade(
     })
 }
 
+/// The `documentId` of a subscribe message's payload, if it names one.
+fn subscribe_document_id(bytes: &[u8]) -> Result<Option<String>, ApiError> {
+    #[derive(serde::Deserialize)]
+    struct Subscribe {
+        payload: Option<Value>,
+    }
+    if !bytes.windows(10).any(|window| window == b"documentId") {
+        return Ok(None);
+    }
+    let payload = serde_json::from_slice::<Subscribe>(bytes)
+        .ok()
+        .and_then(|message| message.payload);
+    match payload
+        .as_ref()
+        .and_then(|payload| payload.get("documentId"))
+    {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) => Ok(Some(id.clone())),
+        Some(_) => Err(ApiError::bad_input(
+            "documentId",
+            "\"documentId\" must be a string",
+        )),
+    }
+}
+
 /// The `Authorization` value in a `connection_init` payload:
 /// `{"Authorization": ...}` or `{"headers": {"Authorization": ...}}`, any case.
 fn authorization(payload: &Value) -> Option<String> {
@@ -250,7 +275,15 @@ impl Connection {
             ClientMessage::ConnectionInit { payload } => {
                 Box::pin(self.init(payload.unwrap_or_default())).await
             }
-            ClientMessage::Start { id, payload } => self.start(id, payload),
+            ClientMessage::Start { id, payload } => match subscribe_document_id(bytes) {
+                Ok(document_id) => self.start(id, payload, document_id),
+                Err(error) => Reply::Send(error_message(
+                    self.protocol,
+                    &id,
+                    error.code(),
+                    &error.message(),
+                )),
+            },
             ClientMessage::Stop { id } => {
                 if self.operations.remove(&id) {
                     Reply::Send(complete(&json_string(&id)))
@@ -298,7 +331,12 @@ impl Connection {
         Reply::Send(r#"{"type":"connection_ack"}"#.to_owned())
     }
 
-    fn start(&mut self, id: String, mut request: async_graphql::Request) -> Reply {
+    fn start(
+        &mut self,
+        id: String,
+        mut request: async_graphql::Request,
+        document_id: Option<String>,
+    ) -> Reply {
         let Some(caller) = &self.caller else {
             return Reply::Close(4401, "Unauthorized".into());
         };
@@ -330,6 +368,20 @@ impl Connection {
             return refusal(ApiError::bad_input(
                 "id",
                 format!("at most {max} subscriptions per connection"),
+            ));
+        }
+        if let Err(error) = self.app.documents.settle(
+            &mut request,
+            document_id.as_deref(),
+            caller.role,
+            &self.app.metrics,
+        ) {
+            return refusal(error);
+        }
+        if request.query.trim().is_empty() {
+            return refusal(ApiError::bad_input(
+                "query",
+                "the subscribe payload has no \"query\" (nor a \"documentId\" or persisted-query hash)",
             ));
         }
         self.app.parsed_queries.prepare(&mut request);

@@ -354,13 +354,13 @@ fn dashboard_dir() -> PathBuf {
     examples().join("typescript-dashboard")
 }
 
-/// `npm args` in the dashboard's folder; its output, the test failing if
-/// it does not succeed.
-async fn npm(args: &[&str], limit: Duration) -> Output {
+/// `npm args` in `dir`; its output, the test failing if it does not
+/// succeed.
+pub(crate) async fn npm_in(dir: &Path, args: &[&str], limit: Duration) -> Output {
     let output = output(
         Command::new("npm")
             .args(args)
-            .current_dir(dashboard_dir())
+            .current_dir(dir)
             .env("npm_config_update_notifier", "false")
             .env("npm_config_fund", "false")
             .env("npm_config_audit", "false"),
@@ -377,10 +377,15 @@ async fn npm(args: &[&str], limit: Duration) -> Output {
     output
 }
 
+/// `npm args` in the dashboard's folder.
+async fn npm(args: &[&str], limit: Duration) -> Output {
+    npm_in(&dashboard_dir(), args, limit).await
+}
+
 /// Node.js 20 or newer and npm, or a failure saying what to install.
-async fn require_node() {
-    const INSTALL: &str = "the TypeScript dashboard example needs Node.js 20 or newer and npm: \
-        install them (apt-get install nodejs npm, as .ci/run does, or from nodejs.org)";
+pub(crate) async fn require_node() {
+    const INSTALL: &str = "the TypeScript dashboard example and the GraphQL over HTTP audit \
+        need Node.js 20 or newer and npm: install them (apt-get install nodejs npm, as .ci/run does, or from nodejs.org)";
     let node = Command::new("node").arg("--version").output().await;
     let npm = Command::new("npm").arg("--version").output().await;
     let (Ok(node), Ok(npm)) = (node, npm) else {
@@ -398,16 +403,22 @@ async fn require_node() {
     assert!(major >= 20, "{INSTALL}; this is Node.js {}", version.trim());
 }
 
-/// `npm ci`, unless node_modules was installed from this very lock file:
-/// the lock file's text is kept beside the packages after each install
-/// (npm ci empties node_modules first, so a failed one leaves no stamp).
-async fn install_dashboard() {
-    let lock = std::fs::read(dashboard_dir().join("package-lock.json")).unwrap();
-    let stamp = dashboard_dir().join("node_modules/.installed-package-lock.json");
+/// `npm ci` in `dir`, unless its node_modules was installed from this
+/// very lock file: the lock file's text is kept beside the packages after
+/// each install (npm ci empties node_modules first, so a failed one leaves
+/// no stamp).
+pub(crate) async fn npm_install(dir: &Path) {
+    let lock = std::fs::read(dir.join("package-lock.json")).unwrap();
+    let stamp = dir.join("node_modules/.installed-package-lock.json");
     if std::fs::read(&stamp).is_ok_and(|installed| installed == lock) {
         return;
     }
-    npm(&["ci", "--no-audit", "--no-fund"], Duration::from_secs(600)).await;
+    npm_in(
+        dir,
+        &["ci", "--no-audit", "--no-fund"],
+        Duration::from_secs(600),
+    )
+    .await;
     std::fs::write(stamp, lock).unwrap();
 }
 
@@ -484,7 +495,7 @@ async fn expected_rows(app: &TestApp) -> Vec<String> {
 async fn the_typescript_dashboard_builds_and_follows_changes() {
     require_node().await;
     let started = Instant::now();
-    install_dashboard().await;
+    npm_install(&dashboard_dir()).await;
     let installed = started.elapsed();
     // Types from the schema as it is now, then a strict type check: a
     // schema change that breaks the dashboard's operations fails here.

@@ -17,6 +17,7 @@ mod cors;
 mod docs;
 mod entity;
 mod examples;
+mod graphql_over_http;
 mod graphql_schema;
 mod history;
 mod idempotency;
