@@ -381,3 +381,97 @@ fn persisted_query(value: Option<&Value>) -> Result<Option<PersistedQuery>, ApiE
     };
     Ok(Some(PersistedQuery { sha }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(text: &str) -> Result<TrustedDocuments, ManifestError> {
+        TrustedDocuments::from_manifest(Path::new("docs.json"), text)
+    }
+
+    #[test]
+    fn manifests_of_codegen_relay_and_apollo_are_read_by_hash_and_key() {
+        let query = "query A { syncStates { resource } }";
+        let sha = sha256(query);
+        let relay = manifest(&format!(r#"{{"5f2c": "{query}"}}"#)).unwrap();
+        assert_eq!(relay.len(), 1);
+        assert_eq!(&*relay.by_sha[&sha], query);
+        assert_eq!(&*relay.by_key["5f2c"], query);
+        let apollo = manifest(&format!(
+            r#"{{"format": "apollo-persisted-query-manifest", "version": 1,
+                "operations": [{{"id": "abc", "name": "A", "type": "query", "body": "{query}"}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(&*apollo.by_key["abc"], query);
+        assert!(apollo.by_sha.contains_key(&sha));
+    }
+
+    #[test]
+    fn a_manifest_that_cannot_be_used_is_refused_saying_why() {
+        for (text, says) in [
+            ("[]", "not a JSON object"),
+            ("{", "not a manifest"),
+            (r#"{"a": 1}"#, "the value of \"a\" is not a string"),
+            (
+                r#"{"a": "{ unclosed"}"#,
+                "the document of \"a\" does not parse",
+            ),
+            ("{}", "has no documents"),
+            (
+                r#"{"format": "apollo-persisted-query-manifest", "operations": [{"id": "x"}]}"#,
+                "no \"body\"",
+            ),
+        ] {
+            let error = manifest(text).err().unwrap().to_string();
+            assert!(error.starts_with("TRUSTED_DOCUMENTS: "), "{error}");
+            assert!(error.contains(says), "{text}: {error}");
+        }
+        let missing = TrustedDocuments::load(Path::new("/no/such/manifest.json"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            missing.contains("cannot read /no/such/manifest.json"),
+            "{missing}"
+        );
+    }
+
+    #[test]
+    fn hashes_are_64_hex_digits_of_either_case() {
+        let sha = sha256("{ a }");
+        let hex: String = sha.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(parse_sha(&hex), Some(sha));
+        assert_eq!(parse_sha(&hex.to_uppercase()), Some(sha));
+        for bad in [
+            "",
+            "abc",
+            &hex[..62],
+            &format!("{hex}00"),
+            &format!("zz{}", &hex[2..]),
+        ] {
+            assert_eq!(parse_sha(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_apq_cache_keeps_what_fits_and_drops_the_least_recently_used() {
+        let documents = PersistedDocuments::new(DocumentSettings {
+            persisted_queries: true,
+            ..DocumentSettings::default()
+        });
+        let big = "x".repeat(APQ_CACHE_BYTES / 2 - 1);
+        let (first, second, third) = (format!("a{big}"), format!("b{big}"), format!("c{big}"));
+        documents.remember(sha256(&first), &first);
+        documents.remember(sha256(&second), &second);
+        // Touch the first: the second is now the least recently used.
+        assert!(documents.by_sha(&sha256(&first), false).is_some());
+        documents.remember(sha256(&third), &third);
+        assert!(documents.by_sha(&sha256(&first), false).is_some());
+        assert!(documents.by_sha(&sha256(&second), false).is_none());
+        assert!(documents.by_sha(&sha256(&third), false).is_some());
+        assert!(documents.lock().bytes <= APQ_CACHE_BYTES);
+        // Never for a restricted caller.
+        assert!(documents.by_sha(&sha256(&first), true).is_none());
+    }
+}

@@ -331,3 +331,175 @@ async fn without_persisted_queries_a_hash_alone_is_not_supported() {
     assert_eq!(code(&body), "PERSISTED_QUERY_NOT_SUPPORTED", "{body}");
     assert_eq!(body["errors"][0]["message"], "PersistedQueryNotSupported");
 }
+
+/// A server holding callers to a manifest of one query and one
+/// subscription (service_role too when `for_all`).
+async fn trusted_app(for_all: bool) -> (TestApp, String, String) {
+    use std::sync::Arc;
+    use vantage_sync::graphql::documents::TrustedDocuments;
+    let query = "query Trusted { syncStates { resource } }";
+    let subscription = "subscription Watch { syncStateChanged { resource operation } }";
+    let manifest = serde_json::json!({
+        sha256_hex(query): query,
+        "watch-v1": subscription,
+    })
+    .to_string();
+    let trusted =
+        TrustedDocuments::from_manifest(Path::new("persisted-documents.json"), &manifest).unwrap();
+    let app = TestApp::spawn_with(vantage_sync_testkit::TestDb::migrated().await, |config| {
+        config.documents.trusted = Some(Arc::new(trusted));
+        config.documents.trusted_for_all = for_all;
+    })
+    .await;
+    (app, query.to_owned(), subscription.to_owned())
+}
+
+#[tokio::test]
+async fn trusted_documents_are_all_a_restricted_caller_may_run() {
+    let (app, query, subscription) = trusted_app(false).await;
+    let token = app.token("authenticated");
+    let json = [("content-type", "application/json")];
+    let hash = sha256_hex(&query);
+    let run = |body: Value| {
+        let app = &app;
+        let token = &token;
+        async move { post(app, Some(token), &json, body.to_string()).await }
+    };
+
+    // By documentId (sha256:<hex>), by APQ hash, and as its exact text.
+    for body in [
+        serde_json::json!({"documentId": format!("sha256:{hash}")}),
+        serde_json::json!({"extensions": persisted(&hash)}),
+        serde_json::json!({"query": query}),
+        serde_json::json!({"query": query, "extensions": persisted(&hash)}),
+    ] {
+        let (status, _, answer) = run(body.clone()).await;
+        assert_eq!(status, 200, "{body}: {answer}");
+        assert!(answer["data"]["syncStates"].is_array(), "{body}: {answer}");
+    }
+    // Anything else: PERSISTED_QUERY_REQUIRED, also with a fresh APQ
+    // hash, which is then not remembered.
+    let other = "{ syncStates { resource lastSyncStatus } }";
+    for body in [
+        serde_json::json!({"query": other}),
+        serde_json::json!({"query": other, "extensions": persisted(&sha256_hex(other))}),
+    ] {
+        let (status, _, answer) = run(body.clone()).await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert_eq!(code(&answer), "PERSISTED_QUERY_REQUIRED", "{answer}");
+    }
+    let (_, _, answer) =
+        run(serde_json::json!({"extensions": persisted(&sha256_hex(other))})).await;
+    assert_eq!(code(&answer), "PERSISTED_QUERY_NOT_FOUND", "{answer}");
+    let (_, _, answer) = run(serde_json::json!({"documentId": "no-such-document"})).await;
+    assert_eq!(code(&answer), "PERSISTED_QUERY_NOT_FOUND", "{answer}");
+    assert_eq!(persisted_count(&app, "refused").await, 2);
+    assert_eq!(persisted_count(&app, "registered").await, 0);
+    // Anonymous callers are held to it too.
+    let (status, _, answer) = post(
+        &app,
+        None,
+        &json,
+        serde_json::json!({"query": other}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (400, "PERSISTED_QUERY_REQUIRED"),
+        "{answer}"
+    );
+
+    // service_role may send any document, and its APQ hashes are
+    // remembered, yet never run for a restricted caller.
+    let writer = app.token("service_role");
+    let full = serde_json::json!({"query": other, "extensions": persisted(&sha256_hex(other))});
+    let (status, _, answer) = post(&app, Some(&writer), &json, full.to_string()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["data"]["syncStates"].is_array());
+    let (_, _, answer) =
+        run(serde_json::json!({"extensions": persisted(&sha256_hex(other))})).await;
+    assert_eq!(code(&answer), "PERSISTED_QUERY_NOT_FOUND", "{answer}");
+
+    // Over WebSocket: a trusted subscription by its manifest key; any
+    // other document refused with the same code.
+    let mut socket = vantage_sync_testkit::WsClient::ready(&app, "authenticated").await;
+    socket
+        .send(serde_json::json!({"id": "1", "type": "subscribe", "payload": {"query": "subscription { syncStateChanged { resource } }"}}))
+        .await;
+    let refused = socket.recv().await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(
+        refused["payload"][0]["extensions"]["code"], "PERSISTED_QUERY_REQUIRED",
+        "{refused}"
+    );
+    let started = vantage_sync_testkit::subscription_started(&app.url("/metrics"));
+    started
+        .wait(socket.send(serde_json::json!({"id": "2", "type": "subscribe", "payload": {"documentId": "watch-v1"}})))
+        .await;
+    app.sql("SELECT start_vantage_sync('funds')").await;
+    let (id, data) = socket.next_data().await;
+    assert_eq!(id, "2");
+    assert_eq!(data["syncStateChanged"]["resource"], "funds");
+    socket.close().await;
+
+    // Over SSE: the same rule.
+    let refused = vantage_sync_testkit::SseStream::open(
+        &app.url("/graphql"),
+        Some(&token),
+        &serde_json::json!({"query": "subscription { syncStateChanged { resource } }"}),
+        None,
+    )
+    .await
+    .err()
+    .expect("an untrusted subscription over SSE was let in");
+    assert_eq!(refused.0, 400);
+    assert_eq!(
+        code(&refused.1),
+        "PERSISTED_QUERY_REQUIRED",
+        "{:?}",
+        refused.1
+    );
+    let mut stream = vantage_sync_testkit::SseStream::open(
+        &app.url("/graphql"),
+        Some(&token),
+        &serde_json::json!({"query": subscription}),
+        None,
+    )
+    .await
+    .unwrap();
+    app.sql("SELECT complete_vantage_sync('funds', 1, 1, 0)")
+        .await;
+    let (_, payload) = stream.next_payload().await;
+    assert_eq!(
+        payload["data"]["syncStateChanged"]["resource"], "funds",
+        "{payload}"
+    );
+}
+
+#[tokio::test]
+async fn trusted_documents_for_all_hold_service_role_too() {
+    let (app, query, _) = trusted_app(true).await;
+    let writer = app.token("service_role");
+    let json = [("content-type", "application/json")];
+    let (status, _, answer) = post(
+        &app,
+        Some(&writer),
+        &json,
+        serde_json::json!({"query": query}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let mutation = r#"mutation { startSync(resource: "funds") { resource } }"#;
+    let (status, _, answer) = post(
+        &app,
+        Some(&writer),
+        &json,
+        serde_json::json!({"query": mutation}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&answer)),
+        (400, "PERSISTED_QUERY_REQUIRED"),
+        "{answer}"
+    );
+}
