@@ -579,3 +579,53 @@ async fn the_typescript_dashboard_builds_and_follows_changes() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn apollo_clients_persisted_queries_send_only_the_hash_once_known() {
+    require_node().await;
+    npm_install(&dashboard_dir()).await;
+    npm(&["run", "--silent", "codegen"], Duration::from_secs(120)).await;
+    let app = TestApp::spawn().await;
+    let run = output(
+        Command::new("npm")
+            .args(["run", "--silent", "persisted"])
+            .current_dir(dashboard_dir())
+            .env("VANTAGE_SYNC_URL", app.url(""))
+            .env("VANTAGE_SYNC_TOKEN", app.token("authenticated"))
+            .env("npm_config_update_notifier", "false"),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        run.status.success(),
+        "{}\n{}",
+        text(&run.stdout),
+        text(&run.stderr)
+    );
+    let lines: Vec<Value> = text(&run.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    for (line, hashed_method) in lines.iter().zip(["POST", "GET"]) {
+        // The hash alone (unknown on the first transport; on the second,
+        // the server remembers it from the first), then, where unknown,
+        // with the document, then the hash alone again.
+        let sent = line["sent"].as_array().unwrap();
+        let last = sent.last().unwrap();
+        assert_eq!(last["method"], hashed_method, "{line}");
+        assert_eq!(last["document"], false, "{line}");
+        assert_eq!(sent[0]["document"], false, "{line}");
+        assert_eq!(line["same"], true, "{line}");
+        assert!(line["rows"].as_u64().unwrap() >= 7, "{line}");
+    }
+    // POST: hash (miss), hash and document, hash (hit). GET: the server
+    // knows the hash already: hash (hit), hash (hit).
+    assert_eq!(lines[0]["sent"].as_array().unwrap().len(), 3, "{lines:#?}");
+    assert_eq!(lines[1]["sent"].as_array().unwrap().len(), 2, "{lines:#?}");
+    let metrics = app.metrics().await;
+    for (result, count) in [("miss", 1), ("registered", 1), ("hit", 3)] {
+        let line = format!("vantage_sync_persisted_queries_total{{result=\"{result}\"}} {count}");
+        assert!(metrics.contains(&line), "no {line:?} in\n{metrics}");
+    }
+}
