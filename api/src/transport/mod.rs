@@ -14,6 +14,7 @@ pub mod cors;
 pub mod graphiql;
 pub mod http;
 pub mod listener;
+pub mod media;
 pub mod operator;
 pub mod rate_limit;
 pub mod request;
@@ -138,8 +139,8 @@ async fn graphql_post(
     body: axum::body::Body,
 ) -> Response {
     let client = client.map(|axum::Extension(addr)| addr.0.ip());
-    let media = http::ResponseMedia::negotiate(&headers);
-    if !http::declared_json(&headers) {
+    let media = media::ResponseMedia::negotiate(&headers);
+    if !media::declared_json(&headers) {
         return media.label(refuse(ApiError::UnsupportedMediaType));
     }
     let request = match request::read_body(&headers, body, app.max_body_bytes).await {
@@ -181,9 +182,16 @@ async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request)
     match http::from_query_string(parts.uri.query().unwrap_or_default()) {
         Ok(incoming) => {
             let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
-            http::execute(&app, &parts.headers, client, incoming, HttpMethod::Get).await
+            let mut answer =
+                http::execute(&app, &parts.headers, client, incoming, HttpMethod::Get).await;
+            // Every answer is the caller's own (no role reads anything
+            // without a token): no cache, shared or private, may keep it.
+            answer
+                .headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            answer
         }
-        Err(error) => http::ResponseMedia::negotiate(&parts.headers).label(refuse(error)),
+        Err(error) => media::ResponseMedia::negotiate(&parts.headers).label(refuse(error)),
     }
 }
 

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::AppState;
-use super::http::ResponseMedia;
+use super::media::ResponseMedia;
 use super::traces::DbTime;
 use crate::auth::Caller;
 use crate::db::{Access, RequestDb, idempotency};

@@ -20,7 +20,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
-use super::http::ResponseMedia;
+use super::media::ResponseMedia;
 use super::request::{Admitted, RequestOutcome, answer, refused_as, run, status_of};
 use crate::error::ApiError;
 use crate::feed::LIVE_WAIT;

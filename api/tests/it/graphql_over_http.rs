@@ -301,6 +301,7 @@ async fn automatic_persisted_queries_over_post_and_get() {
         .send()
         .await
         .unwrap();
+    assert_eq!(response.headers()["cache-control"], "no-store");
     let (status, _, by_get) = answer(response).await;
     assert_eq!(status, 200, "{by_get}");
     assert_eq!(by_get, first);
