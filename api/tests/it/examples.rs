@@ -429,6 +429,7 @@ fn start_dashboard(
     app: &TestApp,
     changes: usize,
     timeout_secs: u64,
+    trusted: bool,
 ) -> (
     tokio::process::Child,
     tokio::sync::mpsc::UnboundedReceiver<String>,
@@ -439,6 +440,10 @@ fn start_dashboard(
         .env("VANTAGE_SYNC_URL", app.url(""))
         .env("VANTAGE_SYNC_TOKEN", app.token("authenticated"))
         .env("VANTAGE_SYNC_TIMEOUT_SECS", timeout_secs.to_string())
+        .env(
+            "VANTAGE_SYNC_TRUSTED_DOCUMENTS",
+            if trusted { "1" } else { "0" },
+        )
         .env("npm_config_update_notifier", "false")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -467,9 +472,14 @@ async fn finish(child: tokio::process::Child, limit: Duration) -> (Option<i32>, 
 
 /// The dashboard's rows as the program prints them, from the API.
 async fn expected_rows(app: &TestApp) -> Vec<String> {
+    expected_rows_as(app, "authenticated").await
+}
+
+/// The dashboard's rows, read as `role`.
+async fn expected_rows_as(app: &TestApp, role: &str) -> Vec<String> {
     let body = app
         .query(
-            "authenticated",
+            role,
             "{ syncStates { resource lastSyncStatus health recordsSynced lastSyncTime } }",
             json!({}),
         )
@@ -491,30 +501,11 @@ async fn expected_rows(app: &TestApp) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn the_typescript_dashboard_builds_and_follows_changes() {
-    require_node().await;
-    let started = Instant::now();
-    npm_install(&dashboard_dir()).await;
-    let installed = started.elapsed();
-    // Types from the schema as it is now, then a strict type check: a
-    // schema change that breaks the dashboard's operations fails here.
-    npm(&["run", "--silent", "codegen"], Duration::from_secs(120)).await;
-    npm(&["run", "--silent", "typecheck"], Duration::from_secs(120)).await;
-
-    let app = TestApp::spawn().await;
-    for statement in [
-        "SELECT start_vantage_sync('funds')",
-        "SELECT complete_vantage_sync('funds', 3, 1, 2)",
-        "SELECT start_vantage_sync('accounts')",
-        r#"SELECT fail_vantage_sync('accounts', '[{"code": "HTTP_500", "message": "down"}]')"#,
-    ] {
-        app.sql(statement).await;
-    }
-    let rows = expected_rows(&app).await;
-    assert!(rows.len() >= 2, "{rows:?}");
-
-    let (mut child, mut lines) = start_dashboard(&app, 4, 60);
+/// Runs the dashboard (`trusted`: by documentId only) through four
+/// changes, checking it prints `rows`, then each change once per
+/// transport, in commit order.
+async fn follows_four_changes(app: &TestApp, rows: &[String], trusted: bool) {
+    let (mut child, mut lines) = start_dashboard(app, 4, 60, trusted);
     // Changes are sent from the next one on: make them once both
     // subscriptions are live.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -565,9 +556,35 @@ async fn the_typescript_dashboard_builds_and_follows_changes() {
     assert_eq!(with_prefix("ws "), changes.map(|c| format!("ws {c}")));
     assert_eq!(with_prefix("sse "), changes.map(|c| format!("sse {c}")));
     assert_eq!(printed.last().unwrap(), "done ws=4 sse=4");
+}
+
+#[tokio::test]
+async fn the_typescript_dashboard_builds_and_follows_changes() {
+    require_node().await;
+    let started = Instant::now();
+    npm_install(&dashboard_dir()).await;
+    let installed = started.elapsed();
+    // Types from the schema as it is now, then a strict type check: a
+    // schema change that breaks the dashboard's operations fails here.
+    npm(&["run", "--silent", "codegen"], Duration::from_secs(120)).await;
+    npm(&["run", "--silent", "typecheck"], Duration::from_secs(120)).await;
+
+    let app = TestApp::spawn().await;
+    for statement in [
+        "SELECT start_vantage_sync('funds')",
+        "SELECT complete_vantage_sync('funds', 3, 1, 2)",
+        "SELECT start_vantage_sync('accounts')",
+        r#"SELECT fail_vantage_sync('accounts', '[{"code": "HTTP_500", "message": "down"}]')"#,
+    ] {
+        app.sql(statement).await;
+    }
+    let rows = expected_rows(&app).await;
+    assert!(rows.len() >= 2, "{rows:?}");
+
+    follows_four_changes(&app, &rows, false).await;
 
     // With nothing happening, it gives up when told to, and says so.
-    let (child, _lines) = start_dashboard(&app, 1, 2);
+    let (child, _lines) = start_dashboard(&app, 1, 2, false);
     let (code, stderr) = finish(child, Duration::from_secs(60)).await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
@@ -628,4 +645,48 @@ async fn apollo_clients_persisted_queries_send_only_the_hash_once_known() {
         let line = format!("vantage_sync_persisted_queries_total{{result=\"{result}\"}} {count}");
         assert!(metrics.contains(&line), "no {line:?} in\n{metrics}");
     }
+}
+
+#[tokio::test]
+async fn the_typescript_dashboard_runs_on_its_generated_trusted_documents() {
+    use std::sync::Arc;
+    use vantage_sync::graphql::documents::TrustedDocuments;
+    require_node().await;
+    npm_install(&dashboard_dir()).await;
+    // graphql-codegen's client preset writes the manifest of the
+    // dashboard's operations; the server trusts exactly those.
+    npm(&["run", "--silent", "codegen"], Duration::from_secs(120)).await;
+    let manifest = dashboard_dir().join("src/generated/trusted/persisted-documents.json");
+    let trusted = TrustedDocuments::load(&manifest).unwrap();
+    assert_eq!(trusted.len(), 2, "the dashboard's query and subscription");
+    let app = TestApp::spawn_with(vantage_sync_testkit::TestDb::migrated().await, |config| {
+        config.documents.trusted = Some(Arc::new(trusted));
+    })
+    .await;
+    let rows = expected_rows_as(&app, "service_role").await;
+
+    follows_four_changes(&app, &rows, true).await;
+
+    // The same token with a document of its own is refused, and so is the
+    // dashboard sending its documents' text instead of their ids (the
+    // manifest holds them as codegen prints them, with __typename).
+    let bearer = format!("Bearer {}", app.token("authenticated"));
+    let (status, refused) = app
+        .post(
+            Some(&bearer),
+            &json!({"query": "{ syncStates { resource lastSyncStatus health recordsSynced lastSyncTime } }"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+    assert_eq!(
+        refused["errors"][0]["extensions"]["code"], "PERSISTED_QUERY_REQUIRED",
+        "{refused}"
+    );
+    let (child, _lines) = start_dashboard(&app, 1, 20, false);
+    let (code, stderr) = finish(child, Duration::from_secs(60)).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("PERSISTED_QUERY_REQUIRED") || stderr.contains("trusted documents"),
+        "{stderr}"
+    );
 }

@@ -7,8 +7,17 @@
 // It waits for CHANGES changes (default 3, or VANTAGE_SYNC_CHANGES) on
 // each transport, then exits 0; after VANTAGE_SYNC_TIMEOUT_SECS (default
 // 60) it gives up and exits 1.
+//
+// With VANTAGE_SYNC_TRUSTED_DOCUMENTS=1 it sends no document, only each
+// one's documentId from the manifest `npm run codegen` writes
+// (src/generated/trusted/persisted-documents.json): what a server
+// started with TRUSTED_DOCUMENTS set to that file asks of it.
+import { readFileSync } from 'node:fs';
+
 import { ApolloClient, HttpLink, InMemoryCache } from '@apollo/client';
-import { print } from 'graphql';
+import type { DocumentNode } from '@apollo/client';
+import { PersistedQueryLink } from '@apollo/client/link/persisted-queries';
+import { getOperationAST, print } from 'graphql';
 import { createClient as createSseClient } from 'graphql-sse';
 import { createClient as createWsClient } from 'graphql-ws';
 import WebSocket from 'ws';
@@ -55,6 +64,7 @@ const httpUrl = endpoint(setting('VANTAGE_SYNC_URL'));
 const token = setting('VANTAGE_SYNC_TOKEN');
 const wanted = count(process.argv[2] ?? process.env.VANTAGE_SYNC_CHANGES, 3, 'CHANGES');
 const timeoutSecs = count(process.env.VANTAGE_SYNC_TIMEOUT_SECS, 60, 'VANTAGE_SYNC_TIMEOUT_SECS');
+const trustedDocuments = process.env.VANTAGE_SYNC_TRUSTED_DOCUMENTS === '1';
 const wsUrl = new URL(httpUrl);
 wsUrl.protocol = httpUrl.protocol === 'https:' ? 'wss:' : 'ws:';
 
@@ -108,6 +118,31 @@ function follow(transport: Transport, subscribe: (sink: Sink) => () => void): Pr
   });
 }
 
+/// The documentId (`sha256:<hex>`) of each operation in the trusted
+/// documents' manifest, by operation name.
+function manifestIds(): Map<string, string> {
+  const file = new URL('./generated/trusted/persisted-documents.json', import.meta.url);
+  const manifest = JSON.parse(readFileSync(file, 'utf8')) as Record<string, string>;
+  const ids = new Map<string, string>();
+  for (const [id, document] of Object.entries(manifest)) {
+    const name = /^(?:query|mutation|subscription)\s+(\w+)/.exec(document)?.[1];
+    if (name) ids.set(name, id);
+  }
+  return ids;
+}
+
+/// The manifest's documentId of `document`'s operation; the program
+/// stops if it has none (run `npm run codegen`).
+function documentId(ids: Map<string, string>, document: DocumentNode): string {
+  const name = getOperationAST(document)?.name?.value ?? '';
+  const id = ids.get(name);
+  if (!id) {
+    console.error(`no trusted document for operation ${name}: run npm run codegen`);
+    process.exit(2);
+  }
+  return id;
+}
+
 function describe(error: unknown): string {
   if (error instanceof Error) {
     // fetch says only "fetch failed"; the reason (ECONNREFUSED, ...) is its cause.
@@ -125,9 +160,18 @@ function describe(error: unknown): string {
 async function main(): Promise<void> {
   const authorization = `Bearer ${token}`;
 
-  // The dashboard: one row per resource.
+  const ids = trustedDocuments ? manifestIds() : undefined;
+
+  // The dashboard: one row per resource. With trusted documents, Apollo
+  // Client's persisted-query link sends the manifest's hash instead of
+  // the document.
+  const http = new HttpLink({ uri: httpUrl.href, headers: { authorization } });
   const apollo = new ApolloClient({
-    link: new HttpLink({ uri: httpUrl.href, headers: { authorization } }),
+    link: ids
+      ? new PersistedQueryLink({
+          generateHash: (document) => documentId(ids, document).replace(/^sha256:/, ''),
+        }).concat(http)
+      : http,
     cache: new InMemoryCache(),
   });
   const { data } = await apollo.query<DashboardQuery>({
@@ -145,8 +189,12 @@ async function main(): Promise<void> {
   // The live feed, over both transports, from the next change on. Their
   // own retries are off: this program reports a lost connection and
   // ends (see docs/live-feed.md for a client that resumes by cursor).
-  const query = print(CHANGES);
   const variables: ChangesSubscriptionVariables = { resources: null };
+  // The document, or (trusted documents) its documentId alone: both
+  // clients send the payload's fields as they are.
+  const changes = ids
+    ? { query: '', documentId: documentId(ids, CHANGES), variables }
+    : { query: print(CHANGES), variables };
   const ws = createWsClient({
     url: wsUrl.href,
     // Node 20 has no WebSocket of its own.
@@ -161,8 +209,8 @@ async function main(): Promise<void> {
   });
   try {
     await Promise.all([
-      follow('ws', (sink) => ws.subscribe<ChangesSubscription>({ query, variables }, sink)),
-      follow('sse', (sink) => sse.subscribe<ChangesSubscription>({ query, variables }, sink)),
+      follow('ws', (sink) => ws.subscribe<ChangesSubscription>(changes, sink)),
+      follow('sse', (sink) => sse.subscribe<ChangesSubscription>(changes, sink)),
     ]);
   } finally {
     await ws.dispose();
