@@ -157,6 +157,7 @@ pub async fn deployment(config: &ServerConfig) -> Report {
         report.secrets.extend(passwords(url));
     }
     keys(config, &mut report).await;
+    trusted_documents(config, &mut report);
     let Some(pool) = database(config, &mut report).await else {
         return report;
     };
@@ -168,6 +169,26 @@ pub async fn deployment(config: &ServerConfig) -> Report {
     pool.close().await;
     read_replica(config, &mut report).await;
     report
+}
+
+/// The trusted documents, when set (a manifest that cannot be used never
+/// gets here: the configuration fails first, naming it).
+fn trusted_documents(config: &ServerConfig, report: &mut Report) {
+    if let Some(trusted) = &config.documents.trusted {
+        let held = if config.documents.trusted_for_all {
+            "every caller, service_role too,"
+        } else {
+            "callers other than service_role"
+        };
+        report.add(
+            Verdict::Pass,
+            "trusted documents",
+            format!(
+                "{held} may run only the {} documents of the manifest",
+                trusted.len()
+            ),
+        );
+    }
 }
 
 /// How long the collector has to answer the traces check.

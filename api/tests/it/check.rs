@@ -231,3 +231,46 @@ async fn traces_are_reported_off_on_or_with_a_collector_that_does_not_answer() {
     assert!(down.starts_with('⚠'), "{down}");
     assert!(down.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{down}");
 }
+
+#[tokio::test]
+async fn trusted_documents_are_counted_and_a_bad_manifest_names_itself() {
+    let db = TestDb::migrated().await;
+    let dir = tempfile_dir();
+    let manifest = dir.join("persisted-documents.json");
+    std::fs::write(
+        &manifest,
+        r#"{"a": "query A { syncStates { resource } }", "b": "query B { syncStats { total } }"}"#,
+    )
+    .unwrap();
+    let path = manifest.to_str().unwrap();
+    let base = [("DATABASE_URL", db.url.as_str()), ("JWT_SECRET", SECRET)];
+    let mut env = base.to_vec();
+    env.push(("TRUSTED_DOCUMENTS", path));
+    let (ok, lines) = check(&env).await;
+    assert!(ok, "{lines:#?}");
+    let trusted = line(&lines, "trusted documents");
+    assert!(trusted.starts_with('✓'), "{trusted}");
+    assert!(trusted.contains("only the 2 documents"), "{trusted}");
+
+    std::fs::write(&manifest, r#"{"a": "query A { unclosed"}"#).unwrap();
+    let (ok, lines) = check(&env).await;
+    assert!(!ok, "{lines:#?}");
+    let configuration = line(&lines, "configuration");
+    assert!(configuration.starts_with('✗'), "{configuration}");
+    assert!(configuration.contains(path), "{configuration}");
+    assert!(configuration.contains("does not parse"), "{configuration}");
+}
+
+/// A fresh directory under the system's temporary one.
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "vantage-sync-check-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
