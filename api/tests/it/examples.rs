@@ -354,6 +354,11 @@ fn dashboard_dir() -> PathBuf {
     examples().join("typescript-dashboard")
 }
 
+/// Held by each test of the dashboard for its whole run: they install
+/// into, generate into and run from one folder, and `npm ci` empties
+/// node_modules first, so two at once break each other.
+static DASHBOARD_FOLDER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// `npm args` in `dir`; its output, the test failing if it does not
 /// succeed.
 pub(crate) async fn npm_in(dir: &Path, args: &[&str], limit: Duration) -> Output {
@@ -561,6 +566,7 @@ async fn follows_four_changes(app: &TestApp, rows: &[String], trusted: bool) {
 #[tokio::test]
 async fn the_typescript_dashboard_builds_and_follows_changes() {
     require_node().await;
+    let _folder = DASHBOARD_FOLDER.lock().await;
     let started = Instant::now();
     npm_install(&dashboard_dir()).await;
     let installed = started.elapsed();
@@ -600,6 +606,7 @@ async fn the_typescript_dashboard_builds_and_follows_changes() {
 #[tokio::test]
 async fn apollo_clients_persisted_queries_send_only_the_hash_once_known() {
     require_node().await;
+    let _folder = DASHBOARD_FOLDER.lock().await;
     npm_install(&dashboard_dir()).await;
     npm(&["run", "--silent", "codegen"], Duration::from_secs(120)).await;
     let app = TestApp::spawn().await;
@@ -652,6 +659,7 @@ async fn the_typescript_dashboard_runs_on_its_generated_trusted_documents() {
     use std::sync::Arc;
     use vantage_sync::graphql::documents::TrustedDocuments;
     require_node().await;
+    let _folder = DASHBOARD_FOLDER.lock().await;
     npm_install(&dashboard_dir()).await;
     // graphql-codegen's client preset writes the manifest of the
     // dashboard's operations; the server trusts exactly those.
