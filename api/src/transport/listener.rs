@@ -10,6 +10,12 @@
 //!   connection goes idle, which would make the two one.)
 //! - On shutdown: no more accepting; connections finish what is in
 //!   flight, within the shutdown timeout.
+//! - A connection whose first request asks for an event stream (GraphQL
+//!   over SSE) is served here, outside hyper, and closed when its stream
+//!   ends: hyper keeps an 8 KiB read buffer and an 8 KiB write buffer for
+//!   every connection as long as it lives, which for a stream that lasts
+//!   hours is most of what a subscriber costs. Any other first request,
+//!   or one that does not arrive whole in one read, is hyper's.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,7 +30,7 @@ use axum::body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
@@ -89,53 +95,32 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let held = (permit, metrics.connection_opened());
         let activity = Arc::new(Activity::new());
-        let io = TokioIo::new(Tracked {
-            stream,
-            activity: activity.clone(),
-            _held: (permit, metrics.connection_opened()),
-        });
-        let service = hyper::service::service_fn({
-            let router = router.clone();
-            let activity = activity.clone();
-            move |mut request: hyper::Request<Incoming>| {
-                request.extensions_mut().insert(ClientAddr(peer));
-                let mut router = router.clone();
-                let busy = activity.request_started();
-                async move {
-                    let response = router.call(request.map(Body::new)).await?;
-                    // In flight until the body is sent (or dropped): an SSE
-                    // stream is never idle.
-                    Ok::<_, Infallible>(response.map(|body| {
-                        Body::new(body.map_frame(move |frame| {
-                            let _ = &busy;
-                            frame
-                        }))
-                    }))
-                }
-            }
-        });
-        let connection = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .keep_alive(true)
-            .serve_connection(io, service)
-            .with_upgrades();
         let metrics = metrics.clone();
         let (mut stop, running) = (stop.clone(), running.clone());
+        let router = router.clone();
         tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
+            let first = tokio::select! {
                 biased;
-                _ = connection.as_mut() => return,
+                first = first_request(&stream) => first,
                 reason = activity.expiry(limits) => {
                     metrics.connection_closed(reason);
                     return;
                 }
-                _ = stop.wait_for(|stop| *stop) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            };
+            if let FirstRequest::EventStream { head, body } = first {
+                event_stream(stream, peer, head, body, router, limits).await;
+                drop((held, running));
+                return;
             }
-            // Shutting down: what is in flight finishes, then it closes.
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            let io = TokioIo::new(Tracked {
+                stream,
+                activity: activity.clone(),
+                _held: held,
+            });
+            serve_with_hyper(io, peer, router, activity, limits, metrics, stop).await;
             drop(running);
         });
     }
@@ -155,6 +140,253 @@ pub async fn serve(
             "leaving: connections still busy after the shutdown timeout are cut"
         );
     }
+}
+
+/// Serves one connection with hyper until it closes, breaks a limit, or
+/// (on shutdown) has finished what is in flight.
+async fn serve_with_hyper(
+    io: TokioIo<Tracked>,
+    peer: std::net::SocketAddr,
+    router: Router,
+    activity: Arc<Activity>,
+    limits: ConnectionLimits,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let service = hyper::service::service_fn({
+        let router = router.clone();
+        let activity = activity.clone();
+        move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ClientAddr(peer));
+            let mut router = router.clone();
+            let busy = activity.request_started();
+            async move {
+                let response = router.call(request.map(Body::new)).await?;
+                // In flight until the body is sent (or dropped): an SSE
+                // stream is never idle.
+                Ok::<_, Infallible>(response.map(|body| {
+                    Body::new(body.map_frame(move |frame| {
+                        let _ = &busy;
+                        frame
+                    }))
+                }))
+            }
+        }
+    });
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .serve_connection(io, service)
+        .with_upgrades();
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        biased;
+        _ = connection.as_mut() => return,
+        reason = activity.expiry(limits) => {
+            metrics.connection_closed(reason);
+            return;
+        }
+        _ = stop.wait_for(|stop| *stop) => {}
+    }
+    // Shutting down: what is in flight finishes, then it closes.
+    connection.as_mut().graceful_shutdown();
+    let _ = connection.await;
+}
+
+/// Most of a first request looked at to tell an event stream: its head
+/// and a GraphQL body are far smaller.
+const FIRST_REQUEST_BYTES: usize = 4096;
+
+/// Largest body of an event-stream request served outside hyper; a larger
+/// one goes to hyper, whose body limit then answers it.
+const EVENT_STREAM_BODY_BYTES: usize = 64 * 1024;
+
+/// What a connection's first request is, from its first bytes, left
+/// unread in the socket.
+enum FirstRequest {
+    /// `POST /graphql` over HTTP/1.1 asking for `text/event-stream`, its
+    /// head and body lengths known: served here.
+    EventStream { head: usize, body: usize },
+    /// Anything else, or a head not yet whole: hyper's.
+    Other,
+}
+
+/// Looks at the first bytes the client sends, without taking them.
+async fn first_request(stream: &TcpStream) -> FirstRequest {
+    if stream.readable().await.is_err() {
+        return FirstRequest::Other;
+    }
+    let mut peeked = vec![0_u8; FIRST_REQUEST_BYTES];
+    let Ok(length) = stream.peek(&mut peeked).await else {
+        return FirstRequest::Other;
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(head)) = request.parse(&peeked[..length]) else {
+        return FirstRequest::Other;
+    };
+    let path = request.path.unwrap_or_default();
+    let path = path.split('?').next().unwrap_or_default();
+    if request.method != Some("POST") || path != "/graphql" || request.version != Some(1) {
+        return FirstRequest::Other;
+    }
+    let headers: &[httparse::Header<'_>] = request.headers;
+    let named = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |header| header.name.eq_ignore_ascii_case(name))
+            .map(|header| header.value)
+    };
+    let event_stream = named("accept")
+        .filter_map(|value| std::str::from_utf8(value).ok())
+        .flat_map(|value| value.split(','))
+        .any(|media| {
+            media
+                .split(';')
+                .next()
+                .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("text/event-stream"))
+        });
+    // A chunked body, a client waiting for 100-continue, or an odd length
+    // are left to hyper, which knows them all.
+    if !event_stream
+        || named("transfer-encoding").next().is_some()
+        || named("expect").next().is_some()
+    {
+        return FirstRequest::Other;
+    }
+    let mut lengths = named("content-length");
+    let body = match (lengths.next(), lengths.next()) {
+        (None, _) => 0,
+        (Some(value), None) => match std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+        {
+            Some(length) if length <= EVENT_STREAM_BODY_BYTES => length,
+            _ => return FirstRequest::Other,
+        },
+        (Some(_), Some(_)) => return FirstRequest::Other,
+    };
+    FirstRequest::EventStream { head, body }
+}
+
+/// Serves a connection's one event-stream request: reads it, runs it
+/// through the router (every layer, as hyper's requests are), and writes
+/// the answer, a stream in chunks, then closes the connection. Stops as
+/// soon as the client goes away.
+async fn event_stream(
+    mut stream: TcpStream,
+    peer: std::net::SocketAddr,
+    head: usize,
+    body: usize,
+    mut router: Router,
+    limits: ConnectionLimits,
+) {
+    let mut raw = vec![0_u8; head + body];
+    let read = tokio::time::timeout(limits.header_read_timeout, stream.read_exact(&mut raw)).await;
+    if !matches!(read, Ok(Ok(_))) {
+        return;
+    }
+    let Some(mut request) = parsed(&raw[..head]) else {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+            )
+            .await;
+        return;
+    };
+    *request.body_mut() = Body::from(raw.split_off(head));
+    drop(raw);
+    request.extensions_mut().insert(ClientAddr(peer));
+    let Ok(response) = router.call(request).await;
+    let (parts, body) = response.into_parts();
+    let exact = axum::body::HttpBody::size_hint(&body).exact();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in &parts.headers {
+        if matches!(
+            name.as_str(),
+            "connection" | "transfer-encoding" | "content-length"
+        ) {
+            continue;
+        }
+        if let Ok(value) = value.to_str() {
+            head.push_str(name.as_str());
+            head.push_str(": ");
+            head.push_str(value);
+            head.push_str("\r\n");
+        }
+    }
+    match exact {
+        Some(length) => head.push_str(&format!("content-length: {length}\r\n")),
+        None => head.push_str("transfer-encoding: chunked\r\n"),
+    }
+    head.push_str("connection: close\r\n\r\n");
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    drop(head);
+    let (mut reader, mut writer) = stream.split();
+    let mut body = std::pin::pin!(body);
+    let mut probe = [0_u8; 64];
+    loop {
+        tokio::select! {
+            frame = body.frame() => {
+                let data = match frame {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) if !data.is_empty() => data,
+                        _ => continue,
+                    },
+                    // The stream failed: cut, so the client knows it did
+                    // not end well.
+                    Some(Err(_)) => return,
+                    None => {
+                        if exact.is_none() {
+                            let _ = writer.write_all(b"0\r\n\r\n").await;
+                        }
+                        return;
+                    }
+                };
+                let written = if exact.is_some() {
+                    writer.write_all(&data).await
+                } else {
+                    let mut chunk = Vec::with_capacity(data.len() + 12);
+                    chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    chunk.extend_from_slice(&data);
+                    chunk.extend_from_slice(b"\r\n");
+                    writer.write_all(&chunk).await
+                };
+                if written.is_err() {
+                    return;
+                }
+            }
+            // The client closed (or broke) the connection; anything it
+            // sends after its request is ignored, as the connection is
+            // closing.
+            read = reader.read(&mut probe) => {
+                if !matches!(read, Ok(length) if length > 0) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A request head as the router takes it; `None` if it is not one.
+fn parsed(head: &[u8]) -> Option<axum::http::Request<Body>> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut parsed = httparse::Request::new(&mut headers);
+    parsed.parse(head).ok()?;
+    let mut request = axum::http::Request::builder()
+        .method(parsed.method?)
+        .uri(parsed.path?)
+        .version(axum::http::Version::HTTP_11);
+    for header in parsed.headers.iter() {
+        request = request.header(header.name, header.value);
+    }
+    request.body(Body::empty()).ok()
 }
 
 /// The address a request's connection came from (what a rate limit

@@ -139,6 +139,12 @@ impl Live {
             biased;
             delivery = self.deliveries.next() => match delivery {
                 Some(Delivery::Response(response)) => {
+                    // The database failed the subscription as it started
+                    // (a resume during an outage): the stream ends after
+                    // this, without `complete`, so the client resumes.
+                    if status_of(&response) == StatusCode::SERVICE_UNAVAILABLE {
+                        self.sse_resume.interrupt();
+                    }
                     vec![next(&response, self.sse_resume.take())]
                 }
                 Some(Delivery::Rendered(change)) => vec![Event::default()

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use vantage_sync_testkit::{Cluster, SseStream, TestApp, TestDb, subscription_started};
+use vantage_sync_testkit::{
+    Cluster, SseStream, TestApp, TestDb, subscription_started, subscriptions_active,
+};
 
 const CHANGES: &str = "subscription($initial: Boolean) {
     syncStateChanged(initial: $initial) { operation resource state { lastSyncStatus } cursor } }";
@@ -363,4 +365,127 @@ async fn a_stream_ends_when_its_token_expires() {
         "complete"
     );
     assert_eq!(stream.next_event().await, None);
+}
+
+/// Writes `request` to `socket` and reads the answer's head (lower-cased)
+/// and whatever body bytes came with it.
+async fn head_of(socket: &mut tokio::net::TcpStream, request: &str) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(end) = raw.windows(4).position(|window| window == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_lowercase();
+            return (head, raw[end + 4..].to_vec());
+        }
+        let mut buffer = [0_u8; 4096];
+        let read = tokio::time::timeout_at(deadline, socket.read(&mut buffer))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(read > 0, "closed before a head: {raw:?}");
+        raw.extend_from_slice(&buffer[..read]);
+    }
+}
+
+fn sse_request(app: &TestApp, query: &str) -> String {
+    let body = json!({"query": query}).to_string();
+    format!(
+        "POST /graphql HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\n\
+         accept: text/event-stream\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        app.addr,
+        app.token("authenticated"),
+        body.len()
+    )
+}
+
+/// A connection whose first request is an event stream is served outside
+/// hyper (no per-connection buffers): chunked, closed when the stream
+/// ends, and its subscription freed as soon as the client goes away,
+/// without waiting for a write to fail. A stream asked for later on a
+/// kept-alive connection is hyper's, and works the same.
+#[tokio::test]
+async fn an_event_stream_connection_is_its_own_and_freed_when_the_client_leaves() {
+    use tokio::io::AsyncReadExt;
+    let app = TestApp::spawn().await;
+    let metrics_url = app.url("/metrics");
+
+    // A query as a stream: next, complete, the last chunk, then the close.
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (head, mut body) =
+        head_of(&mut socket, &sse_request(&app, "{ syncStats { total } }")).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    socket.read_to_end(&mut body).await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("event: next"), "{text}");
+    assert!(text.contains("event: complete"), "{text}");
+    assert!(text.ends_with("0\r\n\r\n"), "{text:?}");
+
+    // A subscription, then the client leaves: freed at once.
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let started = subscription_started(&metrics_url);
+    let (head, _) = started
+        .wait(head_of(
+            &mut socket,
+            &sse_request(&app, "subscription { syncStateChanged { resource } }"),
+        ))
+        .await;
+    assert!(head.contains("connection: close"), "{head}");
+    assert_eq!(subscriptions_active(&metrics_url).await, 1);
+    drop(socket);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while subscriptions_active(&metrics_url).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the subscription outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A plain query first, then a stream on the same connection: hyper's.
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let query = json!({"query": "{ syncStats { total } }"}).to_string();
+    let plain = format!(
+        "POST /graphql HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{query}",
+        app.addr,
+        app.token("authenticated"),
+        query.len()
+    );
+    let (head, body) = head_of(&mut socket, &plain).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut rest = vec![0_u8; length - body.len()];
+    socket.read_exact(&mut rest).await.unwrap();
+    let started = subscription_started(&metrics_url);
+    let (head, _) = started
+        .wait(head_of(
+            &mut socket,
+            &sse_request(&app, "subscription { syncStateChanged { resource } }"),
+        ))
+        .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    app.sql("SELECT start_vantage_sync('funds')").await;
+    let mut buffer = [0_u8; 4096];
+    let mut seen = String::new();
+    while !seen.contains("funds") {
+        let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut buffer))
+            .await
+            .expect("no change")
+            .unwrap();
+        assert!(read > 0);
+        seen.push_str(&String::from_utf8_lossy(&buffer[..read]));
+    }
 }
