@@ -35,6 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
+use super::sse::accepts_event_stream;
 use crate::metrics::{ConnectionClosed, ConnectionGuard, Metrics};
 
 /// Limits on HTTP connections: slow heads, idle connections, and how many
@@ -237,15 +238,7 @@ async fn first_request(stream: &TcpStream) -> FirstRequest {
             .filter(move |header| header.name.eq_ignore_ascii_case(name))
             .map(|header| header.value)
     };
-    let event_stream = named("accept")
-        .filter_map(|value| std::str::from_utf8(value).ok())
-        .flat_map(|value| value.split(','))
-        .any(|media| {
-            media
-                .split(';')
-                .next()
-                .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("text/event-stream"))
-        });
+    let event_stream = accepts_event_stream(named("accept"));
     // A chunked body, a client waiting for 100-continue, or an odd length
     // are left to hyper, which knows them all.
     if !event_stream

@@ -172,15 +172,20 @@ pub(crate) struct Incoming {
     pub document_id: Option<String>,
 }
 
-/// The `documentId` of a JSON object holding `"documentId"` at all (a
-/// scan much cheaper than a second parse of every body).
+/// Whether a JSON message mentions `documentId` at all: a scan much
+/// cheaper than a second parse of every body.
+pub(crate) fn mentions_document_id(bytes: &[u8]) -> bool {
+    memchr::memmem::find(bytes, b"documentId").is_some()
+}
+
+/// The `documentId` of a JSON object that has one.
 pub(crate) fn document_id(bytes: &[u8]) -> Result<Option<String>, ApiError> {
     #[derive(serde::Deserialize)]
     struct Reference {
         #[serde(rename = "documentId")]
         document_id: Option<String>,
     }
-    if !bytes.windows(10).any(|window| window == b"documentId") {
+    if !mentions_document_id(bytes) {
         return Ok(None);
     }
     serde_json::from_slice::<Reference>(bytes)
@@ -405,7 +410,9 @@ pub(crate) fn answer(
     let mut answer = if media == ResponseMedia::GraphqlResponseJson && request_error(&response) {
         // No `data` at all: the operation never ran.
         let status = match status {
-            StatusCode::OK if server_side(&response) => StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::OK if has_code(&response, ErrorCode::InternalServerError) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             StatusCode::OK => StatusCode::BAD_REQUEST,
             status => status,
         };
@@ -441,16 +448,15 @@ fn request_error(response: &async_graphql::Response) -> bool {
         && response.errors.iter().all(|error| error.path.is_empty())
 }
 
-/// Whether any of `response`'s errors is the server's, not the request's.
-fn server_side(response: &async_graphql::Response) -> bool {
+/// Whether any of `response`'s errors has `code`.
+fn has_code(response: &async_graphql::Response, code: ErrorCode) -> bool {
+    let code = async_graphql::Value::from(code.as_str());
     response.errors.iter().any(|error| {
         error
             .extensions
             .as_ref()
             .and_then(|extensions| extensions.get("code"))
-            == Some(&async_graphql::Value::from(
-                ErrorCode::InternalServerError.as_str(),
-            ))
+            == Some(&code)
     })
 }
 
@@ -458,16 +464,7 @@ fn server_side(response: &async_graphql::Response) -> bool {
 /// could not be reached for any of it, so that load balancers and clients
 /// know to retry rather than take it for a bug.
 pub(crate) fn status_of(response: &async_graphql::Response) -> StatusCode {
-    let unavailable = response.errors.iter().any(|error| {
-        error
-            .extensions
-            .as_ref()
-            .and_then(|extensions| extensions.get("code"))
-            == Some(&async_graphql::Value::from(
-                ErrorCode::ServiceUnavailable.as_str(),
-            ))
-    });
-    if unavailable {
+    if has_code(response, ErrorCode::ServiceUnavailable) {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK

@@ -35,10 +35,19 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Whether the client asked for an event stream.
 pub fn wanted(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
+    accepts_event_stream(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .map(|value| value.as_bytes()),
+    )
+}
+
+/// Whether these `Accept` values name `text/event-stream`.
+pub(crate) fn accepts_event_stream<'a>(accept: impl IntoIterator<Item = &'a [u8]>) -> bool {
+    accept
+        .into_iter()
+        .filter_map(|value| std::str::from_utf8(value).ok())
         .flat_map(|value| value.split(','))
         .any(|media| {
             media

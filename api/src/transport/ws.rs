@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::AppState;
-use super::request::refuse;
+use super::request::{mentions_document_id, refuse};
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::LIVE_WAIT;
@@ -140,7 +140,7 @@ fn subscribe_document_id(bytes: &[u8]) -> Result<Option<String>, ApiError> {
     struct Subscribe {
         payload: Option<Value>,
     }
-    if !bytes.windows(10).any(|window| window == b"documentId") {
+    if !mentions_document_id(bytes) {
         return Ok(None);
     }
     let payload = serde_json::from_slice::<Subscribe>(bytes)

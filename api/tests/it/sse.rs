@@ -389,6 +389,14 @@ async fn head_of(socket: &mut tokio::net::TcpStream, request: &str) -> (String, 
     }
 }
 
+/// Subscribes to every change as a stream on `socket`, once the server
+/// has started it; the answer's head.
+async fn subscribe_on(app: &TestApp, socket: &mut tokio::net::TcpStream) -> String {
+    let request = sse_request(app, "subscription { syncStateChanged { resource } }");
+    let started = subscription_started(&app.url("/metrics"));
+    started.wait(head_of(socket, &request)).await.0
+}
+
 fn sse_request(app: &TestApp, query: &str) -> String {
     let body = json!({"query": query}).to_string();
     format!(
@@ -428,13 +436,7 @@ async fn an_event_stream_connection_is_its_own_and_freed_when_the_client_leaves(
 
     // A subscription, then the client leaves: freed at once.
     let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-    let started = subscription_started(&metrics_url);
-    let (head, _) = started
-        .wait(head_of(
-            &mut socket,
-            &sse_request(&app, "subscription { syncStateChanged { resource } }"),
-        ))
-        .await;
+    let head = subscribe_on(&app, &mut socket).await;
     assert!(head.contains("connection: close"), "{head}");
     assert_eq!(subscriptions_active(&metrics_url).await, 1);
     drop(socket);
@@ -468,13 +470,7 @@ async fn an_event_stream_connection_is_its_own_and_freed_when_the_client_leaves(
         .unwrap();
     let mut rest = vec![0_u8; length - body.len()];
     socket.read_exact(&mut rest).await.unwrap();
-    let started = subscription_started(&metrics_url);
-    let (head, _) = started
-        .wait(head_of(
-            &mut socket,
-            &sse_request(&app, "subscription { syncStateChanged { resource } }"),
-        ))
-        .await;
+    let head = subscribe_on(&app, &mut socket).await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(!head.contains("connection: close"), "{head}");
     app.sql("SELECT start_vantage_sync('funds')").await;
