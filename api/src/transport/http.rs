@@ -56,15 +56,15 @@ pub(crate) fn from_query_string(query: &str) -> Result<Incoming, ApiError> {
     })
 }
 
-/// Answers a query or mutation as one JSON response.
+/// Answers a query or mutation as one JSON response in `media`.
 pub(crate) async fn execute(
     app: &AppState,
     headers: &HeaderMap,
     client: Option<std::net::IpAddr>,
     incoming: Incoming,
     method: HttpMethod,
+    media: ResponseMedia,
 ) -> Response {
-    let media = ResponseMedia::negotiate(headers);
     let admitted = match admit(app, headers, client, incoming, method).await {
         Ok(admitted) => admitted,
         Err(refused) => return media.label(refused),

@@ -157,7 +157,7 @@ async fn graphql_post(
             Err(refused) => refused,
         }
     } else {
-        http::execute(&app, &headers, client, request, HttpMethod::Post).await
+        http::execute(&app, &headers, client, request, HttpMethod::Post, media).await
     }
 }
 
@@ -179,11 +179,19 @@ async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request)
             Err(rejection) => rejection.into_response(),
         };
     }
+    let media = media::ResponseMedia::negotiate(&parts.headers);
     match http::from_query_string(parts.uri.query().unwrap_or_default()) {
         Ok(incoming) => {
             let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
-            let mut answer =
-                http::execute(&app, &parts.headers, client, incoming, HttpMethod::Get).await;
+            let mut answer = http::execute(
+                &app,
+                &parts.headers,
+                client,
+                incoming,
+                HttpMethod::Get,
+                media,
+            )
+            .await;
             // Every answer is the caller's own (no role reads anything
             // without a token): no cache, shared or private, may keep it.
             answer
@@ -191,7 +199,7 @@ async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request)
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             answer
         }
-        Err(error) => media::ResponseMedia::negotiate(&parts.headers).label(refuse(error)),
+        Err(error) => media.label(refuse(error)),
     }
 }
 
