@@ -453,26 +453,19 @@ pub struct Member {
     cursor: i64,
     pending: VecDeque<Arc<RenderedChange>>,
     needs_log: bool,
-    sse_resume: Option<Arc<SseResume>>,
     done: bool,
     _counted: SubscriptionGuard,
 }
 
 impl Member {
     /// `joined`, having sent everything up to `cursor`.
-    pub(super) fn new(
-        joined: Joined,
-        cursor: i64,
-        sse_resume: Option<Arc<SseResume>>,
-        counted: SubscriptionGuard,
-    ) -> Self {
+    pub(super) fn new(joined: Joined, cursor: i64, counted: SubscriptionGuard) -> Self {
         Self {
             group: joined.group,
             receiver: joined.receiver,
             cursor,
             pending: VecDeque::new(),
             needs_log: false,
-            sse_resume,
             done: false,
             _counted: counted,
         }
@@ -529,9 +522,6 @@ impl Member {
                     // last cursor and loses nothing.
                     tracing::warn!(?error, "subscription could not read the log");
                     self.done = true;
-                    if let Some(stream) = &self.sse_resume {
-                        stream.interrupt();
-                    }
                     let mut response = Response::from_errors(vec![
                         async_graphql::Error::from(ApiError::Unavailable)
                             .into_server_error(Default::default()),

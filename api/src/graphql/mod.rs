@@ -120,15 +120,12 @@ enum OperationDb {
 type ReadOnce = tokio::sync::OnceCell<Arc<dyn std::any::Any + Send + Sync>>;
 
 /// The resume state an SSE stream and its subscription share: the cursor it
-/// resumes after (the request's `Last-Event-ID`), the cursor of the change
-/// last sent (which the transport writes as that event's `id`), and
-/// whether the subscription was cut short by an outage (the stream then
-/// ends without `complete`, so the client reconnects).
+/// resumes after (the request's `Last-Event-ID`) and the cursor of the
+/// change last sent (which the transport writes as that event's `id`).
 #[derive(Debug, Default)]
 pub struct SseResume {
     resume_after: Option<String>,
     last: std::sync::Mutex<Option<String>>,
-    interrupted: std::sync::atomic::AtomicBool,
 }
 
 impl SseResume {
@@ -138,17 +135,6 @@ impl SseResume {
             resume_after,
             ..Default::default()
         }
-    }
-
-    /// Marks the subscription as cut short by an outage.
-    pub fn interrupt(&self) {
-        self.interrupted
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether the subscription was cut short by an outage.
-    pub fn interrupted(&self) -> bool {
-        self.interrupted.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The cursor the stream resumes after, if any.

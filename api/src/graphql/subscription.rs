@@ -319,21 +319,14 @@ impl Subscriber {
                     // last cursor and loses nothing.
                     tracing::warn!(error = ?error, "subscription could not read the log");
                     self.done = true;
-                    if let Some(stream) = &self.sse_resume {
-                        stream.interrupt();
-                    }
                     return Some((Err(ApiError::Unavailable.into()), self));
                 }
                 continue;
             }
             // Caught up: from here on the group's renderings follow.
             if let (Some(joined), Some(guard)) = (self.joined.take(), self.guard.take()) {
-                self.hand_off.hand_over(Member::new(
-                    joined,
-                    self.cursor.position,
-                    self.sse_resume.take(),
-                    guard,
-                ));
+                self.hand_off
+                    .hand_over(Member::new(joined, self.cursor.position, guard));
             }
             return None;
         }

@@ -116,6 +116,7 @@ pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitt
         // client is told at once (the stream ends), shows it, and resumes.
         feed_lost: Box::pin(async move { drop(liveness.wait_for(|live| !*live).await) }),
         done: false,
+        interrupted: false,
     };
     let events = stream::unfold(live, Live::next).flat_map(stream::iter);
     let response = Sse::new(events.map(Ok::<_, Infallible>)).into_response();
@@ -131,6 +132,8 @@ struct Live {
     shutdown: BoxFuture<'static, ()>,
     feed_lost: BoxFuture<'static, ()>,
     done: bool,
+    /// An outage ended the subscription: no `complete`.
+    interrupted: bool,
 }
 
 impl Live {
@@ -148,11 +151,11 @@ impl Live {
             biased;
             delivery = self.deliveries.next() => match delivery {
                 Some(Delivery::Response(response)) => {
-                    // The database failed the subscription as it started
-                    // (a resume during an outage): the stream ends after
-                    // this, without `complete`, so the client resumes.
+                    // An outage ended the subscription (as it started, or
+                    // reading the log): the stream ends after this without
+                    // `complete`, so the client resumes.
                     if status_of(&response) == StatusCode::SERVICE_UNAVAILABLE {
-                        self.sse_resume.interrupt();
+                        self.interrupted = true;
                     }
                     vec![next(&response, self.sse_resume.take())]
                 }
@@ -160,7 +163,7 @@ impl Live {
                     .event("next")
                     .id(change.cursor.as_str())
                     .data(change.payload.as_ref())],
-                None if self.sse_resume.interrupted() => return None,
+                None if self.interrupted => return None,
                 None => {
                     self.done = true;
                     vec![complete()]
