@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
@@ -21,11 +22,15 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use vantage_sync::auth::Role;
 
+use crate::delivery_floor::DeliveryFloor;
 use crate::stats;
 use crate::target::Target;
 
-const RESOURCE: &str = "fanout_probe";
-const SUBSCRIPTION: &str = "subscription { syncStateChanged(resources: [\"fanout_probe\"]) { \
+/// The resource changed and followed, unless `--probe-resource` names
+/// another.
+pub const PROBE_RESOURCE: &str = "fanout_probe";
+/// The subscription every subscriber of shape 0 sends, for `RESOURCE`.
+const SUBSCRIPTION: &str = "subscription { syncStateChanged(resources: [\"RESOURCE\"]) { \
     resource cursor state { lastSyncStatus recordsSynced } } }";
 /// The field of `state` that carries the change number in [`SUBSCRIPTION`].
 const NUMBER_FIELD: &str = "recordsSynced";
@@ -46,19 +51,42 @@ struct Shape {
 }
 
 impl Shape {
-    fn new(index: usize) -> Self {
+    /// Shape `index` of the subscription to `resource`.
+    fn new(index: usize, resource: &str) -> Self {
+        let document = SUBSCRIPTION.replacen("RESOURCE", resource, 1);
         if index == 0 {
             return Self {
-                document: SUBSCRIPTION.to_owned(),
+                document,
                 number_field: NUMBER_FIELD.to_owned(),
             };
         }
         let alias = format!("records{index:06}");
         Self {
-            document: SUBSCRIPTION.replacen(NUMBER_FIELD, &format!("{alias}: {NUMBER_FIELD}"), 1),
+            document: document.replacen(NUMBER_FIELD, &format!("{alias}: {NUMBER_FIELD}"), 1),
             number_field: alias,
         }
     }
+}
+
+/// What a `fanout` or `sse` run does.
+pub struct Plan {
+    /// Subscribers (S).
+    pub subscribers: usize,
+    /// Distinct subscriptions they are spread over (N).
+    pub shapes: usize,
+    /// Changes made (K).
+    pub changes: usize,
+    /// Time between changes.
+    pub interval: Duration,
+    /// The resource changed and followed.
+    pub resource: String,
+    /// When to make the first change, if at a set time: several load
+    /// tools, each with its own resource, then change while all of their
+    /// subscribers are connected.
+    pub changes_at: Option<std::time::SystemTime>,
+    /// A file to write every delay to (milliseconds, one per line), for
+    /// percentiles over several load tools.
+    pub delays_out: Option<std::path::PathBuf>,
 }
 
 /// What one subscriber saw: (change number, when it arrived).
@@ -73,41 +101,108 @@ pub enum Transport {
     Sse,
 }
 
+/// Who delivers the changes, and how they are made.
+pub enum Deliverer<'a> {
+    /// The server: each change is written to its database.
+    Server(&'a Target),
+    /// The delivery floor: each change is announced to it.
+    Floor(&'a mut DeliveryFloor),
+}
+
+/// How the changes are made.
+enum Changes<'a> {
+    /// A connection to the server's database, and the resource changed.
+    Database(PgConnection, String),
+    Floor(&'a mut DeliveryFloor),
+}
+
+impl Changes<'_> {
+    async fn make(&mut self, number: usize) -> anyhow::Result<()> {
+        match self {
+            Self::Database(conn, resource) => {
+                sqlx::query(
+                    "UPDATE vantage_sync_state SET records_synced = $2 WHERE resource = $1",
+                )
+                .bind(&*resource)
+                .bind(i32::try_from(number).unwrap_or(i32::MAX))
+                .execute(conn)
+                .await?;
+            }
+            Self::Floor(floor) => floor.change(number as u64)?,
+        }
+        Ok(())
+    }
+}
+
 pub async fn run(
-    target: &Target,
+    deliverer: Deliverer<'_>,
     transport: Transport,
-    subscribers: usize,
-    shapes: usize,
-    changes: usize,
-    interval: Duration,
+    plan: Plan,
 ) -> anyhow::Result<Value> {
+    let Plan {
+        subscribers,
+        shapes,
+        changes,
+        interval,
+        resource,
+        changes_at,
+        delays_out,
+    } = plan;
     let shapes = shapes.max(1);
-    let shape_list: Arc<Vec<Shape>> = Arc::new((0..shapes).map(Shape::new).collect());
-    let mut conn = PgConnection::connect(&target.database_url).await?;
-    sqlx::query("INSERT INTO vantage_sync_state (resource) VALUES ($1) ON CONFLICT DO NOTHING")
-        .bind(RESOURCE)
-        .execute(&mut conn)
-        .await?;
+    let shape_list: Arc<Vec<Shape>> = Arc::new(
+        (0..shapes)
+            .map(|index| Shape::new(index, &resource))
+            .collect(),
+    );
+    let (base, token, meter, rss_kib, mut made): (_, _, _, Box<dyn Fn() -> Option<u64>>, _) =
+        match deliverer {
+            Deliverer::Server(target) => {
+                let mut conn = PgConnection::connect(&target.database_url).await?;
+                sqlx::query(
+                    "INSERT INTO vantage_sync_state (resource) VALUES ($1) ON CONFLICT DO NOTHING",
+                )
+                .bind(&resource)
+                .execute(&mut conn)
+                .await?;
+                (
+                    target.base.clone(),
+                    target.token(Role::Authenticated),
+                    target.cpu_meter(),
+                    Box::new(|| target.rss_kib()),
+                    Changes::Database(conn, resource.clone()),
+                )
+            }
+            Deliverer::Floor(floor) => {
+                let pid = floor.pid();
+                (
+                    floor.base.clone(),
+                    String::new(),
+                    floor.cpu_meter(),
+                    Box::new(move || crate::target::rss_kib(pid)),
+                    Changes::Floor(floor),
+                )
+            }
+        };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = target.rss_kib();
-    let ws_url = target.base.replacen("http://", "ws://", 1) + "/graphql";
-    let token = Arc::new(target.token(Role::Authenticated));
+    let rss_before = rss_kib();
+    let ws_url = base.replacen("http://", "ws://", 1) + "/graphql";
+    let token = Arc::new(token);
     let connecting = Arc::new(Semaphore::new(128));
     let (ready_send, mut ready) = tokio::sync::mpsc::channel::<bool>(subscribers.max(1));
     let (stop_send, stop) = tokio::sync::watch::channel(false);
-    let arrived = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let finished = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(subscribers);
     for subscriber in 0..subscribers {
-        let (url, token, connecting, ready_send, mut stop, arrived, shape_list) = (
+        let (url, token, connecting, ready_send, mut stop, finished, shape_list) = (
             ws_url.clone(),
             token.clone(),
             connecting.clone(),
             ready_send.clone(),
             stop.clone(),
-            arrived.clone(),
+            finished.clone(),
             shape_list.clone(),
         );
-        let base = target.base.clone();
+        let base = base.clone();
         tasks.push(tokio::spawn(async move {
             // Round robin: shape sizes differ by one subscriber at most.
             let shape = &shape_list[subscriber % shapes];
@@ -125,7 +220,8 @@ pub async fn run(
             let mut tally = Tally {
                 received: Received::new(),
                 errors: 0,
-                arrived: &arrived,
+                finished: &finished,
+                last: changes as u64,
                 number_field: &shape.number_field,
             };
             match subscription {
@@ -153,24 +249,30 @@ pub async fn run(
     }
     // Let every subscription start before changing anything.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let rss_after = target.rss_kib();
+    let rss_after = rss_kib();
 
-    let meter = target.cpu_meter();
+    if let Some(at) = changes_at {
+        let wait = at
+            .duration_since(std::time::SystemTime::now())
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "the subscribers were still connecting at --changes-at: give them longer"
+                )
+            })?;
+        tokio::time::sleep(wait).await;
+    }
     let cpu_before = meter.sample();
     let mut committed = Vec::with_capacity(changes);
     for change in 1..=changes {
-        sqlx::query("UPDATE vantage_sync_state SET records_synced = $2 WHERE resource = $1")
-            .bind(RESOURCE)
-            .bind(i32::try_from(change).unwrap_or(i32::MAX))
-            .execute(&mut conn)
-            .await?;
+        made.make(change).await?;
         committed.push(Instant::now());
         tokio::time::sleep(interval).await;
     }
-    // Wait (at most 10 s) until every subscriber has every change.
+    // Wait (at most 10 s) until every subscriber has the last change.
     let expected = (connected * changes) as u64;
     let wait_until = Instant::now() + Duration::from_secs(10);
-    while arrived.load(std::sync::atomic::Ordering::Relaxed) < expected
+    while changes > 0
+        && finished.load(std::sync::atomic::Ordering::Relaxed) < connected as u64
         && Instant::now() < wait_until
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -196,7 +298,17 @@ pub async fn run(
             }
         }
     }
-    conn.close().await?;
+    if let Some(path) = delays_out {
+        let lines: String = delays
+            .iter()
+            .map(|delay| format!("{:.3}\n", delay.as_secs_f64() * 1000.0))
+            .collect();
+        std::fs::write(&path, lines)
+            .with_context(|| format!("writing the delays to {}", path.display()))?;
+    }
+    if let Changes::Database(conn, _) = made {
+        conn.close().await?;
+    }
     let per_subscriber = match (rss_before, rss_after) {
         (Some(before), Some(after)) if connected > 0 => {
             json!(after.saturating_sub(before) as f64 / connected as f64)
@@ -232,23 +344,41 @@ enum Subscription {
 struct Tally<'a> {
     received: Received,
     errors: u64,
-    arrived: &'a std::sync::atomic::AtomicU64,
+    /// Subscribers that have received the last change.
+    finished: &'a std::sync::atomic::AtomicU64,
+    /// The last change's number.
+    last: u64,
     /// Where its shape puts the change number.
     number_field: &'a str,
 }
 
 impl Tally<'_> {
-    /// A `next` payload that arrived `at` (`None`: it could not be read).
-    fn next(&mut self, payload: Option<&Value>, at: Instant) {
-        match payload.and_then(|payload| change_number(payload, self.number_field)) {
+    /// A `next` payload (its JSON text) that arrived `at`.
+    fn next(&mut self, payload: &str, at: Instant) {
+        match change_number(payload, self.number_field) {
             Some(change) => {
                 self.received.push((change, at));
-                self.arrived
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Once per subscriber, not per delivery: a counter that
+                // every delivery touched would bounce between the cores
+                // and cost this tool more than reading the message.
+                if change == self.last {
+                    self.finished
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             None => self.errors += 1,
         }
     }
+}
+
+/// A graphql-transport-ws message from the server, read without copying
+/// its payload.
+#[derive(serde::Deserialize)]
+struct ServerMessage<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    payload: Option<&'a serde_json::value::RawValue>,
 }
 
 /// Counts what a WebSocket subscriber receives until told to stop.
@@ -257,22 +387,27 @@ async fn follow_ws(
     stop: &mut tokio::sync::watch::Receiver<bool>,
     tally: &mut Tally<'_>,
 ) {
+    // Made once, not on every turn: see `follow_sse`.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
+            biased;
             message = socket.next() => {
                 let Some(Ok(Message::Text(text))) = message else {
                     if !matches!(message, Some(Ok(_))) { tally.errors += 1; break; }
                     continue;
                 };
                 let at = Instant::now();
-                let Ok(value) = serde_json::from_str::<Value>(&text) else { tally.errors += 1; continue };
-                match value["type"].as_str() {
-                    Some("next") => tally.next(Some(&value["payload"]), at),
-                    Some("ping") => { let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await; }
+                let Ok(message) = serde_json::from_str::<ServerMessage>(&text) else { tally.errors += 1; continue };
+                match (&*message.kind, message.payload) {
+                    ("next", Some(payload)) => tally.next(payload.get(), at),
+                    ("next", None) => tally.errors += 1,
+                    ("ping", _) => { let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await; }
                     _ => {}
                 }
             }
-            _ = stop.changed() => break,
+            _ = &mut stopped => break,
         }
     }
 }
@@ -284,27 +419,88 @@ async fn follow_sse(
     stop: &mut tokio::sync::watch::Receiver<bool>,
     tally: &mut Tally<'_>,
 ) {
+    // Made once: a future made afresh for every message costs this tool
+    // a measurable share of what reading the message does.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         tokio::select! {
+            biased;
             event = stream.next_event() => {
                 let at = Instant::now();
                 match event {
                     Ok(event) if event.kind == "next" && event.id.is_some() => {
-                        tally.next(serde_json::from_str::<Value>(&event.data).ok().as_ref(), at);
+                        tally.next(&event.data, at);
                     }
                     Ok(_) => tally.errors += 1,
                     Err(_) => { tally.errors += 1; break; }
                 }
             }
-            _ = stop.changed() => break,
+            _ = &mut stopped => break,
         }
     }
 }
 
-/// The change number a `next` payload carries (the probe's recordsSynced,
-/// under `field`: its name or the shape's alias).
-fn change_number(payload: &Value, field: &str) -> Option<u64> {
-    payload["data"]["syncStateChanged"]["state"][field].as_u64()
+/// The change number a `next` payload (JSON text) carries: the probe's
+/// `recordsSynced`, under `field` (its name or the shape's alias). Read
+/// with borrowed, typed structures: a whole `Value` tree per delivery
+/// would make this tool, which shares the cores with the server it
+/// measures, the larger cost of a delivery.
+fn change_number(payload: &str, field: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Payload<'a> {
+        #[serde(borrow)]
+        data: Data<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Data<'a> {
+        #[serde(rename = "syncStateChanged", borrow)]
+        changed: Changed<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Changed<'a> {
+        #[serde(borrow)]
+        state: &'a serde_json::value::RawValue,
+    }
+    let state = serde_json::from_str::<Payload>(payload)
+        .ok()?
+        .data
+        .changed
+        .state;
+    let mut reader = serde_json::Deserializer::from_str(state.get());
+    serde::de::DeserializeSeed::deserialize(NumberUnder(field), &mut reader).ok()?
+}
+
+/// Reads the unsigned number under one key of a JSON object, skipping the
+/// rest without building them.
+struct NumberUnder<'f>(&'f str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for NumberUnder<'_> {
+    type Value = Option<u64>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, reader: D) -> Result<Self::Value, D::Error> {
+        reader.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NumberUnder<'_> {
+    type Value = Option<u64>;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("an object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut number = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == self.0 {
+                number = map.next_value::<Option<u64>>()?;
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(number)
+    }
 }
 
 /// A WebSocket to the server.

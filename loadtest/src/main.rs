@@ -8,6 +8,7 @@
 //! machine move from run to run, ratios much less.
 
 mod cpu;
+mod delivery_floor;
 mod fanout;
 mod http;
 mod load;
@@ -105,6 +106,25 @@ struct Args {
     /// Changes per second in the webhooks scenario.
     #[arg(long, default_value_t = 20)]
     webhook_change_rate: u32,
+    /// The resource fanout and sse change and follow: several load tools,
+    /// each on its own resource, can drive one set of servers at once.
+    #[arg(long, default_value = fanout::PROBE_RESOURCE)]
+    probe_resource: String,
+    /// Make the first fanout or sse change at this time (milliseconds
+    /// since the Unix epoch), not as soon as the subscribers are
+    /// connected: several load tools then change while all of their
+    /// subscribers are connected. An error if connecting took longer.
+    #[arg(long)]
+    changes_at: Option<u64>,
+    /// Write every commit-to-receipt delay of fanout or sse (the last one
+    /// run) to this file, in milliseconds, one per line: for percentiles
+    /// over several load tools.
+    #[arg(long)]
+    delays_out: Option<PathBuf>,
+    /// Run as the delivery floor (ws or sse) of fanout-floor and
+    /// sse-floor: started by this tool, not by hand.
+    #[arg(long, hide = true)]
+    serve_delivery_floor: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +139,11 @@ enum Scenario {
     Fanout,
     /// The same over GraphQL over SSE (one stream per subscriber).
     Sse,
+    /// The fanout subscribers and changes, delivered by a process that
+    /// only writes pre-framed messages: the floor under fanout.
+    FanoutFloor,
+    /// The same for the sse subscribers: the floor under sse.
+    SseFloor,
     /// W webhooks on a loopback receiver, K changes: delivery delay, losses.
     Webhooks,
     /// A long mixed run (queries, mutations, subscribers leaving and
@@ -130,6 +155,9 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    if let Some(transport) = &args.serve_delivery_floor {
+        return delivery_floor::serve(transport);
+    }
     if args.scenarios.is_empty() {
         args.scenarios = vec![
             Scenario::Query,
@@ -137,6 +165,8 @@ async fn main() -> anyhow::Result<()> {
             Scenario::Mutate,
             Scenario::Fanout,
             Scenario::Sse,
+            Scenario::FanoutFloor,
+            Scenario::SseFloor,
             Scenario::Webhooks,
         ];
     }
@@ -205,12 +235,24 @@ async fn run(args: &Args, target: &Target) -> anyhow::Result<Value> {
                     fanout::Transport::WebSocket
                 };
                 fanout::run(
-                    target,
+                    fanout::Deliverer::Server(target),
                     transport,
-                    args.subscribers,
-                    args.shapes,
-                    args.changes,
-                    Duration::from_millis(args.interval_ms),
+                    fanout_plan(args, args.shapes),
+                )
+                .await?
+            }
+            Scenario::FanoutFloor | Scenario::SseFloor => {
+                let transport = if *scenario == Scenario::SseFloor {
+                    fanout::Transport::Sse
+                } else {
+                    fanout::Transport::WebSocket
+                };
+                let mut floor = delivery_floor::DeliveryFloor::start(transport)?;
+                // One shape: the floor frames one message per change.
+                fanout::run(
+                    fanout::Deliverer::Floor(&mut floor),
+                    transport,
+                    fanout_plan(args, 1),
                 )
                 .await?
             }
@@ -251,6 +293,21 @@ async fn run(args: &Args, target: &Target) -> anyhow::Result<Value> {
     Ok(report)
 }
 
+/// What `fanout`, `sse` and their floors do, with `shapes` shapes.
+fn fanout_plan(args: &Args, shapes: usize) -> fanout::Plan {
+    fanout::Plan {
+        subscribers: args.subscribers,
+        shapes,
+        changes: args.changes,
+        interval: Duration::from_millis(args.interval_ms),
+        resource: args.probe_resource.clone(),
+        changes_at: args
+            .changes_at
+            .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+        delays_out: args.delays_out.clone(),
+    }
+}
+
 fn scenario_name(scenario: Scenario) -> &'static str {
     match scenario {
         Scenario::Query => "query",
@@ -258,6 +315,8 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Mutate => "mutate",
         Scenario::Fanout => "fanout",
         Scenario::Sse => "sse",
+        Scenario::FanoutFloor => "fanout_floor",
+        Scenario::SseFloor => "sse_floor",
         Scenario::Webhooks => "webhooks",
         Scenario::Soak => "soak",
     }
@@ -275,6 +334,10 @@ fn failures(report: &Value) -> Vec<String> {
         ("fanout", "errors"),
         ("sse", "missed"),
         ("sse", "errors"),
+        ("fanout_floor", "missed"),
+        ("fanout_floor", "errors"),
+        ("sse_floor", "missed"),
+        ("sse_floor", "errors"),
         ("webhooks", "lost"),
         ("webhooks", "duplicates"),
         ("webhooks", "out_of_order"),
@@ -329,13 +392,22 @@ fn print_table(args: &Args, report: &Value) {
             ""
         }
     );
-    let timed = ["query", "floor", "mutate", "fanout", "sse", "webhooks"];
+    let timed = [
+        "query",
+        "floor",
+        "mutate",
+        "fanout",
+        "sse",
+        "fanout_floor",
+        "sse_floor",
+        "webhooks",
+    ];
     if timed.iter().all(|name| report[*name].is_null()) {
         print_soak(&report["soak"]);
         return;
     }
     println!(
-        "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  notes",
+        "{:<12} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  notes",
         "scenario",
         "size",
         "per second",
@@ -372,7 +444,7 @@ fn print_table(args: &Args, report: &Value) {
         notes.push_str(&served_by(&row["served_by"]));
         let cpu = &row["cpu_us_per_request"];
         println!(
-            "{:<8} {:>14} {:>12.0} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  {notes}",
+            "{:<12} {:>14} {:>12.0} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  {notes}",
             name,
             size,
             row["requests_per_second"].as_f64().unwrap_or(0.0),
@@ -385,14 +457,20 @@ fn print_table(args: &Args, report: &Value) {
             us(&cpu["load_tool"]),
         );
     }
-    for name in ["fanout", "sse"] {
+    for name in ["fanout", "sse", "fanout_floor", "sse_floor"] {
         let fanout = &report[name];
         if fanout.is_null() {
             continue;
         }
         let cpu = &fanout["cpu_us_per_delivery"];
+        // In a floor row the "server" is the delivery floor's process.
+        let who = if name.ends_with("floor") {
+            "floor"
+        } else {
+            "server"
+        };
         println!(
-            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt, CPU per delivery (server: {} us in the kernel); shapes {}, missed {}, {}",
+            "{:<12} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt, CPU per delivery ({who}: {} us in the kernel); shapes {}, missed {}, {}",
             name,
             format!("S={} K={}", args.subscribers, args.changes),
             "-",
@@ -408,7 +486,7 @@ fn print_table(args: &Args, report: &Value) {
             fanout["missed"],
             match fanout["rss_kib_per_subscriber"].as_f64() {
                 Some(per_subscriber) => format!(
-                    "server RSS {} -> {} KiB = {per_subscriber:.1} KiB per subscriber",
+                    "{who} RSS {} -> {} KiB = {per_subscriber:.1} KiB per subscriber",
                     fanout["rss_kib_before"], fanout["rss_kib_after"]
                 ),
                 None => "server memory not measured (a server started elsewhere)".to_owned(),
@@ -419,7 +497,7 @@ fn print_table(args: &Args, report: &Value) {
     if !hooks.is_null() {
         let cpu = &hooks["cpu_us_per_delivery"];
         println!(
-            "{:<8} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt at {} changes/s; delivered {}, lost {}, twice {}, out of order {}",
+            "{:<12} {:>14} {:>12} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8}  commit-to-receipt at {} changes/s; delivered {}, lost {}, twice {}, out of order {}",
             "webhooks",
             format!("W={} K={}", args.webhooks, args.webhook_changes),
             "-",

@@ -199,12 +199,7 @@ impl Target {
 
     /// The server's resident memory, when it runs here.
     pub fn rss_kib(&self) -> Option<u64> {
-        let pid = self.child.as_ref()?.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        rss_kib(self.child.as_ref()?.id())
     }
 
     /// How many file descriptors the server holds open, when it runs here.
@@ -227,4 +222,13 @@ impl Target {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
 }

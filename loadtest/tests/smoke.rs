@@ -54,7 +54,9 @@ fn smoke_runs_every_scenario_correctly() {
         }
     }
     assert_eq!(report["mutate"]["lost"], 0);
-    for transport in ["fanout", "sse"] {
+    // The server's feed, and the delivery floor's (the same subscribers
+    // fed by a process that only writes): each change reaches everyone.
+    for transport in ["fanout", "sse", "fanout_floor", "sse_floor"] {
         let fanout = &report[transport];
         assert_eq!(fanout["missed"], 0, "{transport}");
         assert_eq!(fanout["errors"], 0, "{transport}");
