@@ -147,13 +147,19 @@ pub fn serve(transport: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server's `next` payload for change `number`, as long as the
-/// server's (its cursor is a number of the same width as a real one).
+/// The server's `next` payload for change `number`, in the server's form:
+/// its cursor (`1:` and an event id of six digits, as in a fresh
+/// database) and the probe's status.
 fn payload(number: u64) -> String {
     format!(
-        r#"{{"data":{{"syncStateChanged":{{"resource":"fanout_probe","cursor":"{:012}","state":{{"lastSyncStatus":null,"recordsSynced":{number}}}}}}}}}"#,
-        number
+        r#"{{"data":{{"syncStateChanged":{{"resource":"fanout_probe","cursor":"{}","state":{{"lastSyncStatus":"NEVER_RUN","recordsSynced":{number}}}}}}}}}"#,
+        cursor(number)
     )
+}
+
+/// The cursor of change `number`.
+fn cursor(number: u64) -> String {
+    format!("1:{:06}", 100_000 + number)
 }
 
 /// Change `number` framed for the wire, as the server frames it: an
@@ -180,7 +186,7 @@ fn framed(transport: Transport, number: u64) -> Vec<u8> {
             frame
         }
         Transport::Sse => {
-            let event = format!("event: next\nid: {number:012}\ndata: {payload}\n\n");
+            let event = format!("event: next\nid: {}\ndata: {payload}\n\n", cursor(number));
             format!("{:x}\r\n{event}\r\n", event.len()).into_bytes()
         }
     }
