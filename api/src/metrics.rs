@@ -92,6 +92,7 @@ pub struct Metrics {
     groups: Gauge,
     renders: Counter,
     fell_behind: Counter,
+    written_directly: Counter,
     delivered: Counter,
     reconnects: Counter,
     unannounced: Counter,
@@ -256,8 +257,15 @@ impl Default for Metrics {
         let fell_behind = Counter::default();
         registry.register(
             "subscription_fell_behind",
-            "Times a subscriber fell behind its group and caught up from the event log",
+            "Times a subscriber could not take a change when it came and caught up from the event log",
             fell_behind.clone(),
+        );
+        let written_directly = Counter::default();
+        registry.register(
+            "subscription_written_directly",
+            "Changes the renderer wrote straight to a subscriber's socket, without waking its \
+             connection (a subset of the delivered ones)",
+            written_directly.clone(),
         );
         let delivered = Counter::default();
         registry.register(
@@ -416,6 +424,7 @@ impl Default for Metrics {
             groups,
             renders,
             fell_behind,
+            written_directly,
             delivered,
             reconnects,
             unannounced,
@@ -489,6 +498,13 @@ impl Metrics {
     /// A subscriber fell behind its group and reads the log.
     pub fn subscriber_fell_behind(&self) {
         self.fell_behind.inc();
+    }
+
+    /// One change written to a subscriber's socket by the renderer itself,
+    /// `delay_seconds` after it happened.
+    pub fn event_written_directly(&self, delay_seconds: f64) {
+        self.written_directly.inc();
+        self.event_delivered(delay_seconds);
     }
 
     /// One change sent to one subscriber, `delay_seconds` after it happened.

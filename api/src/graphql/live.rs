@@ -12,6 +12,11 @@
 //! renderings, skipping what it already sent. A member that falls behind
 //! its group's buffer reads the log by its cursor again, rendering for
 //! itself, and so never delays the others (`docs/adr/0007`).
+//!
+//! A member whose transport gives an [`Outlet`] is written to by the
+//! renderer itself while it is caught up, without waking its task; when a
+//! write cannot be made at once it goes back to its task, which catches up
+//! from the log as above (`docs/adr/0011`).
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -25,7 +30,8 @@ use async_graphql::futures_util::{Stream, StreamExt};
 use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, OperationType};
 use async_graphql::{Context, Request, Response, Variables};
 use chrono::{DateTime, Utc};
-use tokio::sync::broadcast::{self, Receiver, Sender, error::RecvError};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::broadcast::{self, Receiver, Sender};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::validate::fill_codes;
@@ -34,11 +40,13 @@ use crate::auth::Caller;
 use crate::db::{Access, Identity, Role, events};
 use crate::error::ApiError;
 use crate::feed::{BATCH, Feed, FeedEvent};
-use crate::metrics::{GroupGuard, SubscriptionGuard};
+use crate::metrics::{GroupGuard, Metrics, SubscriptionGuard};
 
 /// Renderings a group keeps for members momentarily behind; one further
 /// behind reads the log.
 const GROUP_BUFFER: usize = 512;
+/// Fewest members one task writes a change to, when several share them.
+const WRITE_SHARE_MIN: usize = 256;
 /// Wait before the renderer reads the log again after a failed read.
 const RETRY_READ: Duration = Duration::from_millis(500);
 
@@ -66,6 +74,39 @@ pub enum Delivery {
     Rendered(Arc<RenderedChange>),
 }
 
+/// Where a member's renderings can be written by the renderer itself,
+/// without waking the member's task: its transport's socket, with the
+/// member's framing.
+pub trait Outlet: Send + Sync {
+    /// Writes `change`, framed for its operation, if that can be done now
+    /// without waiting; `false` when nothing was written.
+    fn offer(&self, change: &RenderedChange) -> bool;
+}
+
+/// A member the renderer writes to while it is caught up.
+struct Direct {
+    outlet: Box<dyn Outlet>,
+    state: Mutex<DirectState>,
+    /// Tells the member's task it must deliver on its own again.
+    fell_out: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct DirectState {
+    /// The renderer writes to this member.
+    on: bool,
+    /// The newest change it was sent, while `on`.
+    cursor: i64,
+}
+
+impl Direct {
+    fn state(&self) -> std::sync::MutexGuard<'_, DirectState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
 /// Every group of this process, and the task rendering changes for them.
 pub struct LiveGroups {
     schema: AppSchema,
@@ -74,6 +115,8 @@ pub struct LiveGroups {
     /// The last event handed to the groups; a group formed later starts
     /// after it.
     position: AtomicI64,
+    /// Tasks that write a change to a group's members at once: the cores.
+    writers: usize,
 }
 
 impl std::fmt::Debug for LiveGroups {
@@ -114,6 +157,11 @@ pub struct Group {
     caller: Caller,
     resources: Option<Vec<String>>,
     sender: Sender<Arc<RenderedChange>>,
+    /// Members written to by the renderer, by their number.
+    direct: Mutex<HashMap<u64, Arc<Direct>>>,
+    next_direct: std::sync::atomic::AtomicU64,
+    /// The event id of the newest rendering sent.
+    latest: AtomicI64,
     _counted: GroupGuard,
 }
 
@@ -130,6 +178,7 @@ impl LiveGroups {
             feed,
             groups: Mutex::new(HashMap::new()),
             position: AtomicI64::new(-1),
+            writers: std::thread::available_parallelism().map_or(1, |cores| cores.get()),
         });
         tokio::spawn(render_changes(Arc::downgrade(&live), receiver));
         live
@@ -168,7 +217,11 @@ impl LiveGroups {
             .schema
             .execute_stream(request.data(context).data(hand_off.clone()));
         LiveStream {
-            phase: Phase::Own { results, hand_off },
+            phase: Phase::Own {
+                results,
+                hand_off,
+                outlet: None,
+            },
             traced,
         }
     }
@@ -259,14 +312,52 @@ impl Group {
             .is_none_or(|resources| resources.iter().any(|wanted| wanted == resource))
     }
 
-    /// Renders `event` once and sends it to every member.
+    fn direct(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Direct>>> {
+        self.direct
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Renders `event` once, writes it to the members the renderer writes
+    /// to, and sends it to the others.
     async fn deliver(&self, event: &Arc<FeedEvent>) {
-        if self.sender.receiver_count() == 0 {
+        // A member in the shared path holds a receiver; one the renderer
+        // writes to is in `direct`.
+        if self.sender.receiver_count() == 0 && self.direct().is_empty() {
             return;
         }
-        let rendered = self.render(event).await;
-        // No receivers is fine: the last member left meanwhile.
-        let _ = self.sender.send(Arc::new(rendered));
+        let rendered = Arc::new(self.render(event).await);
+        // Before the list is read: a member that joins the list, then
+        // compares this with its cursor to be written to, either sees
+        // this change (and takes it from the channel or the log) or is in
+        // the list below.
+        self.latest.store(rendered.event_id, Ordering::SeqCst);
+        if self.sender.receiver_count() > 0 {
+            // No receivers is fine: the last of them left meanwhile.
+            let _ = self.sender.send(rendered.clone());
+        }
+        let mut direct: Vec<Arc<Direct>> = self.direct().values().cloned().collect();
+        let metrics = self.live.feed.metrics_handle();
+        // On every core: one task writing to ten thousand sockets would
+        // leave the other cores idle, and each write would wake its
+        // reader alone.
+        let share = direct.len().div_ceil(self.live.writers);
+        if share < WRITE_SHARE_MIN {
+            write_directly(&direct, &rendered, &metrics);
+            return;
+        }
+        let mut others = Vec::with_capacity(self.live.writers);
+        while direct.len() > share {
+            let part = direct.split_off(direct.len() - share);
+            let (rendered, metrics) = (rendered.clone(), metrics.clone());
+            others.push(tokio::spawn(async move {
+                write_directly(&part, &rendered, &metrics);
+            }));
+        }
+        write_directly(&direct, &rendered, &metrics);
+        for other in others {
+            let _ = other.await;
+        }
     }
 
     /// `event` as this group's members see it.
@@ -298,6 +389,29 @@ impl Group {
             cursor: crate::feed::cursor::Cursor::at(event.event.id).encode(),
             occurred_at: event.event.occurred_at.with_timezone(&Utc),
             payload,
+        }
+    }
+}
+
+/// Writes `rendered` to each member the renderer writes to; one that
+/// cannot take it now is handed back to its task.
+fn write_directly(members: &[Arc<Direct>], rendered: &RenderedChange, metrics: &Metrics) {
+    for member in members {
+        let mut state = member.state();
+        if !state.on || rendered.event_id <= state.cursor {
+            continue;
+        }
+        if member.outlet.offer(rendered) {
+            state.cursor = rendered.event_id;
+            let delay = Utc::now() - rendered.occurred_at;
+            metrics.event_written_directly(delay.num_microseconds().unwrap_or(0) as f64 / 1e6);
+        } else {
+            // Its socket is full, or busy with its own task's writes: the
+            // task takes over from the log, by its cursor.
+            state.on = false;
+            drop(state);
+            metrics.subscriber_fell_behind();
+            member.fell_out.notify_one();
         }
     }
 }
@@ -366,6 +480,9 @@ impl HandOff {
                     caller: Caller::for_role(self.role),
                     resources,
                     sender: broadcast::channel(GROUP_BUFFER).0,
+                    direct: Mutex::new(HashMap::new()),
+                    next_direct: std::sync::atomic::AtomicU64::new(0),
+                    latest: AtomicI64::new(-1),
                     _counted: live.feed.metrics_handle().group_formed(),
                 });
                 groups.insert(key, Arc::downgrade(&group));
@@ -449,7 +566,11 @@ fn variables_text(variables: &Variables, left_out: &[String]) -> String {
 /// it needs to catch up again if it falls behind.
 pub struct Member {
     group: Arc<Group>,
-    receiver: Receiver<Arc<RenderedChange>>,
+    /// The group's channel; `None` while the renderer writes to it.
+    receiver: Option<Receiver<Arc<RenderedChange>>>,
+    /// Its place in the group's `direct` list, when its transport gave an
+    /// outlet.
+    direct: Option<(u64, Arc<Direct>)>,
     cursor: i64,
     pending: VecDeque<Arc<RenderedChange>>,
     needs_log: bool,
@@ -462,13 +583,28 @@ impl Member {
     pub(super) fn new(joined: Joined, cursor: i64, counted: SubscriptionGuard) -> Self {
         Self {
             group: joined.group,
-            receiver: joined.receiver,
+            receiver: Some(joined.receiver),
+            direct: None,
             cursor,
             pending: VecDeque::new(),
             needs_log: false,
             done: false,
             _counted: counted,
         }
+    }
+
+    /// Lets the renderer write to this member through `outlet` whenever
+    /// it is caught up.
+    fn through(mut self, outlet: Box<dyn Outlet>) -> Self {
+        let direct = Arc::new(Direct {
+            outlet,
+            state: Mutex::new(DirectState::default()),
+            fell_out: tokio::sync::Notify::new(),
+        });
+        let number = self.group.next_direct.fetch_add(1, Ordering::Relaxed);
+        self.group.direct().insert(number, direct.clone());
+        self.direct = Some((number, direct));
+        self
     }
 
     fn delivered(&self, change: &RenderedChange) {
@@ -531,7 +667,58 @@ impl Member {
                 }
                 continue;
             }
-            match self.receiver.recv().await {
+            let Some(receiver) = self.receiver.as_mut() else {
+                // Written to by the renderer: wait until it stops, then
+                // take over from the newest change it wrote.
+                let (_, direct) = self.direct.as_ref()?;
+                direct.fell_out.notified().await;
+                let state = direct.state();
+                if state.on {
+                    continue;
+                }
+                self.cursor = self.cursor.max(state.cursor);
+                drop(state);
+                // Subscribed before the log is read: nothing rendered from
+                // now on is missed.
+                self.receiver = Some(self.group.sender.subscribe());
+                self.needs_log = true;
+                continue;
+            };
+            if let Some((_, direct)) = &self.direct {
+                match receiver.try_recv() {
+                    Ok(change) => {
+                        if change.event_id > self.cursor {
+                            self.cursor = change.event_id;
+                            self.delivered(&change);
+                            return Some((Delivery::Rendered(change), self));
+                        }
+                        continue;
+                    }
+                    Err(TryRecvError::Lagged(_)) => {
+                        self.group.live.feed.metrics().subscriber_fell_behind();
+                        self.needs_log = true;
+                        continue;
+                    }
+                    Err(TryRecvError::Closed) => return None,
+                    Err(TryRecvError::Empty) => {
+                        // Caught up with everything rendered so far: the
+                        // renderer writes the next change itself (see
+                        // `Group::deliver` on the order of these).
+                        let mut state = direct.state();
+                        if self.group.latest.load(Ordering::SeqCst) <= self.cursor {
+                            state.on = true;
+                            state.cursor = self.cursor;
+                            drop(state);
+                            self.receiver = None;
+                            continue;
+                        }
+                    }
+                }
+            }
+            let Some(receiver) = self.receiver.as_mut() else {
+                continue;
+            };
+            match receiver.recv().await {
                 Ok(change) => {
                     if change.event_id > self.cursor {
                         self.cursor = change.event_id;
@@ -547,6 +734,17 @@ impl Member {
                 }
                 Err(RecvError::Closed) => return None,
             }
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some((number, direct)) = self.direct.take() {
+            // Under its lock: a write of the renderer's under way finishes
+            // first, and none follows (a `complete` may come next).
+            direct.state().on = false;
+            self.group.direct().remove(&number);
         }
     }
 }
@@ -673,6 +871,8 @@ enum Phase {
     Own {
         results: BoxStream<'static, Response>,
         hand_off: Arc<HandOff>,
+        /// Where the renderer may write to it once it is a member.
+        outlet: Option<Box<dyn Outlet>>,
     },
     /// A member of its group.
     Member(BoxStream<'static, Delivery>),
@@ -683,7 +883,11 @@ impl Phase {
     fn poll_next(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<Delivery>> {
         loop {
             match self {
-                Phase::Own { results, hand_off } => match results.poll_next_unpin(cx) {
+                Phase::Own {
+                    results,
+                    hand_off,
+                    outlet,
+                } => match results.poll_next_unpin(cx) {
                     Poll::Ready(Some(mut response)) => {
                         fill_codes(&mut response);
                         return Poll::Ready(Some(Delivery::Response(Box::new(response))));
@@ -691,6 +895,10 @@ impl Phase {
                     Poll::Ready(None) => {
                         *self = match hand_off.take() {
                             Some(member) => {
+                                let member = match outlet.take() {
+                                    Some(outlet) => member.through(outlet),
+                                    None => member,
+                                };
                                 Phase::Member(stream::unfold(member, Member::next).boxed())
                             }
                             None => Phase::Done,
@@ -707,6 +915,25 @@ impl Phase {
                 }
                 Phase::Done => return Poll::Ready(None),
             }
+        }
+    }
+}
+
+impl LiveStream {
+    /// Ends the operation at once: nothing more of it is delivered.
+    pub fn end(&mut self) {
+        self.phase = Phase::Done;
+    }
+
+    /// Lets the renderer write this operation's changes through `outlet`
+    /// while it is caught up with its group, instead of handing each to
+    /// the transport's task. Not while traced: its span counts every
+    /// delivery.
+    pub fn deliver_through(&mut self, outlet: Box<dyn Outlet>) {
+        if self.traced.is_none()
+            && let Phase::Own { outlet: slot, .. } = &mut self.phase
+        {
+            *slot = Some(outlet);
         }
     }
 }

@@ -31,11 +31,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
-use super::sse::accepts_event_stream;
+use super::outbox::{Outbox, StreamOutbox};
+use super::sse::{accepts_event_stream, chunk};
 use crate::metrics::{ConnectionClosed, ConnectionGuard, Metrics};
 
 /// Limits on HTTP connections: slow heads, idle connections, and how many
@@ -116,12 +118,15 @@ pub async fn serve(
                 drop((held, running));
                 return;
             }
+            let (receiving, sending) = stream.into_split();
+            let outbox = Outbox::new(sending);
             let io = TokioIo::new(Tracked {
-                stream,
+                receiving,
+                outbox: outbox.clone(),
                 activity: activity.clone(),
                 _held: held,
             });
-            serve_with_hyper(io, peer, router, activity, limits, metrics, stop).await;
+            serve_with_hyper(io, peer, outbox, router, activity, limits, metrics, stop).await;
             drop(running);
         });
     }
@@ -145,9 +150,11 @@ pub async fn serve(
 
 /// Serves one connection with hyper until it closes, breaks a limit, or
 /// (on shutdown) has finished what is in flight.
+#[allow(clippy::too_many_arguments)]
 async fn serve_with_hyper(
     io: TokioIo<Tracked>,
     peer: std::net::SocketAddr,
+    outbox: Arc<Outbox>,
     router: Router,
     activity: Arc<Activity>,
     limits: ConnectionLimits,
@@ -159,6 +166,8 @@ async fn serve_with_hyper(
         let activity = activity.clone();
         move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ClientAddr(peer));
+            // For a WebSocket upgrade: the socket its frames are written to.
+            request.extensions_mut().insert(outbox.clone());
             let mut router = router.clone();
             let busy = activity.request_started();
             async move {
@@ -290,6 +299,14 @@ async fn event_stream(
     *request.body_mut() = Body::from(raw.split_off(head));
     drop(raw);
     request.extensions_mut().insert(ClientAddr(peer));
+    let (mut reader, sending) = stream.into_split();
+    let outbox = Outbox::new(sending);
+    // Every write whole from the start: the renderer may write the
+    // stream's events itself.
+    outbox.share();
+    request
+        .extensions_mut()
+        .insert(StreamOutbox(outbox.clone()));
     let Ok(response) = router.call(request).await;
     let (parts, body) = response.into_parts();
     let exact = axum::body::HttpBody::size_hint(&body).exact();
@@ -317,55 +334,58 @@ async fn event_stream(
         None => head.push_str("transfer-encoding: chunked\r\n"),
     }
     head.push_str("connection: close\r\n\r\n");
-    if stream.write_all(head.as_bytes()).await.is_err() {
+    if outbox.write(head.as_bytes()).await.is_err() {
         return;
     }
     drop(head);
-    let (mut reader, mut writer) = stream.split();
     let mut body = std::pin::pin!(body);
     let mut probe = [0_u8; 64];
-    loop {
-        tokio::select! {
-            frame = body.frame() => {
-                let data = match frame {
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) if !data.is_empty() => data,
-                        _ => continue,
-                    },
-                    // The stream failed: cut, so the client knows it did
-                    // not end well.
-                    Some(Err(_)) => return,
-                    None => {
-                        if exact.is_none() {
-                            let _ = writer.write_all(b"0\r\n\r\n").await;
+    let sent = async {
+        loop {
+            tokio::select! {
+                frame = body.frame() => {
+                    let data = match frame {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) if !data.is_empty() => data,
+                            _ => continue,
+                        },
+                        // The stream failed: cut, so the client knows it did
+                        // not end well.
+                        Some(Err(_)) => return,
+                        None => {
+                            if exact.is_none() {
+                                let _ = outbox.write(b"0\r\n\r\n").await;
+                            }
+                            let _ = tokio::time::timeout(FINAL_FLUSH, outbox.flushed()).await;
+                            return;
                         }
+                    };
+                    let written = if exact.is_some() {
+                        outbox.write(&data).await
+                    } else {
+                        outbox.write(&chunk(&data)).await
+                    };
+                    if written.is_err() {
                         return;
                     }
-                };
-                let written = if exact.is_some() {
-                    writer.write_all(&data).await
-                } else {
-                    let mut chunk = Vec::with_capacity(data.len() + 12);
-                    chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                    chunk.extend_from_slice(&data);
-                    chunk.extend_from_slice(b"\r\n");
-                    writer.write_all(&chunk).await
-                };
-                if written.is_err() {
-                    return;
                 }
-            }
-            // The client closed (or broke) the connection; anything it
-            // sends after its request is ignored, as the connection is
-            // closing.
-            read = reader.read(&mut probe) => {
-                if !matches!(read, Ok(length) if length > 0) {
-                    return;
+                // The client closed (or broke) the connection; anything it
+                // sends after its request is ignored, as the connection is
+                // closing.
+                read = reader.read(&mut probe) => {
+                    if !matches!(read, Ok(length) if length > 0) {
+                        return;
+                    }
                 }
             }
         }
-    }
+    };
+    sent.await;
+    outbox.close();
 }
+
+/// Longest wait for a finished stream's last bytes to leave.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
 
 /// A request head as the router takes it; `None` if it is not one.
 fn parsed(head: &[u8]) -> Option<axum::http::Request<Body>> {
@@ -482,9 +502,16 @@ fn now() -> u64 {
 /// connection's place under the cap (and in the metrics) for as long as it
 /// lives: an upgraded WebSocket keeps it too.
 struct Tracked {
-    stream: TcpStream,
+    receiving: OwnedReadHalf,
+    outbox: Arc<Outbox>,
     activity: Arc<Activity>,
     _held: (OwnedSemaphorePermit, ConnectionGuard),
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.outbox.close();
+    }
 }
 
 impl AsyncRead for Tracked {
@@ -494,7 +521,7 @@ impl AsyncRead for Tracked {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let polled = Pin::new(&mut self.receiving).poll_read(cx, buf);
         if buf.filled().len() > before {
             self.activity.bytes_arrived();
         }
@@ -504,31 +531,31 @@ impl AsyncRead for Tracked {
 
 impl AsyncWrite for Tracked {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        self.outbox.poll_write(cx, buf)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.outbox.poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.outbox.poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        self.outbox.poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        true
     }
 }
 

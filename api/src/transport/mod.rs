@@ -16,6 +16,7 @@ pub mod http;
 pub mod listener;
 pub mod media;
 pub mod operator;
+pub mod outbox;
 pub mod rate_limit;
 pub mod request;
 pub mod sse;
@@ -42,6 +43,7 @@ use crate::graphql::parsed_queries::ParsedQueryCache;
 use crate::metrics::Metrics;
 use cors::CorsOrigins;
 use listener::ClientAddr;
+use outbox::{Outbox, StreamOutbox};
 use rate_limit::RateLimiter;
 use request::{HttpMethod, refuse};
 use ws::WebSocketConfig;
@@ -135,6 +137,7 @@ pub fn router(state: AppState) -> Router {
 async fn graphql_post(
     State(app): State<AppState>,
     client: Option<axum::Extension<ClientAddr>>,
+    stream_outbox: Option<axum::Extension<StreamOutbox>>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
@@ -153,7 +156,10 @@ async fn graphql_post(
     };
     if sse::wanted(&headers) {
         match request::admit(&app, &headers, client, request, HttpMethod::Post).await {
-            Ok(admitted) => sse::respond(app, &headers, admitted).await,
+            Ok(admitted) => {
+                let outbox = stream_outbox.map(|axum::Extension(outbox)| outbox);
+                sse::respond(app, &headers, admitted, outbox).await
+            }
             Err(refused) => refused,
         }
     } else {
@@ -174,7 +180,8 @@ async fn graphql_get_or_websocket(State(app): State<AppState>, request: Request)
         return match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
             Ok(upgrade) => {
                 let client = parts.extensions.get::<ClientAddr>().map(|addr| addr.0.ip());
-                ws::upgrade(app, &parts.headers, client, upgrade).await
+                let outbox = parts.extensions.get::<Arc<Outbox>>().cloned();
+                ws::upgrade(app, &parts.headers, client, outbox, upgrade).await
             }
             Err(rejection) => rejection.into_response(),
         };

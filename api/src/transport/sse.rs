@@ -21,11 +21,12 @@ use axum::response::{IntoResponse, Response};
 
 use super::AppState;
 use super::media::ResponseMedia;
+use super::outbox::{Outbox, StreamOutbox};
 use super::request::{Admitted, RequestOutcome, answer, refused_as, run, status_of};
 use crate::error::ApiError;
 use crate::feed::LIVE_WAIT;
 use crate::graphql::SseResume;
-use crate::graphql::live::{Delivery, LiveStream};
+use crate::graphql::live::{Delivery, LiveStream, Outlet, RenderedChange};
 use crate::metrics::{Operation, Outcome};
 
 /// Longest silence on a stream (or the WebSocket ping interval, if
@@ -57,8 +58,43 @@ pub(crate) fn accepts_event_stream<'a>(accept: impl IntoIterator<Item = &'a [u8]
         })
 }
 
-/// Answers an admitted request as an event stream.
-pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitted) -> Response {
+/// `data` as one chunk of a chunked body.
+pub(crate) fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut chunk = Vec::with_capacity(data.len() + 12);
+    chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(b"\r\n");
+    chunk
+}
+
+/// A stream's changes written by the renderer itself: each a `next`
+/// event with its cursor as `id`, in one chunk, as the stream's body
+/// would write it.
+struct ChunkOutlet(Arc<Outbox>);
+
+impl Outlet for ChunkOutlet {
+    fn offer(&self, change: &RenderedChange) -> bool {
+        const EVENT: &[u8] = b"event: next\nid: ";
+        const DATA: &[u8] = b"\ndata: ";
+        let (cursor, payload) = (change.cursor.as_bytes(), change.payload.as_bytes());
+        let length = EVENT.len() + cursor.len() + DATA.len() + payload.len() + 2;
+        let mut chunk = Vec::with_capacity(length + 12);
+        chunk.extend_from_slice(format!("{length:x}\r\n").as_bytes());
+        for part in [EVENT, cursor, DATA, payload, b"\n\n\r\n"] {
+            chunk.extend_from_slice(part);
+        }
+        self.0.offer(&chunk)
+    }
+}
+
+/// Answers an admitted request as an event stream; with `outbox`, the
+/// renderer may write a subscription's changes to it itself.
+pub(crate) async fn respond(
+    app: AppState,
+    headers: &HeaderMap,
+    admitted: Admitted,
+    outbox: Option<StreamOutbox>,
+) -> Response {
     let operation = admitted.operation;
     if admitted.kind != Some(OperationType::Subscription) {
         // A query or mutation: its one result, then `complete`.
@@ -91,9 +127,12 @@ pub(crate) async fn respond(app: AppState, headers: &HeaderMap, admitted: Admitt
     } = admitted;
     let expiry = caller.expires_in();
     let sse_resume = Arc::new(SseResume::resuming(resume_after));
-    let deliveries = app
+    let mut deliveries = app
         .live
         .subscribe(request, caller, Some(sse_resume.clone()), None);
+    if let Some(StreamOutbox(outbox)) = outbox {
+        deliveries.deliver_through(Box::new(ChunkOutlet(outbox)));
+    }
     let mut shutting_down = app.shutting_down.clone();
     let mut liveness = app.feed.liveness();
     // A comment at a fixed pace, busy or idle: resetting a timer on
@@ -171,6 +210,8 @@ impl Live {
             },
             () = &mut self.expiry => {
                 self.done = true;
+                // Nothing of the subscription's follows its end.
+                self.deliveries.end();
                 let expired = async_graphql::Response::from_errors(vec![
                     async_graphql::Error::from(ApiError::InvalidToken("token expired".into()))
                         .into_server_error(Default::default()),

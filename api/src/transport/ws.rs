@@ -13,6 +13,7 @@
 //! subscriptions per connection.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,11 +26,12 @@ use serde_json::{Value, json};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::AppState;
+use super::outbox::Outbox;
 use super::request::{mentions_document_id, refuse};
 use crate::auth::Caller;
 use crate::error::{ApiError, ErrorCode};
 use crate::feed::LIVE_WAIT;
-use crate::graphql::live::{Delivery, LiveStream};
+use crate::graphql::live::{Delivery, LiveStream, Outlet, RenderedChange};
 use crate::metrics::ConnectionClosed;
 
 /// WebSocket transport settings (`--max-subscriptions-per-connection`,
@@ -66,6 +68,7 @@ pub async fn upgrade(
     app: AppState,
     headers: &HeaderMap,
     client: Option<std::net::IpAddr>,
+    outbox: Option<Arc<Outbox>>,
     upgrade: WebSocketUpgrade,
 ) -> Response {
     let offered: Vec<String> = headers
@@ -123,6 +126,11 @@ pub async fn upgrade(
     // future would sit in a larger one for its whole life, and every idle
     // subscriber would pay for it.
     upgrade.on_upgrade(move |socket| async move {
+        // hyper is done with the socket: from now on the renderer may
+        // write to it too.
+        if let Some(outbox) = &outbox {
+            outbox.share();
+        }
         tokio::spawn(serve(
             socket,
             app,
@@ -130,6 +138,7 @@ pub async fn upgrade(
             header_caller,
             client,
             trace_parent,
+            outbox,
         ));
     })
 }
@@ -263,6 +272,10 @@ struct Connection {
     operations: Operations,
     /// The trace of the upgrade request, when traces are on.
     trace_parent: Option<opentelemetry::Context>,
+    /// The socket, shared with the renderer; `None` for a connection not
+    /// served by this server's listener (tests that serve the router
+    /// themselves).
+    outbox: Option<Arc<Outbox>>,
 }
 
 impl Connection {
@@ -385,16 +398,30 @@ impl Connection {
             ));
         }
         self.app.parsed_queries.prepare(&mut request);
-        let deliveries =
+        let mut deliveries =
             self.app
                 .live
                 .subscribe(request, caller.clone(), None, self.trace_parent.as_ref());
+        let id_json = json_string(&id);
+        if let Some(outbox) = &self.outbox {
+            deliveries.deliver_through(Box::new(FramedOutlet::new(
+                outbox.clone(),
+                self.protocol,
+                &id_json,
+            )));
+        }
         self.operations.running.push(Running {
-            id_json: json_string(&id).into(),
+            id_json: id_json.into(),
             id: id.into(),
             deliveries,
         });
         Reply::Nothing
+    }
+
+    /// Ends every operation: nothing of theirs is written after this, so
+    /// a close frame written next is the last frame.
+    fn end_operations(&mut self) {
+        self.operations = Operations::default();
     }
 
     /// The message carrying `delivery` to operation `id_json`.
@@ -423,6 +450,70 @@ impl Connection {
     }
 }
 
+/// An operation's changes written by the renderer itself: its message
+/// around the group's payload, in one WebSocket text frame.
+struct FramedOutlet {
+    outbox: Arc<Outbox>,
+    /// The message up to its payload: `{"type":"next","id":<id>,"payload":`.
+    head: Box<[u8]>,
+}
+
+impl FramedOutlet {
+    fn new(outbox: Arc<Outbox>, protocol: Protocols, id_json: &str) -> Self {
+        let kind = match protocol {
+            Protocols::GraphQLWS => "next",
+            Protocols::SubscriptionsTransportWS => "data",
+        };
+        let head = format!(r#"{{"type":"{kind}","id":{id_json},"payload":"#);
+        Self {
+            outbox,
+            head: head.into_bytes().into_boxed_slice(),
+        }
+    }
+}
+
+impl Outlet for FramedOutlet {
+    fn offer(&self, change: &RenderedChange) -> bool {
+        let payload = change.payload.as_bytes();
+        let length = self.head.len() + payload.len() + 1;
+        FRAME.with_borrow_mut(|frame| {
+            frame.clear();
+            // A server's frame: final, text, unmasked; its length in 7, 16
+            // or 64 bits.
+            frame.push(0x81);
+            match length {
+                0..=125 => frame.push(length as u8),
+                126..=0xFFFF => {
+                    frame.push(126);
+                    frame.extend_from_slice(&(length as u16).to_be_bytes());
+                }
+                _ => {
+                    frame.push(127);
+                    frame.extend_from_slice(&(length as u64).to_be_bytes());
+                }
+            }
+            frame.extend_from_slice(&self.head);
+            frame.extend_from_slice(payload);
+            frame.push(b'}');
+            // One buffer: a socket's `send` costs the kernel less than
+            // `writev` of the frame's parts.
+            let offered = self.outbox.offer(frame);
+            if frame.capacity() > FRAME_KEPT {
+                *frame = Vec::new();
+            }
+            offered
+        })
+    }
+}
+
+/// Largest frame buffer a thread keeps between frames.
+const FRAME_KEPT: usize = 64 * 1024;
+
+thread_local! {
+    /// The frame being offered, built afresh for each member.
+    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn json_string(text: &str) -> String {
     serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
 }
@@ -438,6 +529,7 @@ async fn serve(
     header_caller: Option<Caller>,
     client: Option<std::net::IpAddr>,
     trace_parent: Option<opentelemetry::Context>,
+    outbox: Option<Arc<Outbox>>,
 ) {
     let settings = app.websocket;
     let mut shutting_down = app.shutting_down.clone();
@@ -454,6 +546,7 @@ async fn serve(
         caller: None,
         operations: Operations::default(),
         trace_parent,
+        outbox,
     };
     let init_deadline = tokio::time::sleep(settings.init_timeout);
     tokio::pin!(init_deadline);
@@ -494,10 +587,12 @@ async fn serve(
                         Message::Text(text.into())
                     }
                     Reply::Close(code, reason) => {
+                        connection.end_operations();
                         let _ = socket.send(close(code, reason)).await;
                         break;
                     }
                     Reply::End(last) => {
+                        connection.end_operations();
                         if let Some(text) = last {
                             let _ = socket.send(Message::Text(text.into())).await;
                         }
@@ -523,6 +618,7 @@ async fn serve(
                     // gives up, many minutes later.
                     Some(since) if since.elapsed() >= settings.pong_timeout => {
                         connection.app.metrics.connection_closed(ConnectionClosed::PongTimeout);
+                        connection.end_operations();
                         let goodbye = socket.send(close(1011, "no answer to pings".into()));
                         let _ = tokio::time::timeout(CLOSE_WAIT, goodbye).await;
                         break;
@@ -545,10 +641,12 @@ async fn serve(
                 Message::Text(text.into())
             }
             () = &mut shutdown => {
+                connection.end_operations();
                 let _ = socket.send(close(1001, "server shutting down; resume with your last cursor".into())).await;
                 break;
             }
             () = async { if let Some(expiry) = expiry.as_mut() { expiry.await } else { std::future::pending().await } } => {
+                connection.end_operations();
                 let _ = socket.send(close(4403, "token expired".into())).await;
                 break;
             }
@@ -557,5 +655,6 @@ async fn serve(
             break;
         }
     }
+    connection.end_operations();
     let _ = socket.close().await;
 }

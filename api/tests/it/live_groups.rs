@@ -693,6 +693,15 @@ async fn a_member_that_stops_reading_does_not_delay_the_others() {
         .find_map(|line| line.strip_prefix("vantage_sync_subscription_fell_behind_total "))
         .and_then(|value| value.trim().parse::<u64>().ok());
     assert!(fell_behind >= Some(1), "it never fell behind:\n{metrics}");
+    // The readers that kept up were written to by the renderer itself.
+    let written_directly = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("vantage_sync_subscription_written_directly_total "))
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    assert!(
+        written_directly >= Some(1),
+        "no change was written directly:\n{metrics}"
+    );
 }
 
 /// A member whose token expires is ended as a lone subscriber is (over

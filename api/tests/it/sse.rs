@@ -154,6 +154,17 @@ async fn subscription_events_carry_their_cursor_as_id_and_snapshots_one_id() {
     app.sql("SELECT start_vantage_sync('accounts')").await;
     assert_eq!(change(&mut stream).await, started("accounts"));
     assert_ne!(stream.last_event_id, ids[6]);
+    // Caught up, the stream is written to by the renderer itself, in the
+    // same form.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    app.sql("SELECT start_vantage_sync('funds')").await;
+    assert_eq!(change(&mut stream).await, started("funds"));
+    let metrics = app.metrics().await;
+    let written_directly = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("vantage_sync_subscription_written_directly_total "))
+        .and_then(|value| value.trim().parse::<u64>().ok());
+    assert!(written_directly >= Some(1), "{metrics}");
 }
 
 /// Reads changes, reconnecting with the last event id whenever the stream
