@@ -189,3 +189,12 @@ pub(crate) fn token(keys: &TokenKeys, role: &str) -> String {
     )
     .unwrap()
 }
+
+/// The value of the unlabelled metric `name` in `/metrics` text, if it is
+/// there.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}

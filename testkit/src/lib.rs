@@ -30,7 +30,7 @@ mod process;
 mod receiver;
 mod sse;
 mod ws;
-pub use app::{SECRET, TestApp, base64url};
+pub use app::{SECRET, TestApp, base64url, metric_value};
 pub use browser::Browser;
 pub use haproxy::HaProxy;
 pub use jwks::{JwksServer, KeyKind, TestKey, private_key_pem};

@@ -18,7 +18,7 @@ use sqlx::{AssertSqlSafe, Executor, raw_sql};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use vantage_sync_testkit::{
-    SECRET, SseStream, TestApp, TestDb, WsClient, state_row, subscription_groups,
+    SECRET, SseStream, TestApp, TestDb, WsClient, metric_value, state_row, subscription_groups,
     subscription_started, subscriptions_active, unix_now,
 };
 
@@ -688,18 +688,13 @@ async fn a_member_that_stops_reading_does_not_delay_the_others() {
     }
     same("the stalled member", &caught_up);
     let metrics = app.metrics().await;
-    let fell_behind = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("vantage_sync_subscription_fell_behind_total "))
-        .and_then(|value| value.trim().parse::<u64>().ok());
-    assert!(fell_behind >= Some(1), "it never fell behind:\n{metrics}");
+    let fell_behind = metric_value(&metrics, "vantage_sync_subscription_fell_behind_total");
+    assert!(fell_behind >= Some(1.0), "it never fell behind:\n{metrics}");
     // The readers that kept up were written to by the renderer itself.
-    let written_directly = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("vantage_sync_subscription_written_directly_total "))
-        .and_then(|value| value.trim().parse::<u64>().ok());
+    let written_directly =
+        metric_value(&metrics, "vantage_sync_subscription_written_directly_total");
     assert!(
-        written_directly >= Some(1),
+        written_directly >= Some(1.0),
         "no change was written directly:\n{metrics}"
     );
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::json;
 use vantage_sync::db::{self, PreparedStatements};
-use vantage_sync_testkit::{LogCapture, PgBouncer, TestApp, TestDb, WsClient};
+use vantage_sync_testkit::{LogCapture, PgBouncer, TestApp, TestDb, WsClient, metric_value};
 
 /// A server whose DATABASE_URL is PgBouncer, with the feed listening on
 /// the direct connection when `listen_direct`, and reading the log at
@@ -169,11 +169,8 @@ async fn every_change_arrives_in_order(app: &TestApp, within: Duration) {
 }
 
 fn unannounced(metrics: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("vantage_sync_feed_unannounced_events_total "))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no unannounced-events metric in:\n{metrics}"))
+    metric_value(metrics, "vantage_sync_feed_unannounced_events_total")
+        .unwrap_or_else(|| panic!("no unannounced-events metric in:\n{metrics}")) as u64
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::{Connection, Executor, PgConnection, Row};
 use vantage_sync::db::replica::{CHECK_EVERY, ReplicaSettings};
-use vantage_sync_testkit::{Cluster, TestApp, TestDb};
+use vantage_sync_testkit::{Cluster, TestApp, TestDb, metric_value};
 
 const MAX_LAG: Duration = Duration::from_millis(500);
 
@@ -38,10 +38,7 @@ async fn reset_counts(connections: &mut [&mut PgConnection]) {
 }
 
 async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app.metrics().await;
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .map_or(0.0, |value| value.trim().parse().unwrap())
+    metric_value(&app.metrics().await, name).unwrap_or(0.0)
 }
 
 async fn usable_within(app: &TestApp, within: Duration, usable: bool) {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use vantage_sync_testkit::{
-    Cluster, SseStream, TestApp, TestDb, subscription_started, subscriptions_active,
+    Cluster, SseStream, TestApp, TestDb, metric_value, subscription_started, subscriptions_active,
 };
 
 const CHANGES: &str = "subscription($initial: Boolean) {
@@ -160,11 +160,9 @@ async fn subscription_events_carry_their_cursor_as_id_and_snapshots_one_id() {
     app.sql("SELECT start_vantage_sync('funds')").await;
     assert_eq!(change(&mut stream).await, started("funds"));
     let metrics = app.metrics().await;
-    let written_directly = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("vantage_sync_subscription_written_directly_total "))
-        .and_then(|value| value.trim().parse::<u64>().ok());
-    assert!(written_directly >= Some(1), "{metrics}");
+    let written_directly =
+        metric_value(&metrics, "vantage_sync_subscription_written_directly_total");
+    assert!(written_directly >= Some(1.0), "{metrics}");
 }
 
 /// Reads changes, reconnecting with the last event id whenever the stream
