@@ -154,35 +154,34 @@ pub async fn run(
             .map(|index| Shape::new(index, &resource))
             .collect(),
     );
-    let (base, token, meter, rss_kib, mut made): (_, _, _, Box<dyn Fn() -> Option<u64>>, _) =
-        match deliverer {
-            Deliverer::Server(target) => {
-                let mut conn = PgConnection::connect(&target.database_url).await?;
-                sqlx::query(
-                    "INSERT INTO vantage_sync_state (resource) VALUES ($1) ON CONFLICT DO NOTHING",
-                )
-                .bind(&resource)
-                .execute(&mut conn)
-                .await?;
-                (
-                    target.base.clone(),
-                    target.token(Role::Authenticated),
-                    target.cpu_meter(),
-                    Box::new(|| target.rss_kib()),
-                    Changes::Database(conn, resource.clone()),
-                )
-            }
-            Deliverer::Floor(floor) => {
-                let pid = floor.pid();
-                (
-                    floor.base.clone(),
-                    String::new(),
-                    floor.cpu_meter(),
-                    Box::new(move || crate::target::rss_kib(pid)),
-                    Changes::Floor(floor),
-                )
-            }
-        };
+    // The process that delivers (whose memory and CPU are measured), and
+    // how changes reach it.
+    let (base, token, pid, meter, mut made) = match deliverer {
+        Deliverer::Server(target) => {
+            let mut conn = PgConnection::connect(&target.database_url).await?;
+            sqlx::query(
+                "INSERT INTO vantage_sync_state (resource) VALUES ($1) ON CONFLICT DO NOTHING",
+            )
+            .bind(&resource)
+            .execute(&mut conn)
+            .await?;
+            (
+                target.base.clone(),
+                target.token(Role::Authenticated),
+                target.pid(),
+                target.cpu_meter(),
+                Changes::Database(conn, resource.clone()),
+            )
+        }
+        Deliverer::Floor(floor) => (
+            floor.base.clone(),
+            String::new(),
+            Some(floor.pid()),
+            floor.cpu_meter(),
+            Changes::Floor(floor),
+        ),
+    };
+    let rss_kib = || pid.and_then(crate::target::rss_kib);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_kib();
     let ws_url = base.replacen("http://", "ws://", 1) + "/graphql";

@@ -197,9 +197,14 @@ impl Target {
         )
     }
 
+    /// The server's process, when it runs here.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The server's resident memory, when it runs here.
     pub fn rss_kib(&self) -> Option<u64> {
-        rss_kib(self.child.as_ref()?.id())
+        rss_kib(self.pid()?)
     }
 
     /// How many file descriptors the server holds open, when it runs here.

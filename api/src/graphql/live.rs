@@ -64,6 +64,14 @@ pub struct RenderedChange {
     pub payload: Box<str>,
 }
 
+impl RenderedChange {
+    /// Seconds from its commit to now: its delay if sent now.
+    fn delay_seconds(&self) -> f64 {
+        let delay = Utc::now() - self.occurred_at;
+        delay.num_microseconds().unwrap_or(0) as f64 / 1e6
+    }
+}
+
 /// What a live operation sends next.
 pub enum Delivery {
     /// A response for this operation alone: a snapshot, a change read
@@ -100,6 +108,11 @@ struct DirectState {
 }
 
 impl Direct {
+    /// Its key in its group's list: unique while it lives.
+    fn address(self: &Arc<Self>) -> usize {
+        Arc::as_ptr(self) as usize
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, DirectState> {
         self.state
             .lock()
@@ -157,9 +170,8 @@ pub struct Group {
     caller: Caller,
     resources: Option<Vec<String>>,
     sender: Sender<Arc<RenderedChange>>,
-    /// Members written to by the renderer, by their number.
-    direct: Mutex<HashMap<u64, Arc<Direct>>>,
-    next_direct: std::sync::atomic::AtomicU64,
+    /// Members written to by the renderer, by their address.
+    direct: Mutex<HashMap<usize, Arc<Direct>>>,
     /// The event id of the newest rendering sent.
     latest: AtomicI64,
     _counted: GroupGuard,
@@ -312,7 +324,7 @@ impl Group {
             .is_none_or(|resources| resources.iter().any(|wanted| wanted == resource))
     }
 
-    fn direct(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Direct>>> {
+    fn direct(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<Direct>>> {
         self.direct
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
@@ -403,8 +415,7 @@ fn write_directly(members: &[Arc<Direct>], rendered: &RenderedChange, metrics: &
         }
         if member.outlet.offer(rendered) {
             state.cursor = rendered.event_id;
-            let delay = Utc::now() - rendered.occurred_at;
-            metrics.event_written_directly(delay.num_microseconds().unwrap_or(0) as f64 / 1e6);
+            metrics.event_written_directly(rendered.delay_seconds());
         } else {
             // Its socket is full, or busy with its own task's writes: the
             // task takes over from the log, by its cursor.
@@ -481,7 +492,6 @@ impl HandOff {
                     resources,
                     sender: broadcast::channel(GROUP_BUFFER).0,
                     direct: Mutex::new(HashMap::new()),
-                    next_direct: std::sync::atomic::AtomicU64::new(0),
                     latest: AtomicI64::new(-1),
                     _counted: live.feed.metrics_handle().group_formed(),
                 });
@@ -570,7 +580,7 @@ pub struct Member {
     receiver: Option<Receiver<Arc<RenderedChange>>>,
     /// Its place in the group's `direct` list, when its transport gave an
     /// outlet.
-    direct: Option<(u64, Arc<Direct>)>,
+    direct: Option<Arc<Direct>>,
     cursor: i64,
     pending: VecDeque<Arc<RenderedChange>>,
     needs_log: bool,
@@ -601,19 +611,17 @@ impl Member {
             state: Mutex::new(DirectState::default()),
             fell_out: tokio::sync::Notify::new(),
         });
-        let number = self.group.next_direct.fetch_add(1, Ordering::Relaxed);
-        self.group.direct().insert(number, direct.clone());
-        self.direct = Some((number, direct));
+        self.group.direct().insert(direct.address(), direct.clone());
+        self.direct = Some(direct);
         self
     }
 
     fn delivered(&self, change: &RenderedChange) {
-        let delay = Utc::now() - change.occurred_at;
         self.group
             .live
             .feed
             .metrics()
-            .event_delivered(delay.num_microseconds().unwrap_or(0) as f64 / 1e6);
+            .event_delivered(change.delay_seconds());
     }
 
     /// Reads one batch of the log after the cursor, rendering for itself.
@@ -667,10 +675,10 @@ impl Member {
                 }
                 continue;
             }
-            let Some(receiver) = self.receiver.as_mut() else {
+            if self.receiver.is_none() {
                 // Written to by the renderer: wait until it stops, then
                 // take over from the newest change it wrote.
-                let (_, direct) = self.direct.as_ref()?;
+                let direct = self.direct.as_ref()?;
                 direct.fell_out.notified().await;
                 let state = direct.state();
                 if state.on {
@@ -683,23 +691,14 @@ impl Member {
                 self.receiver = Some(self.group.sender.subscribe());
                 self.needs_log = true;
                 continue;
-            };
-            if let Some((_, direct)) = &self.direct {
-                match receiver.try_recv() {
-                    Ok(change) => {
-                        if change.event_id > self.cursor {
-                            self.cursor = change.event_id;
-                            self.delivered(&change);
-                            return Some((Delivery::Rendered(change), self));
-                        }
-                        continue;
-                    }
-                    Err(TryRecvError::Lagged(_)) => {
-                        self.group.live.feed.metrics().subscriber_fell_behind();
-                        self.needs_log = true;
-                        continue;
-                    }
-                    Err(TryRecvError::Closed) => return None,
+            }
+            // What the channel holds already; a member the renderer may
+            // write to first looks, and goes direct once it is caught up.
+            let ready = match (&self.direct, &mut self.receiver) {
+                (Some(direct), Some(receiver)) => match receiver.try_recv() {
+                    Ok(change) => Some(Ok(change)),
+                    Err(TryRecvError::Lagged(missed)) => Some(Err(RecvError::Lagged(missed))),
+                    Err(TryRecvError::Closed) => Some(Err(RecvError::Closed)),
                     Err(TryRecvError::Empty) => {
                         // Caught up with everything rendered so far: the
                         // renderer writes the next change itself (see
@@ -712,13 +711,17 @@ impl Member {
                             self.receiver = None;
                             continue;
                         }
+                        None
                     }
-                }
-            }
-            let Some(receiver) = self.receiver.as_mut() else {
-                continue;
+                },
+                _ => None,
             };
-            match receiver.recv().await {
+            let received = match (ready, self.receiver.as_mut()) {
+                (Some(received), _) => received,
+                (None, Some(receiver)) => receiver.recv().await,
+                (None, None) => continue,
+            };
+            match received {
                 Ok(change) => {
                     if change.event_id > self.cursor {
                         self.cursor = change.event_id;
@@ -740,11 +743,11 @@ impl Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
-        if let Some((number, direct)) = self.direct.take() {
+        if let Some(direct) = self.direct.take() {
             // Under its lock: a write of the renderer's under way finishes
             // first, and none follows (a `complete` may come next).
             direct.state().on = false;
-            self.group.direct().remove(&number);
+            self.group.direct().remove(&direct.address());
         }
     }
 }

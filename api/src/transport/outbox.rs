@@ -1,6 +1,7 @@
 //! A connection's socket, written by more than one writer: the
-//! connection's own task (through hyper and tungstenite) and, once the
-//! connection is a WebSocket, the live groups' renderer, which writes a
+//! connection's own task (through hyper and tungstenite, or the listener
+//! writing an event stream) and, once the connection is a WebSocket or
+//! an event stream of its own, the live groups' renderer, which writes a
 //! member's frame straight to the socket instead of waking the member's
 //! task for every change (`docs/adr/0011`).
 //!
@@ -19,6 +20,14 @@ use std::task::{Context, Poll, Waker};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
+
+/// Largest message buffer a thread keeps between offers.
+const MESSAGE_KEPT: usize = 64 * 1024;
+
+thread_local! {
+    /// The message being offered, built afresh for each member.
+    static MESSAGE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Queued bytes past which the connection's own writes wait for the
 /// flusher: a peer that stops reading holds at most this much (and one
@@ -75,15 +84,30 @@ impl Outbox {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Writes `message` (whole) if nothing waits before it: at once, or
-    /// what the socket does not take now by the flusher, in order.
-    /// `false` when nothing was written: earlier bytes still wait, the
-    /// socket is full, or it is broken.
-    pub fn offer(self: &Arc<Self>, message: &[u8]) -> bool {
+    /// Builds a message with `build` (in a buffer this thread keeps) and
+    /// writes it whole if nothing waits before it: at once, or what the
+    /// socket does not take now by the flusher, in order. `false` when
+    /// nothing was written: earlier bytes still wait, the socket is full,
+    /// or it is broken.
+    pub fn offer_with(self: &Arc<Self>, build: impl FnOnce(&mut Vec<u8>)) -> bool {
+        MESSAGE.with_borrow_mut(|message| {
+            message.clear();
+            build(message);
+            let offered = self.offer(message);
+            if message.capacity() > MESSAGE_KEPT {
+                *message = Vec::new();
+            }
+            offered
+        })
+    }
+
+    fn offer(self: &Arc<Self>, message: &[u8]) -> bool {
         let mut queue = self.queue();
         if !queue.bytes.is_empty() || queue.broken.is_some() {
             return false;
         }
+        // One buffer, one `send`: the kernel takes it for less than a
+        // `writev` of its parts.
         match self.stream().try_write(message) {
             Ok(written) if written == message.len() => true,
             Ok(written) => {
@@ -103,7 +127,7 @@ impl Outbox {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if !self.shared.load(Ordering::Acquire) {
-            return self.poll_write_alone(cx, buf);
+            return self.poll_write_alone(cx, |stream| stream.try_write(buf));
         }
         let mut queue = self.queue();
         if let Some(kind) = queue.broken {
@@ -142,19 +166,19 @@ impl Outbox {
             let whole: Vec<u8> = bufs.iter().flat_map(|buf| buf.iter().copied()).collect();
             return self.poll_write(cx, &whole);
         }
-        loop {
-            std::task::ready!(self.stream().poll_write_ready(cx))?;
-            match self.stream().try_write_vectored(bufs) {
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                written => return Poll::Ready(written),
-            }
-        }
+        self.poll_write_alone(cx, |stream| stream.try_write_vectored(bufs))
     }
 
-    fn poll_write_alone(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    /// A write before the socket is shared: `write` as soon as the socket
+    /// takes it, as an unshared `TcpStream` would.
+    fn poll_write_alone(
+        &self,
+        cx: &mut Context<'_>,
+        mut write: impl FnMut(&TcpStream) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
         loop {
             std::task::ready!(self.stream().poll_write_ready(cx))?;
-            match self.stream().try_write(buf) {
+            match write(self.stream()) {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 written => return Poll::Ready(written),
             }

@@ -61,10 +61,18 @@ pub(crate) fn accepts_event_stream<'a>(accept: impl IntoIterator<Item = &'a [u8]
 /// `data` as one chunk of a chunked body.
 pub(crate) fn chunk(data: &[u8]) -> Vec<u8> {
     let mut chunk = Vec::with_capacity(data.len() + 12);
-    chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-    chunk.extend_from_slice(data);
-    chunk.extend_from_slice(b"\r\n");
+    chunk_into(&mut chunk, &[data]);
     chunk
+}
+
+/// Appends to `buffer` one chunk of a chunked body holding `parts`.
+fn chunk_into(buffer: &mut Vec<u8>, parts: &[&[u8]]) {
+    let length: usize = parts.iter().map(|part| part.len()).sum();
+    buffer.extend_from_slice(format!("{length:x}\r\n").as_bytes());
+    for part in parts {
+        buffer.extend_from_slice(part);
+    }
+    buffer.extend_from_slice(b"\r\n");
 }
 
 /// A stream's changes written by the renderer itself: each a `next`
@@ -74,16 +82,13 @@ struct ChunkOutlet(Arc<Outbox>);
 
 impl Outlet for ChunkOutlet {
     fn offer(&self, change: &RenderedChange) -> bool {
-        const EVENT: &[u8] = b"event: next\nid: ";
-        const DATA: &[u8] = b"\ndata: ";
         let (cursor, payload) = (change.cursor.as_bytes(), change.payload.as_bytes());
-        let length = EVENT.len() + cursor.len() + DATA.len() + payload.len() + 2;
-        let mut chunk = Vec::with_capacity(length + 12);
-        chunk.extend_from_slice(format!("{length:x}\r\n").as_bytes());
-        for part in [EVENT, cursor, DATA, payload, b"\n\n\r\n"] {
-            chunk.extend_from_slice(part);
-        }
-        self.0.offer(&chunk)
+        self.0.offer_with(|chunk| {
+            chunk_into(
+                chunk,
+                &[b"event: next\nid: ", cursor, b"\ndata: ", payload, b"\n\n"],
+            );
+        })
     }
 }
 

@@ -272,9 +272,8 @@ struct Connection {
     operations: Operations,
     /// The trace of the upgrade request, when traces are on.
     trace_parent: Option<opentelemetry::Context>,
-    /// The socket, shared with the renderer; `None` for a connection not
-    /// served by this server's listener (tests that serve the router
-    /// themselves).
+    /// The socket, shared with the renderer; `None` when the router is
+    /// served by something other than this server's listener.
     outbox: Option<Arc<Outbox>>,
 }
 
@@ -426,10 +425,6 @@ impl Connection {
 
     /// The message carrying `delivery` to operation `id_json`.
     fn frame(&self, id_json: &str, delivery: Delivery) -> String {
-        let kind = match self.protocol {
-            Protocols::GraphQLWS => "next",
-            Protocols::SubscriptionsTransportWS => "data",
-        };
         let response;
         let payload = match &delivery {
             Delivery::Rendered(change) => &*change.payload,
@@ -438,12 +433,8 @@ impl Connection {
                 &response
             }
         };
-        let mut text = String::with_capacity(payload.len() + id_json.len() + 40);
-        text.push_str(r#"{"type":""#);
-        text.push_str(kind);
-        text.push_str(r#"","id":"#);
-        text.push_str(id_json);
-        text.push_str(r#","payload":"#);
+        let mut text = message_head(self.protocol, id_json);
+        text.reserve(payload.len() + 1);
         text.push_str(payload);
         text.push('}');
         text
@@ -460,14 +451,11 @@ struct FramedOutlet {
 
 impl FramedOutlet {
     fn new(outbox: Arc<Outbox>, protocol: Protocols, id_json: &str) -> Self {
-        let kind = match protocol {
-            Protocols::GraphQLWS => "next",
-            Protocols::SubscriptionsTransportWS => "data",
-        };
-        let head = format!(r#"{{"type":"{kind}","id":{id_json},"payload":"#);
         Self {
             outbox,
-            head: head.into_bytes().into_boxed_slice(),
+            head: message_head(protocol, id_json)
+                .into_bytes()
+                .into_boxed_slice(),
         }
     }
 }
@@ -476,8 +464,7 @@ impl Outlet for FramedOutlet {
     fn offer(&self, change: &RenderedChange) -> bool {
         let payload = change.payload.as_bytes();
         let length = self.head.len() + payload.len() + 1;
-        FRAME.with_borrow_mut(|frame| {
-            frame.clear();
+        self.outbox.offer_with(|frame| {
             // A server's frame: final, text, unmasked; its length in 7, 16
             // or 64 bits.
             frame.push(0x81);
@@ -495,23 +482,18 @@ impl Outlet for FramedOutlet {
             frame.extend_from_slice(&self.head);
             frame.extend_from_slice(payload);
             frame.push(b'}');
-            // One buffer: a socket's `send` costs the kernel less than
-            // `writev` of the frame's parts.
-            let offered = self.outbox.offer(frame);
-            if frame.capacity() > FRAME_KEPT {
-                *frame = Vec::new();
-            }
-            offered
         })
     }
 }
 
-/// Largest frame buffer a thread keeps between frames.
-const FRAME_KEPT: usize = 64 * 1024;
-
-thread_local! {
-    /// The frame being offered, built afresh for each member.
-    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+/// A data message to operation `id_json`, up to its payload:
+/// `{"type":"next","id":<id>,"payload":` (`data` in the legacy protocol).
+fn message_head(protocol: Protocols, id_json: &str) -> String {
+    let kind = match protocol {
+        Protocols::GraphQLWS => "next",
+        Protocols::SubscriptionsTransportWS => "data",
+    };
+    format!(r#"{{"type":"{kind}","id":{id_json},"payload":"#)
 }
 
 fn json_string(text: &str) -> String {
