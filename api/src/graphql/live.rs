@@ -358,18 +358,14 @@ impl Group {
             write_directly(&direct, &rendered, &metrics);
             return;
         }
-        let mut others = Vec::with_capacity(self.live.writers);
-        while direct.len() > share {
-            let part = direct.split_off(direct.len() - share);
-            let (rendered, metrics) = (rendered.clone(), metrics.clone());
-            others.push(tokio::spawn(async move {
-                write_directly(&part, &rendered, &metrics);
-            }));
+        let mut shares = Vec::with_capacity(self.live.writers);
+        while !direct.is_empty() {
+            shares.push(direct.split_off(direct.len().saturating_sub(share)));
         }
-        write_directly(&direct, &rendered, &metrics);
-        for other in others {
-            let _ = other.await;
-        }
+        side_by_side(shares, move |members| {
+            write_directly(members, &rendered, &metrics)
+        })
+        .await;
     }
 
     /// `event` as this group's members see it.
@@ -402,6 +398,27 @@ impl Group {
             occurred_at: event.event.occurred_at.with_timezone(&Utc),
             payload,
         }
+    }
+}
+
+/// Runs `work` on each of `parts` at once, each on whichever core is free,
+/// and returns when all are done.
+async fn side_by_side<T: Send + Sync + 'static>(
+    parts: Vec<Vec<T>>,
+    work: impl Fn(&[T]) + Clone + Send + 'static,
+) {
+    // Every part is a task of its own. A task spawned alone waits in its
+    // worker's next-to-run slot, which no other worker may take: worked on
+    // here beside it, the parts would run one after another.
+    let tasks: Vec<_> = parts
+        .into_iter()
+        .map(|part| {
+            let work = work.clone();
+            tokio::spawn(async move { work(&part) })
+        })
+        .collect();
+    for task in tasks {
+        let _ = task.await;
     }
 }
 
@@ -979,6 +996,35 @@ mod tests {
                 "x"
             ),
             3
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parts_side_by_side_run_at_once_on_two_cores() {
+        use std::sync::atomic::AtomicUsize;
+        // Each part waits (a while) for the other to start: one after the
+        // other, the first waits in vain.
+        let started = Arc::new(AtomicUsize::new(0));
+        let met = Arc::new(AtomicUsize::new(0));
+        let (started_in, met_in) = (started.clone(), met.clone());
+        // From a task on a worker, as the renderer calls it.
+        tokio::spawn(side_by_side(vec![vec![1], vec![2]], move |_: &[i32]| {
+            started_in.fetch_add(1, Ordering::SeqCst);
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            while started_in.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if started_in.load(Ordering::SeqCst) == 2 {
+                met_in.fetch_add(1, Ordering::SeqCst);
+            }
+        }))
+        .await
+        .unwrap();
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            met.load(Ordering::SeqCst),
+            2,
+            "the parts ran one after the other"
         );
     }
 
