@@ -107,8 +107,11 @@ impl Outbox {
             return false;
         }
         // One buffer, one `send`: the kernel takes it for less than a
-        // `writev` of its parts.
-        match self.stream().try_write(message) {
+        // `writev` of its parts. Sent past tokio's readiness, which a
+        // full socket leaves set: the flusher, or the connection's own
+        // next write, then finds the socket full once and waits.
+        let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+        match rustix::net::send(self.stream(), message, flags) {
             Ok(written) if written == message.len() => true,
             Ok(written) => {
                 queue.bytes.extend_from_slice(&message[written..]);
