@@ -95,12 +95,14 @@ pub trait Outlet: Send + Sync {
     fn offer(&self, change: &RenderedChange) -> bool;
 }
 
-/// A member the renderer writes to while it is caught up.
-struct Direct {
-    outlet: Box<dyn Outlet>,
+/// A member the renderer writes to while it is caught up. Its outlet is
+/// kept in the same allocation: the renderer reads ten thousand of them
+/// per change.
+struct Direct<O: ?Sized = dyn Outlet> {
     state: Mutex<DirectState>,
     /// Tells the member's task it must deliver on its own again.
     fell_out: tokio::sync::Notify,
+    outlet: O,
 }
 
 #[derive(Default)]
@@ -114,7 +116,7 @@ struct DirectState {
 impl Direct {
     /// Its key in its group's list: unique while it lives.
     fn address(self: &Arc<Self>) -> usize {
-        Arc::as_ptr(self) as usize
+        Arc::as_ptr(self).cast::<()>() as usize
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, DirectState> {
@@ -236,7 +238,7 @@ impl LiveGroups {
             phase: Phase::Own {
                 results,
                 hand_off,
-                outlet: None,
+                direct: None,
             },
             traced,
         }
@@ -634,14 +636,9 @@ impl Member {
         }
     }
 
-    /// Lets the renderer write to this member through `outlet` whenever
+    /// Lets the renderer write to this member through `direct` whenever
     /// it is caught up.
-    fn through(mut self, outlet: Box<dyn Outlet>) -> Self {
-        let direct = Arc::new(Direct {
-            outlet,
-            state: Mutex::new(DirectState::default()),
-            fell_out: tokio::sync::Notify::new(),
-        });
+    fn through(mut self, direct: Arc<Direct>) -> Self {
         self.group.direct().insert(direct.address(), direct.clone());
         self.direct = Some(direct);
         self
@@ -906,7 +903,7 @@ enum Phase {
         results: BoxStream<'static, Response>,
         hand_off: Arc<HandOff>,
         /// Where the renderer may write to it once it is a member.
-        outlet: Option<Box<dyn Outlet>>,
+        direct: Option<Arc<Direct>>,
     },
     /// A member of its group.
     Member(BoxStream<'static, Delivery>),
@@ -920,7 +917,7 @@ impl Phase {
                 Phase::Own {
                     results,
                     hand_off,
-                    outlet,
+                    direct,
                 } => match results.poll_next_unpin(cx) {
                     Poll::Ready(Some(mut response)) => {
                         fill_codes(&mut response);
@@ -929,8 +926,8 @@ impl Phase {
                     Poll::Ready(None) => {
                         *self = match hand_off.take() {
                             Some(member) => {
-                                let member = match outlet.take() {
-                                    Some(outlet) => member.through(outlet),
+                                let member = match direct.take() {
+                                    Some(direct) => member.through(direct),
                                     None => member,
                                 };
                                 Phase::Member(stream::unfold(member, Member::next).boxed())
@@ -963,11 +960,15 @@ impl LiveStream {
     /// while it is caught up with its group, instead of handing each to
     /// the transport's task. Not while traced: its span counts every
     /// delivery.
-    pub fn deliver_through(&mut self, outlet: Box<dyn Outlet>) {
+    pub fn deliver_through(&mut self, outlet: impl Outlet + 'static) {
         if self.traced.is_none()
-            && let Phase::Own { outlet: slot, .. } = &mut self.phase
+            && let Phase::Own { direct, .. } = &mut self.phase
         {
-            *slot = Some(outlet);
+            *direct = Some(Arc::new(Direct {
+                state: Mutex::new(DirectState::default()),
+                fell_out: tokio::sync::Notify::new(),
+                outlet,
+            }));
         }
     }
 }

@@ -136,7 +136,7 @@ pub(crate) async fn respond(
         .live
         .subscribe(request, caller, Some(sse_resume.clone()), None);
     if let Some(StreamOutbox(outbox)) = outbox {
-        deliveries.deliver_through(Box::new(ChunkOutlet(outbox)));
+        deliveries.deliver_through(ChunkOutlet(outbox));
     }
     let mut shutting_down = app.shutting_down.clone();
     let mut liveness = app.feed.liveness();

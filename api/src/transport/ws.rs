@@ -403,11 +403,7 @@ impl Connection {
                 .subscribe(request, caller.clone(), None, self.trace_parent.as_ref());
         let id_json = json_string(&id);
         if let Some(outbox) = &self.outbox {
-            deliveries.deliver_through(Box::new(FramedOutlet::new(
-                outbox.clone(),
-                self.protocol,
-                &id_json,
-            )));
+            deliveries.deliver_through(FramedOutlet::new(outbox.clone(), self.protocol, &id_json));
         }
         self.operations.running.push(Running {
             id_json: id_json.into(),
