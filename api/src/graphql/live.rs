@@ -21,7 +21,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -66,9 +66,22 @@ pub struct RenderedChange {
     pub occurred_at: DateTime<Utc>,
     /// The response, serialised once.
     pub payload: Box<str>,
+    /// The change as a transport frames it when its frame is the same for
+    /// every member (an SSE event, which names no operation): built once,
+    /// by the first member's outlet.
+    shared_frame: OnceLock<Box<[u8]>>,
 }
 
 impl RenderedChange {
+    /// The frame every member is sent, built by `frame` the first time.
+    pub fn shared_frame(&self, frame: impl FnOnce(&mut Vec<u8>)) -> &[u8] {
+        self.shared_frame.get_or_init(|| {
+            let mut bytes = Vec::new();
+            frame(&mut bytes);
+            bytes.into_boxed_slice()
+        })
+    }
+
     /// Seconds from its commit to now: its delay if sent now.
     fn delay_seconds(&self) -> f64 {
         let delay = Utc::now() - self.occurred_at;
@@ -403,6 +416,7 @@ impl Group {
             cursor: crate::feed::cursor::Cursor::at(event.event.id).encode(),
             occurred_at: event.event.occurred_at.with_timezone(&Utc),
             payload,
+            shared_frame: OnceLock::new(),
         }
     }
 }

@@ -101,7 +101,9 @@ impl Outbox {
         })
     }
 
-    fn offer(self: &Arc<Self>, message: &[u8]) -> bool {
+    /// Writes `message` whole if nothing waits before it, as
+    /// [`offer_with`](Self::offer_with) does with the message it builds.
+    pub fn offer(self: &Arc<Self>, message: &[u8]) -> bool {
         let mut queue = self.queue();
         if !queue.bytes.is_empty() || queue.broken.is_some() {
             return false;

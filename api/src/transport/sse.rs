@@ -9,6 +9,7 @@
 //! plain POST's statuses and codes; everything after is a `next` event.
 
 use std::convert::Infallible;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,7 +69,8 @@ pub(crate) fn chunk(data: &[u8]) -> Vec<u8> {
 /// Appends to `buffer` one chunk of a chunked body holding `parts`.
 fn chunk_into(buffer: &mut Vec<u8>, parts: &[&[u8]]) {
     let length: usize = parts.iter().map(|part| part.len()).sum();
-    buffer.extend_from_slice(format!("{length:x}\r\n").as_bytes());
+    // Into a Vec, writing cannot fail.
+    let _ = write!(buffer, "{length:x}\r\n");
     for part in parts {
         buffer.extend_from_slice(part);
     }
@@ -77,18 +79,20 @@ fn chunk_into(buffer: &mut Vec<u8>, parts: &[&[u8]]) {
 
 /// A stream's changes written by the renderer itself: each a `next`
 /// event with its cursor as `id`, in one chunk, as the stream's body
-/// would write it.
+/// would write it. The chunk names no operation, so it is built once per
+/// change for every stream.
 struct ChunkOutlet(Arc<Outbox>);
 
 impl Outlet for ChunkOutlet {
     fn offer(&self, change: &RenderedChange) -> bool {
-        let (cursor, payload) = (change.cursor.as_bytes(), change.payload.as_bytes());
-        self.0.offer_with(|chunk| {
+        let chunk = change.shared_frame(|chunk| {
+            let (cursor, payload) = (change.cursor.as_bytes(), change.payload.as_bytes());
             chunk_into(
                 chunk,
                 &[b"event: next\nid: ", cursor, b"\ndata: ", payload, b"\n\n"],
             );
-        })
+        });
+        self.0.offer(chunk)
     }
 }
 
