@@ -697,6 +697,21 @@ async fn a_member_that_stops_reading_does_not_delay_the_others() {
         written_directly >= Some(1.0),
         "no change was written directly:\n{metrics}"
     );
+    // The renderer counts its writes in runs: still every change to every
+    // member once (three readers and the stalled member), each with its
+    // delay.
+    let deliveries = Some((4 * owed.len()) as f64);
+    for name in [
+        "vantage_sync_subscription_events_delivered_total",
+        "vantage_sync_subscription_delivery_delay_seconds_count",
+    ] {
+        assert_eq!(
+            metric_value(&metrics, name),
+            deliveries,
+            "{name}:\n{metrics}"
+        );
+    }
+    assert!(written_directly <= deliveries, "{metrics}");
 }
 
 /// A member whose token expires is ended as a lone subscriber is (over
