@@ -3,7 +3,8 @@
 //! Modules are layered; each imports only modules of the layers below it
 //! (`docs/ARCHITECTURE.md` draws the graph, and a test checks it):
 //!
-//! 1. `error`, `metrics`, `derived`: what every layer above speaks in.
+//! 1. `error`, `metrics`, `derived`: what every layer above speaks in;
+//!    `prefetch`: asking the processor for memory ahead of reading it.
 //! 2. `db`: the pool and the per-request transaction, run as a role given
 //!    as data; `managed_postgres`: the PostgreSQL of a zero-config start;
 //!    `telemetry`: the log subscriber and the OTLP trace exporter.
@@ -17,6 +18,7 @@
 pub mod derived;
 pub mod error;
 pub mod metrics;
+pub mod prefetch;
 
 pub mod db;
 pub mod managed_postgres;

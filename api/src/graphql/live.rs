@@ -41,6 +41,7 @@ use crate::db::{Access, Identity, Role, events};
 use crate::error::ApiError;
 use crate::feed::{BATCH, Feed, FeedEvent};
 use crate::metrics::{GroupGuard, Metrics, SubscriptionGuard};
+use crate::prefetch::prefetch;
 
 /// Renderings a group keeps for members momentarily behind; one further
 /// behind reads the log.
@@ -106,6 +107,14 @@ pub trait Outlet: Send + Sync {
     /// Writes `change`, framed for its operation, if that can be done now
     /// without waiting; `false` when nothing was written.
     fn offer(&self, change: &RenderedChange) -> bool;
+
+    /// Asks for the memory `offer` reads through the outlet's own fields
+    /// (its connection's parts), two members before it is offered to.
+    fn prefetch(&self) {}
+
+    /// Asks for the memory those parts lead to in turn (the socket), one
+    /// member before.
+    fn prefetch_socket(&self) {}
 }
 
 /// A member the renderer writes to while it is caught up. Its outlet is
@@ -448,7 +457,20 @@ fn write_directly(members: &[Arc<Direct>], rendered: &RenderedChange, metrics: &
     // Counted here and reported once per run of writes, each timed at its
     // run's end: every core's writes share the metrics.
     let mut run = 0;
-    for member in members {
+    for (index, member) in members.iter().enumerate() {
+        // Each member's memory is a chain of pointers out of cache, and
+        // each write's system call waits for the loads before it: asked
+        // for ahead, one link per member, it arrives while earlier
+        // members' writes run.
+        if let Some(ahead) = members.get(index + 3) {
+            prefetch(&**ahead);
+        }
+        if let Some(ahead) = members.get(index + 2) {
+            ahead.outlet.prefetch();
+        }
+        if let Some(ahead) = members.get(index + 1) {
+            ahead.outlet.prefetch_socket();
+        }
         let mut state = member.state();
         if !state.on || rendered.event_id <= state.cursor {
             continue;

@@ -21,6 +21,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
+use crate::prefetch::prefetch;
+
 /// Largest message buffer a thread keeps between offers.
 const MESSAGE_KEPT: usize = 64 * 1024;
 
@@ -65,6 +67,12 @@ impl Outbox {
             queue: Mutex::new(Queue::default()),
             closed: Notify::new(),
         })
+    }
+
+    /// Asks for the socket an [`offer`](Self::offer) writes to, ahead of
+    /// it.
+    pub fn prefetch_socket(&self) {
+        prefetch(self.stream());
     }
 
     fn stream(&self) -> &TcpStream {

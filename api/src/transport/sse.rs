@@ -29,6 +29,7 @@ use crate::feed::LIVE_WAIT;
 use crate::graphql::SseResume;
 use crate::graphql::live::{Delivery, LiveStream, Outlet, RenderedChange};
 use crate::metrics::{Operation, Outcome};
+use crate::prefetch::prefetch;
 
 /// Longest silence on a stream (or the WebSocket ping interval, if
 /// shorter): a comment line goes out at least this often, so proxies keep
@@ -84,6 +85,14 @@ fn chunk_into(buffer: &mut Vec<u8>, parts: &[&[u8]]) {
 struct ChunkOutlet(Arc<Outbox>);
 
 impl Outlet for ChunkOutlet {
+    fn prefetch(&self) {
+        prefetch(&*self.0);
+    }
+
+    fn prefetch_socket(&self) {
+        self.0.prefetch_socket();
+    }
+
     fn offer(&self, change: &RenderedChange) -> bool {
         let chunk = change.shared_frame(|chunk| {
             let (cursor, payload) = (change.cursor.as_bytes(), change.payload.as_bytes());

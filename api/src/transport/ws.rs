@@ -33,6 +33,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::feed::LIVE_WAIT;
 use crate::graphql::live::{Delivery, LiveStream, Outlet, RenderedChange};
 use crate::metrics::ConnectionClosed;
+use crate::prefetch::prefetch;
 
 /// WebSocket transport settings (`--max-subscriptions-per-connection`,
 /// `--ws-init-timeout-secs`, `--ws-ping-interval-secs`).
@@ -457,6 +458,15 @@ impl FramedOutlet {
 }
 
 impl Outlet for FramedOutlet {
+    fn prefetch(&self) {
+        prefetch(&*self.head);
+        prefetch(&*self.outbox);
+    }
+
+    fn prefetch_socket(&self) {
+        self.outbox.prefetch_socket();
+    }
+
     fn offer(&self, change: &RenderedChange) -> bool {
         let payload = change.payload.as_bytes();
         let length = self.head.len() + payload.len() + 1;

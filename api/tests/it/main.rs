@@ -31,6 +31,7 @@ mod log_growth;
 mod migrate_command;
 mod migration;
 mod notify;
+mod one_unsafe_call;
 mod pooler;
 mod rate_limit;
 mod read_cost;
@@ -44,5 +45,6 @@ mod state_table;
 mod traces;
 mod transitions;
 mod trends;
+
 mod upgrade;
 mod webhooks;
