@@ -7,6 +7,12 @@
 //! against floor, memory before and after): absolute times on a shared
 //! machine move from run to run, ratios much less.
 
+// The server's allocator (docs/adr/0005-mimalloc.md): this tool shares
+// the cores with the server it measures, and glibc's malloc and free of
+// every message cost it more.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cpu;
 mod delivery_floor;
 mod fanout;
