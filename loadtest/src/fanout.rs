@@ -217,7 +217,10 @@ pub async fn run(
             drop(permit);
             let _ = ready_send.send(subscription.is_ok()).await;
             let mut tally = Tally {
-                received: Received::new(),
+                // Room for every change from the start: growing ten
+                // thousand of these mid-run would fault in fresh pages
+                // while the changes are timed.
+                received: Received::with_capacity(changes),
                 errors: 0,
                 finished: &finished,
                 last: changes as u64,

@@ -78,8 +78,9 @@ impl SseStream {
     pub async fn next_event(&mut self) -> anyhow::Result<Event> {
         loop {
             if let Some(end) = self.body.windows(2).position(|pair| pair == b"\n\n") {
-                let block: Vec<u8> = self.body.drain(..end + 2).collect();
-                let text = String::from_utf8(block)?;
+                // Read in place, then dropped: a copy of every event would
+                // cost this tool, which shares the cores with the server.
+                let text = std::str::from_utf8(&self.body[..end + 2])?;
                 let mut event = Event {
                     kind: "message".into(),
                     id: None,
@@ -97,6 +98,7 @@ impl SseStream {
                         _ => {}
                     }
                 }
+                self.body.drain(..end + 2);
                 if any {
                     return Ok(event);
                 }
