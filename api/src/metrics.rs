@@ -2,16 +2,12 @@
 //! few fixed values (never client-chosen names), so a client cannot grow
 //! the registry.
 
-use prometheus_client::encoding::{
-    EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder, NoLabelSet,
-};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
-use std::sync::{Arc, Mutex};
 
 /// Kind of GraphQL operation.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -102,7 +98,7 @@ pub struct Metrics {
     unannounced: Counter,
     jwks_refreshes: Family<JwksLabels, Counter>,
     jwks_keys: Gauge,
-    delay: DelayHistogram,
+    delay: Histogram,
     connections: Gauge,
     connections_closed: Family<ClosedLabels, Counter>,
     rate_limited: Counter,
@@ -302,7 +298,7 @@ impl Default for Metrics {
             "Verification keys in the JSON Web Key Set in use",
             jwks_keys.clone(),
         );
-        let delay = DelayHistogram::new(exponential_buckets(0.001, 2.0, 16));
+        let delay = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "subscription_delivery_delay_seconds",
             "Delay from a change to its sending to a subscriber",
@@ -509,13 +505,17 @@ impl Metrics {
     pub fn events_written_directly(&self, delay_seconds: f64, writes: u64) {
         self.written_directly.inc_by(writes);
         self.delivered.inc_by(writes);
-        self.delay.observe_many(delay_seconds.max(0.0), writes);
+        // One after another on this core: the histogram's lock moves
+        // between cores once per run, not once per write.
+        for _ in 0..writes {
+            self.delay.observe(delay_seconds.max(0.0));
+        }
     }
 
     /// One change sent to one subscriber, `delay_seconds` after it happened.
     pub fn event_delivered(&self, delay_seconds: f64) {
         self.delivered.inc();
-        self.delay.observe_many(delay_seconds.max(0.0), 1);
+        self.delay.observe(delay_seconds.max(0.0));
     }
 
     /// The feed's listener connection was rebuilt.
@@ -634,106 +634,5 @@ pub struct ConnectionGuard(std::sync::Arc<Metrics>);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.dec();
-    }
-}
-
-/// A histogram that takes many equal observations at once: the renderer
-/// counts its writes in runs, and one lock per run instead of one per
-/// write is what every core's writes share. (prometheus-client's
-/// `Histogram` takes one observation at a time.)
-#[derive(Debug, Clone)]
-struct DelayHistogram {
-    inner: Arc<Mutex<DelayTally>>,
-}
-
-#[derive(Debug)]
-struct DelayTally {
-    sum: f64,
-    count: u64,
-    /// Upper bound and observations in that bucket alone (not below it).
-    buckets: Vec<(f64, u64)>,
-}
-
-impl DelayHistogram {
-    fn new(upper_bounds: impl Iterator<Item = f64>) -> Self {
-        let buckets = upper_bounds
-            .filter(|bound| bound.is_finite())
-            .chain(std::iter::once(f64::INFINITY))
-            .map(|bound| (bound, 0))
-            .collect();
-        Self {
-            inner: Arc::new(Mutex::new(DelayTally {
-                sum: 0.0,
-                count: 0,
-                buckets,
-            })),
-        }
-    }
-
-    fn tally(&self) -> std::sync::MutexGuard<'_, DelayTally> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-    }
-
-    /// `times` observations of `value`.
-    fn observe_many(&self, value: f64, times: u64) {
-        let mut tally = self.tally();
-        tally.sum += value * times as f64;
-        tally.count += times;
-        if let Some(bucket) = tally.buckets.iter_mut().find(|(bound, _)| value <= *bound) {
-            bucket.1 += times;
-        }
-    }
-}
-
-impl TypedMetric for DelayHistogram {
-    const TYPE: MetricType = MetricType::Histogram;
-}
-
-impl EncodeMetric for DelayHistogram {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let (sum, count, buckets) = {
-            let tally = self.tally();
-            (tally.sum, tally.count, tally.buckets.clone())
-        };
-        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
-    }
-
-    fn metric_type(&self) -> MetricType {
-        Self::TYPE
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use prometheus_client::encoding::text::encode;
-
-    fn text(register: impl FnOnce(&mut Registry)) -> String {
-        let mut registry = Registry::default();
-        register(&mut registry);
-        let mut text = String::new();
-        encode(&mut text, &registry).unwrap();
-        text
-    }
-
-    #[test]
-    fn many_observations_at_once_read_as_the_same_observations_one_by_one() {
-        let observations = [(0.0004, 3), (0.0015, 64), (0.05, 1), (7.0, 2), (1e6, 5)];
-        let ours = DelayHistogram::new(exponential_buckets(0.001, 2.0, 16));
-        let library = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        for (value, times) in observations {
-            ours.observe_many(value, times);
-            for _ in 0..times {
-                library.observe(value);
-            }
-        }
-        let ours = text(|registry| registry.register("delay", "Delay", ours));
-        assert_eq!(
-            ours,
-            text(|registry| registry.register("delay", "Delay", library))
-        );
-        assert!(ours.contains("delay_count 75\n"), "{ours}");
     }
 }
