@@ -13,16 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use vantage_sync::auth::Role;
 
 use crate::delivery_floor::DeliveryFloor;
+use crate::readers::{Decoder, Readers, Subscriber, Tally};
 use crate::stats;
 use crate::target::Target;
 
@@ -88,9 +85,6 @@ pub struct Plan {
     /// percentiles over several load tools.
     pub delays_out: Option<std::path::PathBuf>,
 }
-
-/// What one subscriber saw: (change number, when it arrived).
-type Received = Vec<(u64, Instant)>;
 
 /// How subscribers follow the changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,56 +178,39 @@ pub async fn run(
     let rss_kib = || pid.and_then(crate::target::rss_kib);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_kib();
-    let ws_url = base.replacen("http://", "ws://", 1) + "/graphql";
     let token = Arc::new(token);
     let connecting = Arc::new(Semaphore::new(128));
     let (ready_send, mut ready) = tokio::sync::mpsc::channel::<bool>(subscribers.max(1));
-    let (stop_send, stop) = tokio::sync::watch::channel(false);
     let finished = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(subscribers);
     for subscriber in 0..subscribers {
-        let (url, token, connecting, ready_send, mut stop, finished, shape_list) = (
-            ws_url.clone(),
+        let (base, token, connecting, ready_send, shape_list, finished) = (
+            base.clone(),
             token.clone(),
             connecting.clone(),
             ready_send.clone(),
-            stop.clone(),
-            finished.clone(),
             shape_list.clone(),
+            finished.clone(),
         );
-        let base = base.clone();
         tasks.push(tokio::spawn(async move {
             // Round robin: shape sizes differ by one subscriber at most.
             let shape = &shape_list[subscriber % shapes];
             let permit = connecting.acquire_owned().await;
-            let subscription = match transport {
-                Transport::WebSocket => subscribe(&url, &token, &shape.document, &json!({}))
+            let opened = match transport {
+                Transport::WebSocket => crate::ws::open(&base, &token, &shape.document, &json!({}))
                     .await
-                    .map(|socket| Subscription::WebSocket(Box::new(socket))),
-                Transport::Sse => crate::sse::SseStream::open(&base, &token, &shape.document)
+                    .map(|(stream, decoder)| (stream, Decoder::WebSocket(decoder))),
+                Transport::Sse => crate::sse::open(&base, &token, &shape.document)
                     .await
-                    .map(Subscription::Sse),
+                    .map(|(stream, decoder)| (stream, Decoder::Sse(decoder))),
             };
             drop(permit);
-            let _ = ready_send.send(subscription.is_ok()).await;
-            let mut tally = Tally {
-                // Room for every change from the start: growing ten
-                // thousand of these mid-run would fault in fresh pages
-                // while the changes are timed.
-                received: Received::with_capacity(changes),
-                errors: 0,
-                finished: &finished,
-                last: changes as u64,
-                number_field: &shape.number_field,
-            };
-            match subscription {
-                Ok(Subscription::WebSocket(socket)) => {
-                    follow_ws(*socket, &mut stop, &mut tally).await
-                }
-                Ok(Subscription::Sse(stream)) => follow_sse(stream, &mut stop, &mut tally).await,
-                Err(_) => tally.errors += 1,
-            }
-            (tally.received, tally.errors)
+            let _ = ready_send.send(opened.is_ok()).await;
+            opened.map(|(stream, decoder)| Subscriber {
+                stream,
+                decoder,
+                tally: Tally::new(changes, finished, shape.number_field.as_str().into()),
+            })
         }));
     }
     drop(ready_send);
@@ -249,6 +226,14 @@ pub async fn run(
             break;
         }
     }
+    // From here on every subscription is read on the readers' threads.
+    let mut to_read = Vec::with_capacity(subscribers);
+    for task in tasks {
+        if let Ok(Ok(subscriber)) = task.await {
+            to_read.push(subscriber);
+        }
+    }
+    let readers = Readers::start(to_read)?;
     // Let every subscription start before changing anything.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let rss_after = rss_kib();
@@ -280,17 +265,13 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let cpu_after = meter.sample();
-    let _ = stop_send.send(true);
+    let tallies = tokio::task::spawn_blocking(move || readers.stop()).await??;
     let mut delays = Vec::with_capacity(expected as usize);
     let mut errors = failed;
     let mut received_total = 0_u64;
-    for task in tasks {
-        let Ok((received, task_errors)) = task.await else {
-            errors += 1;
-            continue;
-        };
-        errors += task_errors;
-        for (change, at) in received {
+    for tally in tallies {
+        errors += tally.errors;
+        for (change, at) in tally.received {
             if let Some(commit) = change
                 .checked_sub(1)
                 .and_then(|index| committed.get(index as usize))
@@ -334,212 +315,4 @@ pub async fn run(
         "rss_kib_after": rss_after,
         "rss_kib_per_subscriber": per_subscriber,
     }))
-}
-
-/// One subscriber's open subscription.
-enum Subscription {
-    WebSocket(Box<WebSocket>),
-    Sse(crate::sse::SseStream),
-}
-
-/// What one subscriber received, and its errors.
-struct Tally<'a> {
-    received: Received,
-    errors: u64,
-    /// Subscribers that have received the last change.
-    finished: &'a std::sync::atomic::AtomicU64,
-    /// The last change's number.
-    last: u64,
-    /// Where its shape puts the change number.
-    number_field: &'a str,
-}
-
-impl Tally<'_> {
-    /// A `next` payload (its JSON text) that arrived `at`.
-    fn next(&mut self, payload: &str, at: Instant) {
-        match change_number(payload, self.number_field) {
-            Some(change) => {
-                self.received.push((change, at));
-                // Once per subscriber, not per delivery: a counter that
-                // every delivery touched would bounce between the cores
-                // and cost this tool more than reading the message.
-                if change == self.last {
-                    self.finished
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-            None => self.errors += 1,
-        }
-    }
-}
-
-/// A graphql-transport-ws message from the server, read without copying
-/// its payload.
-#[derive(serde::Deserialize)]
-struct ServerMessage<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    payload: Option<&'a serde_json::value::RawValue>,
-}
-
-/// Counts what a WebSocket subscriber receives until told to stop.
-async fn follow_ws(
-    mut socket: WebSocket,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-    tally: &mut Tally<'_>,
-) {
-    // Made once, not on every turn: see `follow_sse`.
-    let stopped = stop.changed();
-    tokio::pin!(stopped);
-    loop {
-        tokio::select! {
-            biased;
-            message = socket.next() => {
-                let Some(Ok(Message::Text(text))) = message else {
-                    if !matches!(message, Some(Ok(_))) { tally.errors += 1; break; }
-                    continue;
-                };
-                let at = Instant::now();
-                let Ok(message) = serde_json::from_str::<ServerMessage>(&text) else { tally.errors += 1; continue };
-                match (&*message.kind, message.payload) {
-                    ("next", Some(payload)) => tally.next(payload.get(), at),
-                    ("next", None) => tally.errors += 1,
-                    ("ping", _) => { let _ = socket.send(Message::Text(r#"{"type":"pong"}"#.into())).await; }
-                    _ => {}
-                }
-            }
-            _ = &mut stopped => break,
-        }
-    }
-}
-
-/// Counts what an SSE subscriber receives until told to stop; every
-/// `next` event must carry an id (its cursor).
-async fn follow_sse(
-    mut stream: crate::sse::SseStream,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
-    tally: &mut Tally<'_>,
-) {
-    // Made once: a future made afresh for every message costs this tool
-    // a measurable share of what reading the message does.
-    let stopped = stop.changed();
-    tokio::pin!(stopped);
-    loop {
-        tokio::select! {
-            biased;
-            event = stream.next_event() => {
-                let at = Instant::now();
-                match event {
-                    Ok(event) if event.kind == "next" && event.id.is_some() => {
-                        tally.next(&event.data, at);
-                    }
-                    Ok(_) => tally.errors += 1,
-                    Err(_) => { tally.errors += 1; break; }
-                }
-            }
-            _ = &mut stopped => break,
-        }
-    }
-}
-
-/// The change number a `next` payload (JSON text) carries: the probe's
-/// `recordsSynced`, under `field` (its name or the shape's alias). Read
-/// with borrowed, typed structures: a whole `Value` tree per delivery
-/// would make this tool, which shares the cores with the server it
-/// measures, the larger cost of a delivery.
-fn change_number(payload: &str, field: &str) -> Option<u64> {
-    #[derive(serde::Deserialize)]
-    struct Payload<'a> {
-        #[serde(borrow)]
-        data: Data<'a>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Data<'a> {
-        #[serde(rename = "syncStateChanged", borrow)]
-        changed: Changed<'a>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Changed<'a> {
-        #[serde(borrow)]
-        state: &'a serde_json::value::RawValue,
-    }
-    let state = serde_json::from_str::<Payload>(payload)
-        .ok()?
-        .data
-        .changed
-        .state;
-    let mut reader = serde_json::Deserializer::from_str(state.get());
-    serde::de::DeserializeSeed::deserialize(NumberUnder(field), &mut reader).ok()?
-}
-
-/// Reads the unsigned number under one key of a JSON object, skipping the
-/// rest without building them.
-struct NumberUnder<'f>(&'f str);
-
-impl<'de> serde::de::DeserializeSeed<'de> for NumberUnder<'_> {
-    type Value = Option<u64>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, reader: D) -> Result<Self::Value, D::Error> {
-        reader.deserialize_map(self)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for NumberUnder<'_> {
-    type Value = Option<u64>;
-
-    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
-        formatter.write_str("an object")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut number = None;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == self.0 {
-                number = map.next_value::<Option<u64>>()?;
-            } else {
-                map.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        Ok(number)
-    }
-}
-
-/// A WebSocket to the server.
-pub type WebSocket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Opens a graphql-transport-ws connection as `token`'s caller and
-/// subscribes (id "1") to `query` with `variables`.
-pub async fn subscribe(
-    url: &str,
-    token: &str,
-    query: &str,
-    variables: &Value,
-) -> anyhow::Result<WebSocket> {
-    let mut request = url.into_client_request()?;
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "graphql-transport-ws".parse()?);
-    // A small read buffer: tungstenite zeroes its whole read buffer
-    // (128 KiB by default) before every read, which costs this tool more
-    // than the message it reads and would inflate every delay measured.
-    let config = WebSocketConfig::default().read_buffer_size(4096);
-    let (mut socket, _) =
-        tokio_tungstenite::connect_async_with_config(request, Some(config), false).await?;
-    let init =
-        json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}});
-    socket.send(Message::Text(init.to_string().into())).await?;
-    loop {
-        match socket.next().await {
-            Some(Ok(Message::Text(text))) if text.contains("connection_ack") => break,
-            Some(Ok(_)) => continue,
-            other => anyhow::bail!("no connection_ack: {other:?}"),
-        }
-    }
-    let subscribe = json!({"id": "1", "type": "subscribe", "payload": {"query": query, "variables": variables}});
-    socket
-        .send(Message::Text(subscribe.to_string().into()))
-        .await?;
-    Ok(socket)
 }

@@ -160,6 +160,36 @@ impl HttpConnection {
     }
 }
 
+/// Opens a connection to `base` (`http://host:port`) for a response that
+/// stays open (an event stream, a WebSocket): sends the request `request`
+/// writes for the authority, reads the response's head, and lets `accept`
+/// refuse it. Returns the socket and whatever followed the head.
+pub async fn open_stream(
+    base: &str,
+    request: impl FnOnce(&str) -> String,
+    accept: impl FnOnce(&httparse::Response) -> anyhow::Result<()>,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let authority = base
+        .strip_prefix("http://")
+        .context("only http:// URLs are supported")?
+        .trim_end_matches('/');
+    let mut stream = TcpStream::connect(authority).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(request(authority).as_bytes()).await?;
+    let mut raw = Vec::with_capacity(1024);
+    loop {
+        if stream.read_buf(&mut raw).await? == 0 {
+            bail!("the server closed the connection before answering");
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        if let httparse::Status::Complete(head) = response.parse(&raw)? {
+            accept(&response)?;
+            return Ok((stream, raw.split_off(head)));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::net::TcpListener;

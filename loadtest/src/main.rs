@@ -19,11 +19,13 @@ mod fanout;
 mod http;
 mod load;
 mod mutate;
+mod readers;
 mod soak;
 mod sse;
 mod stats;
 mod target;
 mod webhooks;
+mod ws;
 
 use std::path::PathBuf;
 use std::time::Duration;

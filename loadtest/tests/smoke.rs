@@ -112,6 +112,24 @@ fn smoke_spreads_subscribers_over_shapes() {
     }
 }
 
+/// A server that pings every second and drops a peer silent for a
+/// second, over changes 1.5 s apart: the subscribers answer its pings, so
+/// none is dropped and every change reaches every one.
+#[test]
+fn smoke_subscribers_answer_the_servers_pings() {
+    let output = Command::new(env!("CARGO_BIN_EXE_vantage-sync-loadtest"))
+        .args(["--smoke", "--json", "fanout", "--interval-ms", "1500"])
+        .env("WS_PING_INTERVAL_SECS", "1")
+        .env("WS_PONG_TIMEOUT_SECS", "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let fanout = &report(output)["fanout"];
+    assert_eq!(fanout["missed"], 0, "{fanout}");
+    assert_eq!(fanout["errors"], 0, "{fanout}");
+    assert_eq!(fanout["connected"], fanout["subscribers"], "{fanout}");
+}
+
 /// The same through a real PgBouncer in transaction mode: no request
 /// fails, no transition is lost, no change is missed.
 #[test]

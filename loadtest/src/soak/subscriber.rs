@@ -8,11 +8,12 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use vantage_sync::Cursor;
 
 use super::windows::Windows;
 use super::{DRAIN, Plan, Soak, wall_now};
-use crate::fanout::{WebSocket, subscribe};
 
 /// What one subscriber saw over all its sessions.
 pub(super) struct SubscriberResult {
@@ -163,4 +164,43 @@ async fn leave_now(socket: &mut WebSocket, index: usize) {
     if index.is_multiple_of(2) {
         let _ = socket.close(None).await;
     }
+}
+
+/// A WebSocket to the server.
+type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a graphql-transport-ws connection as `token`'s caller and
+/// subscribes (id "1") to `query` with `variables`.
+async fn subscribe(
+    url: &str,
+    token: &str,
+    query: &str,
+    variables: &Value,
+) -> anyhow::Result<WebSocket> {
+    let mut request = url.into_client_request()?;
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "graphql-transport-ws".parse()?);
+    // A small read buffer: tungstenite zeroes its whole read buffer
+    // (128 KiB by default) before every read, which costs this tool more
+    // than the message it reads and would inflate every delay measured.
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async_with_config(request, Some(config), false).await?;
+    let init =
+        json!({"type": "connection_init", "payload": {"Authorization": format!("Bearer {token}")}});
+    socket.send(Message::Text(init.to_string().into())).await?;
+    loop {
+        match socket.next().await {
+            Some(Ok(Message::Text(text))) if text.contains("connection_ack") => break,
+            Some(Ok(_)) => continue,
+            other => anyhow::bail!("no connection_ack: {other:?}"),
+        }
+    }
+    let subscribe = json!({"id": "1", "type": "subscribe", "payload": {"query": query, "variables": variables}});
+    socket
+        .send(Message::Text(subscribe.to_string().into()))
+        .await?;
+    Ok(socket)
 }
