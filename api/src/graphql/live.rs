@@ -277,7 +277,7 @@ impl LiveGroups {
     /// Hands `event` to every group that wants it, each rendering it once.
     async fn hand_out(&self, event: &Arc<FeedEvent>) {
         let id = event.event.id;
-        let groups: Vec<Arc<Group>> = {
+        let mut wanted: Vec<Arc<Group>> = {
             let groups = self.lock();
             if id <= self.position.load(Ordering::Acquire) {
                 return;
@@ -287,14 +287,28 @@ impl LiveGroups {
             self.position.store(id, Ordering::Release);
             groups.values().filter_map(Weak::upgrade).collect()
         };
-        let deliveries = groups
-            .iter()
-            .filter(|group| group.wants(&event.event.resource))
-            .map(|group| group.deliver(event));
-        async_graphql::futures_util::future::join_all(deliveries).await;
-        // Dropped here, outside the lock: a group's last reference may go
-        // with them.
-        drop(groups);
+        // Outside the lock, as every other drop of these: a group's last
+        // reference may go with them.
+        wanted.retain(|group| group.wants(&event.event.resource));
+        if wanted.len() <= 1 {
+            if let Some(group) = wanted.pop() {
+                group.deliver(event).await;
+            }
+            return;
+        }
+        // Several groups are dealt out to every core, each rendering and
+        // writing its groups in turn: in one task a group's rendering and
+        // its writes, too few to share out, would all wait for the groups
+        // before it on one core while the others idle.
+        side_by_side(deal(wanted, self.writers), |groups| {
+            let event = event.clone();
+            async move {
+                for group in groups {
+                    group.deliver(&event).await;
+                }
+            }
+        })
+        .await;
     }
 
     /// Reads the log after the position and hands each event out: the
@@ -390,8 +404,9 @@ impl Group {
         while !direct.is_empty() {
             shares.push(direct.split_off(direct.len().saturating_sub(share)));
         }
-        side_by_side(shares, move |members| {
-            write_directly(members, &rendered, &metrics)
+        side_by_side(shares, |members| {
+            let (rendered, metrics) = (rendered.clone(), metrics.clone());
+            async move { write_directly(&members, &rendered, &metrics) }
         })
         .await;
     }
@@ -430,21 +445,31 @@ impl Group {
     }
 }
 
+/// `items` dealt round into at most `hands` parts, none of them empty.
+fn deal<T>(items: Vec<T>, hands: usize) -> Vec<Vec<T>> {
+    let mut parts: Vec<Vec<T>> = (0..hands.clamp(1, items.len().max(1)))
+        .map(|_| Vec::new())
+        .collect();
+    let count = parts.len();
+    for (index, item) in items.into_iter().enumerate() {
+        parts[index % count].push(item);
+    }
+    parts.retain(|part| !part.is_empty());
+    parts
+}
+
 /// Runs `work` on each of `parts` at once, each on whichever core is free,
 /// and returns when all are done.
-async fn side_by_side<T: Send + Sync + 'static>(
-    parts: Vec<Vec<T>>,
-    work: impl Fn(&[T]) + Clone + Send + 'static,
-) {
+async fn side_by_side<T, Work>(parts: Vec<Vec<T>>, work: impl Fn(Vec<T>) -> Work)
+where
+    Work: Future<Output = ()> + Send + 'static,
+{
     // Every part is a task of its own. A task spawned alone waits in its
     // worker's next-to-run slot, which no other worker may take: worked on
     // here beside it, the parts would run one after another.
     let tasks: Vec<_> = parts
         .into_iter()
-        .map(|part| {
-            let work = work.clone();
-            tokio::spawn(async move { work(&part) })
-        })
+        .map(|part| tokio::spawn(work(part)))
         .collect();
     for task in tasks {
         let _ = task.await;
@@ -1059,14 +1084,17 @@ mod tests {
         let met = Arc::new(AtomicUsize::new(0));
         let (started_in, met_in) = (started.clone(), met.clone());
         // From a task on a worker, as the renderer calls it.
-        tokio::spawn(side_by_side(vec![vec![1], vec![2]], move |_: &[i32]| {
-            started_in.fetch_add(1, Ordering::SeqCst);
-            let until = std::time::Instant::now() + Duration::from_secs(5);
-            while started_in.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if started_in.load(Ordering::SeqCst) == 2 {
-                met_in.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(side_by_side(vec![vec![1], vec![2]], move |_: Vec<i32>| {
+            let (started_in, met_in) = (started_in.clone(), met_in.clone());
+            async move {
+                started_in.fetch_add(1, Ordering::SeqCst);
+                let until = std::time::Instant::now() + Duration::from_secs(5);
+                while started_in.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if started_in.load(Ordering::SeqCst) == 2 {
+                    met_in.fetch_add(1, Ordering::SeqCst);
+                }
             }
         }))
         .await
@@ -1077,6 +1105,17 @@ mod tests {
             2,
             "the parts ran one after the other"
         );
+    }
+
+    #[test]
+    fn dealt_parts_hold_every_item_once_and_none_is_empty() {
+        assert_eq!(
+            deal(vec![1, 2, 3, 4, 5], 2),
+            vec![vec![1, 3, 5], vec![2, 4]]
+        );
+        assert_eq!(deal(vec![1, 2], 4), vec![vec![1], vec![2]]);
+        assert_eq!(deal(vec![1, 2], 0), vec![vec![1, 2]]);
+        assert!(deal(Vec::<i32>::new(), 2).is_empty());
     }
 
     #[test]
