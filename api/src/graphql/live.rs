@@ -390,21 +390,16 @@ impl Group {
             // No receivers is fine: the last of them left meanwhile.
             let _ = self.sender.send(rendered.clone());
         }
-        let mut direct: Vec<Arc<Direct>> = self.direct().values().cloned().collect();
+        let direct: Vec<Arc<Direct>> = self.direct().values().cloned().collect();
         let metrics = self.live.feed.metrics_handle();
         // On every core: one task writing to ten thousand sockets would
         // leave the other cores idle, and each write would wake its
         // reader alone.
-        let share = direct.len().div_ceil(self.live.writers);
-        if share < WRITE_SHARE_MIN {
+        if direct.len().div_ceil(self.live.writers) < WRITE_SHARE_MIN {
             write_directly(&direct, &rendered, &metrics);
             return;
         }
-        let mut shares = Vec::with_capacity(self.live.writers);
-        while !direct.is_empty() {
-            shares.push(direct.split_off(direct.len().saturating_sub(share)));
-        }
-        side_by_side(shares, |members| {
+        side_by_side(deal(direct, self.live.writers), |members| {
             let (rendered, metrics) = (rendered.clone(), metrics.clone());
             async move { write_directly(&members, &rendered, &metrics) }
         })
@@ -447,10 +442,10 @@ impl Group {
 
 /// `items` dealt round into at most `hands` parts, none of them empty.
 fn deal<T>(items: Vec<T>, hands: usize) -> Vec<Vec<T>> {
-    let mut parts: Vec<Vec<T>> = (0..hands.clamp(1, items.len().max(1)))
-        .map(|_| Vec::new())
+    let count = hands.clamp(1, items.len().max(1));
+    let mut parts: Vec<Vec<T>> = (0..count)
+        .map(|_| Vec::with_capacity(items.len().div_ceil(count)))
         .collect();
-    let count = parts.len();
     for (index, item) in items.into_iter().enumerate() {
         parts[index % count].push(item);
     }
