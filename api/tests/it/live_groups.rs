@@ -1,7 +1,8 @@
 //! Live subscriptions grouped by what they render: subscribers of one
 //! document, operation, variables and role share one rendering per change,
 //! yet each still receives exactly its own changes, shape and ids; a group
-//! outlives the members that leave it and goes with the last one; a member
+//! outlives the members that leave it and goes with the last one; one too
+//! large for a core is written on every core and loses nothing; a member
 //! that stops reading holds no one back; an expired token ends only its
 //! own subscription. Every expectation is checked against the event log.
 
@@ -712,6 +713,68 @@ async fn a_member_that_stops_reading_does_not_delay_the_others() {
         );
     }
     assert!(written_directly <= deliveries, "{metrics}");
+}
+
+/// A group with more members than one core writes to (256 per core) is
+/// written in shares, one per core: still every change to every member,
+/// once and in order, compared with the log.
+#[tokio::test]
+async fn a_group_written_on_every_core_delivers_every_change_once_in_order() {
+    let app = TestApp::spawn().await;
+    // The server deals a group's writes out to as many cores as this
+    // process sees: one member more than one core's share needs them all.
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    let members = 256 * cores + 1;
+    let mut clients = Vec::with_capacity(members);
+    for _ in 0..members {
+        let mut client = WsClient::ready(&app, "authenticated").await;
+        client.follow(ALIASED, json!({})).await;
+        clients.push(client);
+    }
+    becomes(&app, Gauge::Groups, 1).await;
+
+    let baseline = head(&app).await;
+    let mut conn = app.db.connect().await;
+    for resource in ["accounts", "funds"] {
+        let change = format!(
+            "SELECT start_vantage_sync('{resource}'); SELECT complete_vantage_sync('{resource}', 1, 0, 0)"
+        );
+        conn.execute(raw_sql(AssertSqlSafe(change))).await.unwrap();
+    }
+    let owed: Vec<Value> = log_after(&app, baseline)
+        .await
+        .iter()
+        .map(aliased)
+        .collect();
+    assert_eq!(owed.len(), 4);
+    let readers = clients.into_iter().map(|mut client| {
+        let count = owed.len();
+        tokio::spawn(async move {
+            let mut got = Vec::with_capacity(count);
+            while got.len() < count {
+                got.push(client.next_data().await.1);
+            }
+            got
+        })
+    });
+    for (index, got) in join_all(readers).await.into_iter().enumerate() {
+        assert_changes(&format!("member {index}"), &got.unwrap(), &owed);
+    }
+    let metrics = app.metrics().await;
+    let deliveries = Some((members * owed.len()) as f64);
+    assert_eq!(
+        metric_value(&metrics, "vantage_sync_subscription_events_delivered_total"),
+        deliveries,
+        "{metrics}"
+    );
+    // Members that had caught up before the first change: the renderer
+    // wrote to the whole group, more than one core's share.
+    let written_directly =
+        metric_value(&metrics, "vantage_sync_subscription_written_directly_total");
+    assert!(
+        written_directly >= Some(members as f64),
+        "too few written directly:\n{metrics}"
+    );
 }
 
 /// A member whose token expires is ended as a lone subscriber is (over
