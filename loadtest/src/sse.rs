@@ -86,6 +86,7 @@ impl Decoder {
                 data: Cow::Borrowed(""),
             };
             let mut any = false;
+            let mut data_lines = false;
             for line in text.lines().filter(|line| !line.starts_with(':')) {
                 let (field, value) = line.split_once(':').unwrap_or((line, ""));
                 let value = value.strip_prefix(' ').unwrap_or(value);
@@ -93,8 +94,16 @@ impl Decoder {
                 match field {
                     "event" => event.kind = value,
                     "id" => event.id = Some(value),
-                    "data" if event.data.is_empty() => event.data = Cow::Borrowed(value),
-                    "data" => event.data.to_mut().push_str(value),
+                    "data" if !data_lines => {
+                        event.data = Cow::Borrowed(value);
+                        data_lines = true;
+                    }
+                    "data" => {
+                        // Lines of one event's data are joined by a newline.
+                        let data = event.data.to_mut();
+                        data.push('\n');
+                        data.push_str(value);
+                    }
                     _ => {}
                 }
             }
@@ -191,7 +200,7 @@ mod tests {
             (
                 "next".to_owned(),
                 Some("7".to_owned()),
-                "{\"a\":1}".to_owned(),
+                "{\"a\":\n1}".to_owned(),
             ),
             ("complete".to_owned(), None, String::new()),
         ];
@@ -202,6 +211,16 @@ mod tests {
             got.extend(events(&mut decoder, tail));
             assert_eq!(got, expected, "split at {split}");
         }
+    }
+
+    /// As the SSE standard reads them: every `data` line counts, an empty
+    /// one too, joined by newlines.
+    #[test]
+    fn data_lines_are_joined_by_newlines_empty_ones_too() {
+        let body = "data:\ndata: x\n\n";
+        let stream = format!("{:x}\r\n{body}\r\n", body.len());
+        let got = events(&mut decoder(), stream.as_bytes());
+        assert_eq!(got, vec![("message".to_owned(), None, "\nx".to_owned())]);
     }
 
     #[test]
